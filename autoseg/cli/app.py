@@ -1,0 +1,84 @@
+"""The click group, the shared options and the one place user errors become one-line messages.
+
+Each command module (``autoseg/cli/<stage>.py``) registers its commands on `cli`; commands
+parse options, build `Paths` via `paths_from(ctx)`, call one API function and render.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from autoseg.common.errors import AutosegError, DatasetErrors
+from autoseg.common.paths import Paths
+
+EXIT_USER_ERROR = 2
+"""Exit status for problems the user can fix (bad files, options); click uses 2 for usage too."""
+
+
+@dataclass(frozen=True)
+class CliContext:
+    """What every command gets through ``ctx.obj``."""
+
+    paths: Paths
+    verbose: bool
+
+
+class AutosegGroup(click.Group):
+    """A group that turns `AutosegError` into one line per problem and exit status 2.
+
+    Doing this in the group (not only in `main`) means click's CliRunner sees exactly what a
+    user sees, so CLI tests check the real messages and exit codes.
+    """
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except AutosegError as e:
+            print_error(e)
+            ctx.exit(EXIT_USER_ERROR)
+
+
+@click.group(cls=AutosegGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--raw", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Raw datasets root (default: $AUTOSEG_RAW, $nnUNet_raw, ./datasets/raw).")
+@click.option("--preprocessed", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Preprocessed root (default: $AUTOSEG_PREPROCESSED, $nnUNet_preprocessed, ./datasets/preprocessed).")
+@click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Results root (default: $AUTOSEG_RESULTS, $nnUNet_results, ./datasets/results).")
+@click.option("-v", "--verbose", is_flag=True, help="Log more (debug level).")
+@click.version_option(package_name="autoseg")
+@click.pass_context
+def cli(ctx: click.Context, raw: Path | None, preprocessed: Path | None, results: Path | None,
+        verbose: bool) -> None:
+    """autoseg: self-configuring medical image segmentation, trained in parallel."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    paths = Paths.from_env(os.environ, {"raw": raw, "preprocessed": preprocessed, "results": results})
+    ctx.obj = CliContext(paths=paths, verbose=verbose)
+
+
+def paths_from(ctx: click.Context) -> Paths:
+    """The `Paths` built by the group callback."""
+    return ctx.find_object(CliContext).paths
+
+
+def print_error(err: AutosegError) -> None:
+    """One line per problem, ``error: <where>: <problem>``, on stderr."""
+    problems = err.errors if isinstance(err, DatasetErrors) else [err]
+    for p in problems:
+        click.echo(f"error: {p}", err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (``autoseg`` and ``python -m autoseg``)."""
+    try:
+        cli.main(args=argv, prog_name="autoseg", standalone_mode=True)
+    except AutosegError as e:  # raised outside a command (e.g. while building Paths)
+        print_error(e)
+        sys.exit(EXIT_USER_ERROR)

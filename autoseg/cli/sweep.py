@@ -1,0 +1,1 @@
+"""CLI commands for sweep (being written)."""

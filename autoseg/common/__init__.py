@@ -1,0 +1,1 @@
+"""Pieces every stage shares: paths, atomic JSON records, errors, progress bars."""

@@ -1,0 +1,114 @@
+"""The plan: every number preprocessing, the network and training need, per configuration.
+
+Written to ``preprocessed/<dataset>/plans.json`` by `autoseg.planning.plan.plan_dataset`.
+Axis order: every per-axis tuple in a `Configuration` is in the *transposed* order
+(``Plan.transpose_forward`` applied to the (z, y, x) array axes; the coarse axis first).
+2D configurations have 2 entries per axis tuple (the in-plane axes), 3D ones have 3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from autoseg.common.errors import AutosegError
+
+NORMALIZATION_SCHEMES = ("zscore", "ct", "none", "rescale_to_0_1", "rgb_to_0_1")
+"""Per-channel intensity normalization names (nnU-Net's: ZScore, CT, NoNorm, RescaleTo01, RGBTo01)."""
+
+
+@dataclass(frozen=True)
+class ChannelNormalization:
+    """How one input channel is normalized during preprocessing.
+
+    ``zscore``: (x - mean) / std of the image (inside the nonzero mask when ``use_nonzero_mask``).
+    ``ct``: clip to [clip_low, clip_high] (foreground 0.5 / 99.5 percentiles), then
+    (x - mean) / std with the dataset's foreground mean/std. ``none``: unchanged.
+    ``rescale_to_0_1``: min-max to [0, 1] per image. ``rgb_to_0_1``: x / 255.
+    """
+
+    scheme: str
+    use_nonzero_mask: bool = False
+    clip_low: float | None = None
+    clip_high: float | None = None
+    mean: float | None = None
+    std: float | None = None
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One trainable configuration (2d, 3d_fullres, 3d_lowres) of a dataset."""
+
+    name: str
+    data_identifier: str
+    """Name of the preprocessed data folder; configurations with equal preprocessing share it."""
+    spacing: tuple[float, ...]
+    """Target spacing in mm (transposed order). 2D: the in-plane spacing only (z is kept as is)."""
+    patch_size: tuple[int, ...]
+    batch_size: int
+    median_shape: tuple[int, ...]
+    """Median case shape after crop, at the target spacing (transposed order)."""
+    strides: tuple[tuple[int, ...], ...]
+    """Per encoder stage; stage 0 is all ones. len(strides) == number of stages."""
+    kernel_sizes: tuple[tuple[int, ...], ...]
+    """Per encoder stage conv kernel (3, or 1 along axes still too coarse)."""
+    features_per_stage: tuple[int, ...]
+    n_conv_per_stage: int = 2
+    resample_order_data: int = 3
+    resample_order_seg: int = 1
+    batch_dice: bool = True
+    previous_stage: str | None = None
+    next_stage: str | None = None
+    estimated_vram_gb: float = 0.0
+    """The planner's memory estimate for one training process at this patch and batch size."""
+    reasons: dict[str, str] = field(default_factory=dict)
+    """Why each number is what it is (printed by `autoseg plan`)."""
+
+    @property
+    def ndim(self) -> int:
+        return len(self.patch_size)
+
+    @property
+    def num_pools_per_axis(self) -> tuple[int, ...]:
+        """How often each axis is downsampled by 2."""
+        return tuple(sum(1 for s in self.strides if s[a] == 2) for a in range(self.ndim))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """All configurations of one dataset plus dataset-level decisions."""
+
+    SCHEMA: ClassVar[str] = "autoseg.plan"
+    VERSION: ClassVar[int] = 1
+
+    dataset: str
+    gpu_memory_gb: float
+    channel_names: dict[int, str]
+    labels: dict[str, int]
+    transpose_forward: tuple[int, int, int]
+    transpose_backward: tuple[int, int, int]
+    original_median_spacing: tuple[float, float, float]
+    """Median spacing of the raw cases, (z, y, x) before transpose."""
+    original_median_shape: tuple[int, int, int]
+    """Median shape after crop, raw spacing, (z, y, x) before transpose."""
+    normalization: tuple[ChannelNormalization, ...]
+    configurations: dict[str, Configuration]
+    overrides: tuple[str, ...] = ()
+    """The ``--set`` overrides applied on top of the rules, as given."""
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    def configuration(self, name: str) -> Configuration:
+        """The named configuration, or an error listing the planned ones."""
+        try:
+            return self.configurations[name]
+        except KeyError:
+            raise AutosegError(f"configuration {name!r} is not in the plan of {self.dataset} "
+                               f"(planned: {', '.join(self.configurations)})") from None

@@ -1,0 +1,41 @@
+"""Shared fixtures: the real Hippocampus cases (read in place) and generated phantom datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from autoseg.common.paths import Paths
+from autoseg.dataset.phantom import PhantomRecipe, make_phantom_dataset
+from tests.helpers import hippocampus_available, hippocampus_case_ids, link_hippocampus_subset
+
+requires_hippocampus = pytest.mark.skipif(not hippocampus_available(),
+                                          reason="../shared/datasets/msd_hippocampus not present")
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> Paths:
+    """Fresh raw/preprocessed/results roots under the test's tmp dir."""
+    return Paths.under(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def hippocampus_small(tmp_path_factory: pytest.TempPathFactory) -> Paths:
+    """Session-wide raw root holding Dataset004_Hippocampus with 12 real cases (symlinked)."""
+    if not hippocampus_available():
+        pytest.skip("../shared/datasets/msd_hippocampus not present")
+    root = tmp_path_factory.mktemp("hippo_small")
+    paths = Paths.under(root)
+    link_hippocampus_subset(paths.raw, hippocampus_case_ids(12))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def phantom_small(tmp_path_factory: pytest.TempPathFactory) -> Paths:
+    """Session-wide raw root holding Dataset999_Phantom: 8 tiny anisotropic oblique cases."""
+    root = tmp_path_factory.mktemp("phantom_small")
+    paths = Paths.under(root)
+    make_phantom_dataset(paths.raw, PhantomRecipe(num_training=8, num_test=2, shape=(12, 40, 40),
+                                                  shape_jitter=4))
+    return paths

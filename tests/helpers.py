@@ -1,0 +1,44 @@
+"""Test data builders shared by the test modules (tiny synthetic datasets, real Hippocampus subsets)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+HIPPOCAMPUS_MSD = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "msd_hippocampus"
+"""The real MSD Task04 cases, read in place from ../shared (never copied into the repo)."""
+
+
+def hippocampus_available() -> bool:
+    return (HIPPOCAMPUS_MSD / "imagesTr").is_dir()
+
+
+def hippocampus_case_ids(n: int | None = None) -> list[str]:
+    """Sorted MSD case ids (e.g. ``hippocampus_001``); the first ``n`` when given."""
+    ids = sorted(p.name[: -len(".nii.gz")] for p in (HIPPOCAMPUS_MSD / "imagesTr").glob("*.nii.gz"))
+    return ids if n is None else ids[:n]
+
+
+def link_hippocampus_subset(raw_root: Path, case_ids: list[str],
+                            name: str = "Dataset004_Hippocampus") -> Path:
+    """An nnU-Net v2 raw dataset of the given real cases, made of symlinks into ../shared.
+
+    The MSD files are single-channel 3D NIfTI, so the nnU-Net layout is just a rename
+    (``CASE.nii.gz`` -> ``CASE_0000.nii.gz``); symlinks keep the data in shared/.
+    """
+    out = Path(raw_root) / name
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    for cid in case_ids:
+        img = out / "imagesTr" / f"{cid}_0000.nii.gz"
+        lab = out / "labelsTr" / f"{cid}.nii.gz"
+        if not img.exists():
+            os.symlink(HIPPOCAMPUS_MSD / "imagesTr" / f"{cid}.nii.gz", img)
+        if not lab.exists():
+            os.symlink(HIPPOCAMPUS_MSD / "labelsTr" / f"{cid}.nii.gz", lab)
+    meta = {"name": "Hippocampus", "channel_names": {"0": "MRI"},
+            "labels": {"background": 0, "Anterior": 1, "Posterior": 2},
+            "numTraining": len(case_ids), "file_ending": ".nii.gz"}
+    (out / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return out
