@@ -1,0 +1,1 @@
+"""autoseg.data stage (see docs/architecture.md)."""

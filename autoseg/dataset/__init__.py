@@ -1,0 +1,1 @@
+"""autoseg.dataset stage (see docs/architecture.md)."""

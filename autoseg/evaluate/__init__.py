@@ -1,0 +1,1 @@
+"""autoseg.evaluate stage (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""autoseg.infer stage (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""autoseg.nets stage (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""autoseg.planning stage (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""autoseg.report stage (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""autoseg.schedule stage (see docs/architecture.md)."""

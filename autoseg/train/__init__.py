@@ -1,0 +1,1 @@
+"""autoseg.train stage (see docs/architecture.md)."""
