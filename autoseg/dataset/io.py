@@ -9,6 +9,9 @@ written back has the input's geometry to the last bit.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,46 +157,87 @@ def _read_natural_2d(path: Path) -> tuple[np.ndarray, Geometry]:
     return arr[None], geom
 
 
+HEADER_DATA_ENDINGS = (".mhd", ".nhdr")
+"""Formats written as a header plus a separate data file that the header names."""
+
+INTEGER_2D_RANGES = {".png": (0, 65535), ".bmp": (0, 255)}
+"""Value ranges the integer-only natural formats can store (PNG: 8 or 16 bit, BMP: 8 bit)."""
+
+
 def write_image(path: str | Path, array: np.ndarray, geometry: Geometry) -> Path:
     """Write a (z, y, x) array with ``geometry`` in the format given by ``path``'s ending.
 
-    Writes to a temp name in the same folder and renames, so a killed writer never leaves a
-    half file under the final name.
+    Writes under a temp name in the same folder and renames, so a killed writer never leaves
+    a half file under the final name. Values a format cannot hold (a 3D array in PNG,
+    fractions or negatives in PNG/BMP) raise instead of being silently changed.
     """
-    import os
-    import tempfile
-
     path = Path(path)
     ending = file_ending(path)
     if ending not in SUPPORTED_ENDINGS:
-        raise DatasetError(f"cannot write unsupported file ending {ending!r}", path)
+        raise DatasetError(f"cannot write unsupported file ending {ending!r} "
+                           f"(supported: {', '.join(SUPPORTED_ENDINGS)})", path)
     if tuple(array.shape) != tuple(geometry.shape):
         raise ValueError(f"array shape {array.shape} does not match geometry shape {geometry.shape}")
+    if ending in NATURAL_2D_ENDINGS:
+        data = _natural_2d_data(path, ending, array)
+    else:
+        data = array[0] if geometry.file_ndim == 2 else array
     path.parent.mkdir(parents=True, exist_ok=True)
+    if ending in HEADER_DATA_ENDINGS:
+        return _write_header_and_data(path, data, geometry)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=ending, dir=path.parent)
     os.close(fd)
     try:
-        if ending in NATURAL_2D_ENDINGS:
-            data = array[0]
-            if ending in (".tif", ".tiff"):
-                import tifffile
-                tifffile.imwrite(tmp, data)
-            else:
-                from skimage import io as skio
-                skio.imsave(tmp, data.astype(np.uint8) if data.max(initial=0) < 256 else data.astype(np.uint16),
-                            check_contrast=False)
+        if ending in (".tif", ".tiff"):
+            import tifffile
+            tifffile.imwrite(tmp, data)
+        elif ending in NATURAL_2D_ENDINGS:
+            from skimage import io as skio
+            skio.imsave(tmp, data, check_contrast=False)
         else:
-            data = array[0] if geometry.file_ndim == 2 else array
-            img = sitk.GetImageFromArray(data)
-            sp = geometry.spacing
-            img.SetSpacing((sp[2], sp[1]) if geometry.file_ndim == 2 else (sp[2], sp[1], sp[0]))
-            img.SetOrigin(geometry.origin)
-            img.SetDirection(geometry.direction)
-            sitk.WriteImage(img, tmp, useCompression=True)
+            sitk.WriteImage(_to_sitk(data, geometry), tmp, useCompression=True)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def _to_sitk(data: np.ndarray, geometry: Geometry) -> sitk.Image:
+    img = sitk.GetImageFromArray(data)
+    sp = geometry.spacing
+    img.SetSpacing((sp[2], sp[1]) if geometry.file_ndim == 2 else (sp[2], sp[1], sp[0]))
+    img.SetOrigin(geometry.origin)
+    img.SetDirection(geometry.direction)
+    return img
+
+
+def _natural_2d_data(path: Path, ending: str, array: np.ndarray) -> np.ndarray:
+    """The (y, x) plane to store in a PNG/BMP/TIFF, or a DatasetError if the format cannot hold it."""
+    if array.shape[0] != 1:
+        raise DatasetError(f"{ending} holds one 2D image; got {array.shape[0]} slices", path)
+    data = array[0]
+    if ending not in INTEGER_2D_RANGES:
+        return data
+    lo, hi = INTEGER_2D_RANGES[ending]
+    if data.size and (not np.all(np.isfinite(data)) or np.any(data != np.round(data))
+                      or data.min() < lo or data.max() > hi):
+        raise DatasetError(f"{ending} stores integers {lo}..{hi} only; convert the values or use .tif", path)
+    return data.astype(np.uint8 if data.size == 0 or data.max() < 256 else np.uint16)
+
+
+def _write_header_and_data(path: Path, data: np.ndarray, geometry: Geometry) -> Path:
+    """Write .mhd/.nhdr: both files in a temp folder under their final names, data moved first."""
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        sitk.WriteImage(_to_sitk(data, geometry), str(tmp_dir / path.name), useCompression=True)
+        header = tmp_dir / path.name
+        for f in sorted(tmp_dir.iterdir()):
+            if f != header:
+                os.replace(f, path.parent / f.name)
+        os.replace(header, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
 
 

@@ -17,9 +17,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from autoseg.common.errors import DatasetError
+from autoseg.common.errors import AutosegError, DatasetError
 from autoseg.common.jsonio import read_json
-from autoseg.common.paths import DATASET_NAME_RE
 from autoseg.dataset.io import SUPPORTED_ENDINGS
 
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
@@ -75,98 +74,202 @@ class DatasetSpec:
         raise DatasetError(f"no training case {case_id!r}", self.root)
 
 
-def read_dataset_json(root: Path) -> dict:
-    """dataset.json as a dict, with required keys and their types checked."""
+class ProblemCollector:
+    """Collects dataset problems; with ``fail_fast`` it raises the first one instead.
+
+    The structural checks are written once against this collector: `load_dataset` uses it
+    fail-fast (callers want the first problem, quickly), `verify_dataset` collects them all.
+    """
+
+    def __init__(self, fail_fast: bool) -> None:
+        self.fail_fast = fail_fast
+        self.problems: list[DatasetError] = []
+
+    def add(self, message: str, where: str | Path) -> None:
+        """Record one problem (or raise it at once in fail-fast mode)."""
+        err = DatasetError(message, where)
+        if self.fail_fast:
+            raise err
+        self.problems.append(err)
+
+    def extend(self, errors: list[DatasetError]) -> None:
+        for e in errors:
+            self.add(e.message, e.where or "")
+
+
+def _check_dataset_json(root: Path, problems: ProblemCollector) -> dict | None:
+    """dataset.json as a dict, each key problem reported; None when it cannot be used at all."""
     path = Path(root) / "dataset.json"
     if not path.exists():
-        raise DatasetError("missing dataset.json", path)
+        problems.add("missing dataset.json", path)
+        return None
     try:
         meta = read_json(path)
-    except Exception as e:  # AutosegError from read_json: re-raise as a dataset error
-        raise DatasetError(getattr(e, "message", str(e)), path) from None
+    except AutosegError as e:
+        problems.add(e.message, path)
+        return None
     if not isinstance(meta, dict):
-        raise DatasetError("dataset.json must hold a JSON object", path)
+        problems.add("dataset.json must hold a JSON object", path)
+        return None
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
-        raise DatasetError(f"missing required key(s) {', '.join(missing)}", path)
-    if not isinstance(meta["channel_names"], dict) or not meta["channel_names"]:
-        raise DatasetError("'channel_names' must be a non-empty object like {\"0\": \"CT\"}", path)
-    if not all(str(k).isdigit() for k in meta["channel_names"]):
-        raise DatasetError("'channel_names' keys must be channel indices \"0\", \"1\", ...", path)
-    if not isinstance(meta["labels"], dict) or "background" not in meta["labels"]:
-        raise DatasetError("'labels' must be an object that includes \"background\": 0", path)
-    for name, value in meta["labels"].items():
+        problems.add(f"missing required key(s) {', '.join(missing)}", path)
+    usable = not missing
+    channels = meta.get("channel_names")
+    if "channel_names" in meta:
+        if not isinstance(channels, dict) or not channels:
+            problems.add("'channel_names' must be a non-empty object like {\"0\": \"CT\"}", path)
+            usable = False
+        elif not all(str(k).isdigit() for k in channels) or sorted(int(k) for k in channels) != list(
+                range(len(channels))):
+            problems.add("'channel_names' keys must be consecutive channel indices \"0\", \"1\", ..., "
+                         f"got {list(channels)}", path)
+            usable = False
+    if "labels" in meta:
+        _check_labels(meta["labels"], path, problems)
+    if "numTraining" in meta and (not isinstance(meta["numTraining"], int) or isinstance(meta["numTraining"], bool)):
+        problems.add(f"'numTraining' must be an integer, got {meta['numTraining']!r}", path)
+    if "file_ending" in meta:
+        ending = meta["file_ending"]
+        if not isinstance(ending, str) or ending.lower() not in SUPPORTED_ENDINGS:
+            problems.add(f"unsupported file_ending {ending!r} (supported: {', '.join(SUPPORTED_ENDINGS)})", path)
+            usable = False
+    return meta if usable else None
+
+
+def _check_labels(labels: object, path: Path, problems: ProblemCollector) -> None:
+    """Labels map names to integers, include background 0, and are consecutive from 0."""
+    if not isinstance(labels, dict) or "background" not in labels:
+        problems.add("'labels' must be an object that includes \"background\": 0", path)
+        return
+    values = []
+    for name, value in labels.items():
         if isinstance(value, (list, tuple)):
-            raise DatasetError(f"label {name!r} is a region (list of labels); region-based training "
-                               "is not supported yet", path)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise DatasetError(f"label {name!r} must map to an integer, got {value!r}", path)
-    if not isinstance(meta["numTraining"], int) or isinstance(meta["numTraining"], bool):
-        raise DatasetError("'numTraining' must be an integer", path)
-    ending = meta["file_ending"]
-    if not isinstance(ending, str) or ending.lower() not in SUPPORTED_ENDINGS:
-        raise DatasetError(f"unsupported file_ending {ending!r} (supported: {', '.join(SUPPORTED_ENDINGS)})", path)
+            problems.add(f"label {name!r} is a region (list of labels); region-based training "
+                         "is not supported yet", path)
+        elif isinstance(value, bool) or not isinstance(value, int):
+            problems.add(f"label {name!r} must map to an integer, got {value!r}", path)
+        else:
+            values.append(value)
+    if len(values) != len(labels):
+        return
+    if labels["background"] != 0:
+        problems.add(f"'background' must be label 0, got {labels['background']}", path)
+    elif sorted(values) != list(range(len(values))):
+        problems.add(f"label values must be consecutive integers from 0, got {sorted(values)}", path)
+
+
+def read_dataset_json(root: Path) -> dict:
+    """dataset.json as a dict, with required keys and their types checked (first problem raised)."""
+    meta = _check_dataset_json(Path(root), ProblemCollector(fail_fast=True))
+    if meta is None:  # unreachable in fail-fast mode; kept so the type is dict
+        raise DatasetError("unusable dataset.json", Path(root) / "dataset.json")
     return meta
 
 
-def _group_channels(folder: Path, ending: str, n_channels: int) -> dict[str, list[Path | None]]:
+COMPANION_DATA_ENDINGS = (".raw", ".zraw", ".raw.gz")
+"""Data files that sit next to .mhd / .nhdr headers; not images of their own."""
+
+
+def _group_channels(folder: Path, ending: str, n_channels: int,
+                    problems: ProblemCollector) -> dict[str, list[Path | None]]:
     """Map case id -> channel files found in an images folder (None where a channel is missing)."""
     cases: dict[str, list[Path | None]] = {}
     if not folder.is_dir():
         return cases
     for f in sorted(folder.iterdir()):
-        if f.name.startswith(".") or not f.name.endswith(ending):
+        if f.name.startswith("."):  # hidden files, macOS "._*" resource forks
+            continue
+        if not f.name.endswith(ending):
+            if not f.name.lower().endswith(COMPANION_DATA_ENDINGS):
+                problems.add(f"file does not end in the dataset's file_ending {ending!r}", f)
             continue
         stem = f.name[: -len(ending)]
         m = CHANNEL_SUFFIX_RE.match(stem)
         if not m:
-            raise DatasetError(f"image file name must end in _XXXX{ending} (channel index)", f)
+            problems.add(f"image file name must end in _XXXX{ending} (channel index)", f)
+            continue
         ch = int(m.group("channel"))
         if ch >= n_channels:
-            raise DatasetError(f"channel {ch} is not declared in channel_names ({n_channels} channel(s))", f)
+            problems.add(f"channel {ch} is not declared in channel_names ({n_channels} channel(s))", f)
+            continue
         cases.setdefault(m.group("case"), [None] * n_channels)[ch] = f
     return cases
 
 
-def load_dataset(root: str | Path) -> DatasetSpec:
-    """Read a raw dataset folder; raise `DatasetError` at the first structural problem."""
+def _pair_cases(groups: dict[str, list[Path | None]], images_dir: Path, labels_dir: Path | None,
+                ending: str, problems: ProblemCollector) -> tuple[CaseFiles, ...]:
+    """One `CaseFiles` per complete case; incomplete cases are reported and left out."""
+    out = []
+    for case_id, files in sorted(groups.items()):
+        missing = [i for i, f in enumerate(files) if f is None]
+        if missing:
+            problems.add(f"case {case_id!r} is missing channel file(s) "
+                         + ", ".join(f"{case_id}_{i:04d}{ending}" for i in missing), images_dir)
+            continue
+        label = None
+        if labels_dir is not None:
+            label = labels_dir / f"{case_id}{ending}"
+            if not label.exists():
+                problems.add(f"case {case_id!r} has no label file", label)
+                continue
+        out.append(CaseFiles(case_id, tuple(f for f in files if f is not None), label))
+    return tuple(out)
+
+
+def _check_label_folder(labels_dir: Path, ending: str, known: set[str], problems: ProblemCollector) -> None:
+    """Every file in labelsTr/ has the dataset's ending and a matching case in imagesTr/."""
+    for f in sorted(labels_dir.iterdir()):
+        if f.name.startswith("."):
+            continue
+        if not f.name.endswith(ending):
+            if not f.name.lower().endswith(COMPANION_DATA_ENDINGS):
+                problems.add(f"file does not end in the dataset's file_ending {ending!r}", f)
+        elif f.name[: -len(ending)] not in known:
+            problems.add("label file has no matching image in imagesTr/", f)
+
+
+def scan_dataset(root: str | Path, problems: ProblemCollector) -> DatasetSpec | None:
+    """Read dataset.json and pair the files, reporting every structural problem to ``problems``.
+
+    Returns the spec of the complete cases (None when dataset.json is unusable). Reads no
+    image: `autoseg.dataset.verify` does that.
+    """
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError("raw dataset folder not found", root)
-    meta = read_dataset_json(root)
+        problems.add("raw dataset folder not found", root)
+        return None
+    meta = _check_dataset_json(root, problems)
+    if meta is None:
+        return None
     ending = meta["file_ending"]
     channel_names = {int(k): str(v) for k, v in sorted(meta["channel_names"].items(), key=lambda kv: int(kv[0]))}
     n_ch = len(channel_names)
-
-    def pair(images_dir: Path, labels_dir: Path | None) -> tuple[CaseFiles, ...]:
-        out = []
-        for case_id, files in sorted(_group_channels(images_dir, ending, n_ch).items()):
-            missing = [i for i, f in enumerate(files) if f is None]
-            if missing:
-                raise DatasetError(f"case {case_id!r} is missing channel file(s) "
-                                   + ", ".join(f"{case_id}_{i:04d}{ending}" for i in missing), images_dir)
-            label = None
-            if labels_dir is not None:
-                label = labels_dir / f"{case_id}{ending}"
-                if not label.exists():
-                    raise DatasetError(f"case {case_id!r} has no label file", label)
-            out.append(CaseFiles(case_id, tuple(f for f in files if f is not None), label))
-        return tuple(out)
-
-    cases = pair(root / "imagesTr", root / "labelsTr")
-    if not cases:
-        raise DatasetError(f"no training cases (*_0000{ending}) in imagesTr/", root / "imagesTr")
-    if len(cases) != meta["numTraining"]:
-        raise DatasetError(f"numTraining is {meta['numTraining']} but imagesTr/ holds {len(cases)} case(s)",
-                           root / "dataset.json")
-    labels_dir = root / "labelsTr"
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    if not images_dir.is_dir():
+        problems.add("missing imagesTr/ folder", images_dir)
+    if not labels_dir.is_dir():
+        problems.add("missing labelsTr/ folder", labels_dir)
+    groups = _group_channels(images_dir, ending, n_ch, problems)
+    cases = _pair_cases(groups, images_dir, labels_dir, ending, problems)
+    if images_dir.is_dir() and not groups:
+        problems.add(f"no training cases (*_0000{ending}) in imagesTr/", images_dir)
+    elif groups and isinstance(meta["numTraining"], int) and len(groups) != meta["numTraining"]:
+        problems.add(f"numTraining is {meta['numTraining']} but imagesTr/ holds {len(groups)} case(s)",
+                     root / "dataset.json")
     if labels_dir.is_dir():
-        known = {c.case_id for c in cases}
-        for f in sorted(labels_dir.iterdir()):
-            if f.name.endswith(ending) and f.name[: -len(ending)] not in known:
-                raise DatasetError("label file has no matching image in imagesTr/", f)
-    name = root.name if DATASET_NAME_RE.match(root.name) else root.name
-    return DatasetSpec(name=name, root=root, channel_names=channel_names,
-                       labels={str(k): int(v) for k, v in meta["labels"].items()},
-                       num_training=int(meta["numTraining"]), file_ending=ending, cases=cases,
-                       test_cases=pair(root / "imagesTs", None))
+        _check_label_folder(labels_dir, ending, set(groups), problems)
+    test_dir = root / "imagesTs"
+    test_cases = _pair_cases(_group_channels(test_dir, ending, n_ch, problems), test_dir, None, ending, problems)
+    labels = meta["labels"] if isinstance(meta["labels"], dict) else {}
+    return DatasetSpec(name=root.name, root=root, channel_names=channel_names,
+                       labels={str(k): v for k, v in labels.items() if isinstance(v, int) and not isinstance(v, bool)},
+                       num_training=len(cases), file_ending=ending, cases=cases, test_cases=test_cases)
+
+
+def load_dataset(root: str | Path) -> DatasetSpec:
+    """Read a raw dataset folder; raise `DatasetError` at the first structural problem."""
+    spec = scan_dataset(root, ProblemCollector(fail_fast=True))
+    if spec is None:  # unreachable in fail-fast mode
+        raise DatasetError("unusable raw dataset", root)
+    return spec
