@@ -7,10 +7,22 @@ All shapes and spacings are in array order (z, y, x), before any transpose.
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+
+from autoseg.common.errors import AutosegError, DatasetError
+from autoseg.common.jsonio import load_record, save_record
+from autoseg.common.paths import Paths
+from autoseg.common.progress import progress
+from autoseg.dataset.io import read_case, read_image
+from autoseg.dataset.spec import CaseFiles, DatasetSpec, load_dataset
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,3 +76,138 @@ class Fingerprint:
     @property
     def median_relative_size_after_crop(self) -> float:
         return float(np.median([c.relative_size_after_crop for c in self.cases]))
+
+
+# --------------------------------------------------------------------------- extraction
+
+FOREGROUND_SAMPLES_PER_CASE = 10_000
+"""Foreground voxels sampled per case and channel for the intensity statistics (nnU-Net's
+``collect_foreground_intensities`` default, ``num_samples=10000``): enough for stable
+percentiles, bounded memory however large the dataset."""
+
+PERCENTILES = (0.5, 99.5)
+"""Foreground percentiles kept per channel (nnU-Net's CT clipping bounds)."""
+
+DEFAULT_SEED = 1234
+"""Seed of the foreground sampling (nnU-Net uses 1234 too); same seed, same fingerprint."""
+
+
+def nonzero_bbox(image: np.ndarray) -> tuple[slice, slice, slice]:
+    """Bounding box of the voxels where any channel is nonzero, holes filled (nnU-Net's crop).
+
+    ``image`` is (C, z, y, x). An all-zero image keeps its full extent. Filling holes keeps
+    dark structures enclosed by the body (air in the lungs, CSF) inside the mask.
+    """
+    from scipy.ndimage import binary_fill_holes
+
+    mask = binary_fill_holes(np.any(image != 0, axis=0))
+    if not mask.any():
+        return tuple(slice(0, n) for n in image.shape[1:])  # type: ignore[return-value]
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        idx = np.flatnonzero(mask.any(axis=other))
+        box.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return tuple(box)  # type: ignore[return-value]
+
+
+def _fingerprint_case(job: tuple[CaseFiles, int, int]) -> tuple[CaseFingerprint, list[np.ndarray]]:
+    """One case's geometry, label counts and sampled foreground intensities (runs in a worker)."""
+    case, num_samples, seed = job
+
+    image, geom = read_case(case.images)
+    if case.label is None:
+        raise DatasetError(f"case {case.case_id!r} has no label file", case.images[0])
+    label, label_geom = read_image(case.label)
+    if tuple(label.shape) != tuple(image.shape[1:]):
+        raise DatasetError(f"label shape {tuple(label.shape)} differs from image shape "
+                           f"{tuple(image.shape[1:])}", case.label)
+    box = nonzero_bbox(image)
+    cropped = image[(slice(None), *box)]
+    cropped_label = label[box]
+    values, counts = np.unique(label, return_counts=True)
+    # per-case generator from (seed, case id): independent of worker scheduling and case order
+    rng = np.random.default_rng([seed, *case.case_id.encode("utf-8")])
+    foreground = cropped_label > 0
+    samples = []
+    for channel in cropped:
+        fg = channel[foreground]
+        take = min(num_samples, fg.size)
+        samples.append(rng.choice(fg, size=take, replace=False).astype(np.float64) if take else
+                       np.empty(0, dtype=np.float64))
+    before = tuple(int(s) for s in image.shape[1:])
+    after = tuple(int(s) for s in cropped.shape[1:])
+    fp = CaseFingerprint(
+        case_id=case.case_id,
+        spacing=tuple(float(s) for s in geom.spacing),  # type: ignore[arg-type]
+        shape_before_crop=before,  # type: ignore[arg-type]
+        shape_after_crop=after,  # type: ignore[arg-type]
+        relative_size_after_crop=float(np.prod(after) / np.prod(before)),
+        class_voxels={int(v): int(c) for v, c in zip(values, counts)},
+    )
+    return fp, samples
+
+
+def intensity_stats(samples: np.ndarray) -> IntensityStats:
+    """Summary statistics of one channel's pooled foreground samples."""
+    lo, hi = np.percentile(samples, PERCENTILES)
+    return IntensityStats(mean=float(np.mean(samples)), median=float(np.median(samples)),
+                          std=float(np.std(samples)), min=float(np.min(samples)),
+                          max=float(np.max(samples)), percentile_00_5=float(lo),
+                          percentile_99_5=float(hi))
+
+
+def extract_fingerprint(spec: DatasetSpec, num_workers: int = 1, seed: int = DEFAULT_SEED,
+                        progress_bar: bool = True) -> Fingerprint:
+    """Read every training case once and collect what the planner needs.
+
+    Per case: spacing, shape before/after crop-to-nonzero, relative size after crop, voxels
+    per label value. Per channel: foreground (label > 0) intensity statistics from up to
+    `FOREGROUND_SAMPLES_PER_CASE` voxels sampled uniformly per case with a generator seeded
+    from ``(seed, case id)``, so the result does not depend on ``num_workers``.
+    """
+    if num_workers < 1:
+        raise AutosegError(f"number of workers must be >= 1, got {num_workers}", "-j")
+    jobs = [(case, FOREGROUND_SAMPLES_PER_CASE, seed) for case in spec.cases]
+    results: list[tuple[CaseFingerprint, list[np.ndarray]]] = []
+    bar = dict(total=len(jobs), desc=f"fingerprint {spec.name}", unit="case", enabled=progress_bar)
+    if num_workers == 1 or len(jobs) < 2:
+        results = list(progress(map(_fingerprint_case, jobs), **bar))
+    else:
+        ctx = multiprocessing.get_context("spawn")  # no fork of a possibly threaded parent
+        chunk = max(1, len(jobs) // (num_workers * 8))
+        with ProcessPoolExecutor(max_workers=min(num_workers, len(jobs)), mp_context=ctx) as pool:
+            results = list(progress(pool.map(_fingerprint_case, jobs, chunksize=chunk), **bar))
+    n_channels = spec.num_channels
+    stats = []
+    for ch in range(n_channels):
+        pooled = np.concatenate([samples[ch] for _, samples in results])
+        if pooled.size == 0:
+            raise DatasetError("no foreground voxels (label > 0) in any training case; "
+                               "cannot compute intensity statistics", spec.root / "labelsTr")
+        stats.append(intensity_stats(pooled))
+    log.info("fingerprinted %d case(s) of %s", len(results), spec.name)
+    return Fingerprint(dataset=spec.name, channel_names=dict(spec.channel_names), labels=dict(spec.labels),
+                       cases=tuple(fp for fp, _ in results), foreground_intensity=tuple(stats))
+
+
+def load_or_extract_fingerprint(paths: Paths, dataset: str, num_workers: int = 1, force: bool = False,
+                                spec: DatasetSpec | None = None, progress_bar: bool = True) -> Fingerprint:
+    """The saved ``preprocessed/<dataset>/fingerprint.json``, or a fresh one (saved) if absent or ``force``.
+
+    Reading the raw cases is the slow part of planning, so the fingerprint is cached. A saved
+    fingerprint whose case ids no longer match the raw dataset (``spec``, when given) is stale
+    and is extracted again.
+    """
+    file = paths.fingerprint_file(dataset)
+    if file.exists() and not force:
+        fp = load_record(file, Fingerprint)
+        if spec is None or sorted(c.case_id for c in fp.cases) == sorted(c.case_id for c in spec.cases):
+            log.info("reusing %s (use --force to extract it again)", file)
+            return fp
+        log.warning("%s lists other cases than %s; extracting it again", file, spec.root)
+    if spec is None:
+        spec = load_dataset(paths.raw_dataset(dataset))
+    fp = extract_fingerprint(spec, num_workers=num_workers, progress_bar=progress_bar)
+    save_record(file, fp)
+    return fp

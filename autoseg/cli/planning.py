@@ -1,1 +1,90 @@
-"""CLI commands for planning (being written)."""
+"""``autoseg plan``: verify + fingerprint + plans.json, printed as a table with the reasons."""
+
+from __future__ import annotations
+
+import click
+
+from autoseg.cli.app import cli, paths_from
+from autoseg.planning.plan import CONFIG_NAMES, PlanRequest, plan_and_save
+from autoseg.planning.plans import Plan
+
+DEFAULT_GPU_MEMORY_GB = 8.0
+"""Budget without a GPU and without --gpu-memory: nnU-Net's 8 GB reference."""
+
+
+class GreedyMultiOption(click.Option):
+    """A ``multiple=True`` option that also takes the values typed after it: ``--configs 2d 3d_fullres``.
+
+    Following words are taken while they look like configuration names (start with 2d/3d), so a
+    dataset argument typed after the option is still the argument.
+    """
+
+    def add_to_parser(self, parser, ctx):  # type: ignore[no-untyped-def]
+        super().add_to_parser(parser, ctx)
+        for opt in self.opts:
+            entry = getattr(parser, "_long_opt", {}).get(opt) or getattr(parser, "_short_opt", {}).get(opt)
+            if entry is None:
+                continue
+            original = entry.process
+
+            def process(value, state, _original=original):  # type: ignore[no-untyped-def]
+                _original(value, state)
+                while state.rargs and state.rargs[0].lower().startswith(("2d", "3d")):
+                    _original(state.rargs.pop(0), state)
+
+            entry.process = process
+
+
+def detected_gpu_memory_gb() -> float | None:
+    """Total memory of GPU 0 in GB when CUDA is available (the budget of a training that runs there)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.get_device_properties(0).total_memory / 1024 ** 3, 1)
+
+
+def render_plan(plan: Plan) -> str:
+    """One table per configuration: each number with the reason it is what it is."""
+    lines = [f"Plan of {plan.dataset} for {plan.gpu_memory_gb:g} GB GPU memory"]
+    lines += [f"  {k}: {v}" for k, v in plan.reasons.items()]
+    if plan.overrides:
+        lines.append(f"  overrides: {' '.join(plan.overrides)}")
+    for name, c in plan.configurations.items():
+        rows = [("spacing (mm)", " x ".join(f"{s:.4g}" for s in c.spacing), "spacing"),
+                ("median shape", " x ".join(map(str, c.median_shape)), "median_shape"),
+                ("patch size", " x ".join(map(str, c.patch_size)), "patch_size"),
+                ("batch size", str(c.batch_size), "batch_size"),
+                ("pools per axis", " x ".join(map(str, c.num_pools_per_axis)), "strides"),
+                ("kernels", " ".join("x".join(map(str, k)) for k in c.kernel_sizes), "kernel_sizes"),
+                ("features", ",".join(map(str, c.features_per_stage)), "features_per_stage"),
+                ("batch dice", str(c.batch_dice), "batch_dice"),
+                ("memory estimate", f"{c.estimated_vram_gb:.2f} GB", "estimated_vram_gb")]
+        width = max(len(v) for _, v, _ in rows)
+        lines += ["", f"{name}  (data: {c.data_identifier})"]
+        lines += [f"  {label:<16}{value:<{width}}  {c.reasons.get(key, '')}" for label, value, key in rows]
+    return "\n".join(lines)
+
+
+@cli.command("plan")
+@click.argument("dataset")
+@click.option("--gpu-memory", type=float, default=None, metavar="GB",
+              help="Memory budget per training (default: this machine's GPU, else 8 GB like nnU-Net).")
+@click.option("--configs", cls=GreedyMultiOption, multiple=True, metavar="NAME...",
+              help=f"Configurations to plan ({', '.join(CONFIG_NAMES)}; default all that apply).")
+@click.option("--set", "overrides", multiple=True, metavar="CONFIG.KEY=VALUE",
+              help="Override a planned number, e.g. 3d_fullres.patch_size=48,64,48 (repeatable).")
+@click.option("-j", "--num-workers", type=click.IntRange(min=1), default=1, help="Processes reading cases.")
+@click.option("--force", is_flag=True, help="Re-extract the fingerprint and replace a different plans.json.")
+@click.pass_context
+def plan_command(ctx: click.Context, dataset: str, gpu_memory: float | None, configs: tuple[str, ...],
+                 overrides: tuple[str, ...], num_workers: int, force: bool) -> None:
+    """Verify DATASET, fingerprint it and write its plans.json (2d, 3d_fullres, 3d_lowres)."""
+    names = tuple(n for c in configs for n in c.split(",") if n) or None
+    budget = gpu_memory if gpu_memory is not None else (detected_gpu_memory_gb() or DEFAULT_GPU_MEMORY_GB)
+    request = PlanRequest(gpu_memory_gb=budget, configs=names, overrides=tuple(overrides),
+                          num_workers=num_workers, force=force)
+    outcome = plan_and_save(paths_from(ctx), dataset, request)
+    click.echo(render_plan(outcome.plan))
+    state = "written" if outcome.written else "unchanged (identical plan already there)"
+    click.echo(f"\n{outcome.plans_file}: {state}")

@@ -1,1 +1,117 @@
-"""CLI commands for predict (being written)."""
+"""Inference commands: `autoseg predict` and `autoseg export-onnx`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from autoseg.cli.app import cli, paths_from
+from autoseg.common.errors import AutosegError
+
+CHECKPOINT_CHOICES = ("final", "best", "latest")
+"""Same as `autoseg.infer.predict.CHECKPOINT_CHOICES`; repeated so `autoseg --help` need not import torch."""
+
+
+def multi_value_command(*option_names: str) -> type[click.Command]:
+    """A Command class where ``-f 0 1 2`` means ``-f 0 -f 1 -f 2`` for the named options.
+
+    click options take a fixed number of values; nnU-Net users type folds and configurations
+    space-separated, so argv is rewritten before click parses it (values run until the next
+    token that starts with '-').
+    """
+    names = set(option_names)
+
+    class MultiValueCommand(click.Command):
+        def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+            out, current = [], None
+            for tok in args:
+                if tok in names:
+                    current = tok
+                    continue
+                if current is not None and not tok.startswith("-"):
+                    out += [current, tok]
+                    continue
+                current = None
+                out.append(tok)
+            return super().parse_args(ctx, out)
+
+    return MultiValueCommand
+
+
+def parse_fold(text: str) -> int | str:
+    """A fold is an integer or 'all'."""
+    if text == "all":
+        return text
+    if not text.isdigit():
+        raise AutosegError(f"fold must be an integer or 'all', got {text!r}", "-f")
+    return int(text)
+
+
+@cli.command("predict", cls=multi_value_command("-f", "--folds", "-c", "--configs"))
+@click.option("-d", "--dataset", default=None, help="Dataset name or id (not needed with --best).")
+@click.option("-c", "--configs", multiple=True, help="Configuration(s); several = ensemble.  [default: 3d_fullres]")
+@click.option("-f", "--folds", multiple=True, help="Folds to average (e.g. -f 0 1 2 3 4).  [default: 0 1 2 3 4]")
+@click.option("-i", "--input", "input_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder of CASE_XXXX<ending> images.")
+@click.option("-o", "--output", "output_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--best", "best_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="best.json from `autoseg find-best` (configs, folds, postprocessing).")
+@click.option("--variant", default="default", show_default=True, help="Training variant folder.")
+@click.option("--checkpoint", type=click.Choice(CHECKPOINT_CHOICES), default="final", show_default=True)
+@click.option("--step", type=click.FloatRange(0.05, 1.0), default=0.5, show_default=True,
+              help="Window step as a fraction of the patch.")
+@click.option("--no-tta", is_flag=True, help="Skip mirroring test-time augmentation (faster).")
+@click.option("--save-probabilities", is_flag=True, help="Also write CASE.npz + CASE.json (for ensembling).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Windows per forward pass.")
+@click.option("-j", "--num-workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Threads preparing upcoming cases while the network runs.")
+@click.option("--force", is_flag=True, help="Predict cases that already have an output.")
+@click.pass_context
+def predict_cmd(ctx: click.Context, dataset: str | None, configs: tuple[str, ...], folds: tuple[str, ...],
+                input_dir: Path, output_dir: Path, best_file: Path | None, variant: str, checkpoint: str,
+                step: float, no_tta: bool, save_probabilities: bool, device: str, batch_size: int,
+                num_workers: int, force: bool) -> None:
+    """Segment every case of a folder with trained folds (written in each input's own geometry)."""
+    from autoseg.infer.predict import PredictOptions, PredictRequest, run_prediction
+
+    paths = paths_from(ctx)
+    options = PredictOptions(step=step, tta=not no_tta, batch_size=batch_size)
+    if best_file is not None:
+        from autoseg.evaluate.best import predict_with_best
+        result = predict_with_best(paths, best_file, input_dir, output_dir, device, save_probabilities, force,
+                                   options, dataset=paths.resolve_dataset(dataset) if dataset else None,
+                                   num_workers=num_workers)
+    else:
+        if dataset is None:
+            raise AutosegError("give -d DATASET (or --best FILE)", "-d")
+        request = PredictRequest(paths.resolve_dataset(dataset), configs or ("3d_fullres",),
+                                 tuple(parse_fold(f) for f in folds) or (0, 1, 2, 3, 4), input_dir, output_dir,
+                                 variant, checkpoint, device, save_probabilities, force, options, num_workers)
+        result = run_prediction(paths, request)
+    skipped = f", skipped {len(result.skipped)} already predicted (--force to redo)" if result.skipped else ""
+    click.echo(f"predicted {len(result.written)} case(s){skipped} -> {result.output_dir}")
+
+
+@cli.command("export-onnx")
+@click.option("-d", "--dataset", required=True, help="Dataset name or id.")
+@click.option("-c", "--config", required=True, help="Configuration.")
+@click.option("-f", "--fold", required=True, help="Fold (an integer or 'all').")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="model.onnx")
+@click.option("--variant", default="default", show_default=True)
+@click.option("--checkpoint", type=click.Choice(CHECKPOINT_CHOICES), default="final", show_default=True)
+@click.option("--opset", type=click.IntRange(11, 23), default=17, show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@click.pass_context
+def export_onnx_cmd(ctx: click.Context, dataset: str, config: str, fold: str, output: Path, variant: str,
+                    checkpoint: str, opset: int, force: bool) -> None:
+    """Export one fold's network to ONNX, checked against torch with onnxruntime."""
+    from autoseg.infer.onnx_export import export_onnx
+
+    paths = paths_from(ctx)
+    rec = export_onnx(paths, paths.resolve_dataset(dataset), config, parse_fold(fold), output, variant=variant,
+                      checkpoint=checkpoint, opset=opset, force=force)
+    click.echo(f"wrote {output} (opset {rec.opset}, input {list(rec.input_shape)}, "
+               f"max |onnxruntime - torch| = {rec.max_abs_diff:.2g}) and {output.with_suffix('.json')}")

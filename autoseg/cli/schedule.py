@@ -1,1 +1,87 @@
-"""CLI commands for schedule (being written)."""
+"""``autoseg train-all`` and ``autoseg status``: the parallel scheduler's commands."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from autoseg.cli.app import cli, paths_from
+from autoseg.cli.planning import GreedyMultiOption
+from autoseg.report.tables import render_status, render_table
+from autoseg.schedule.executors import SlurmOptions
+from autoseg.schedule.resources import parse_folds, parse_gpus
+from autoseg.schedule.runner import TrainAllRequest
+from autoseg.schedule.status import collect_status
+from autoseg.schedule.train_all import TrainAllOptions, observer_rows, preview, train_all
+
+EXIT_JOBS_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+class LiveTable:
+    """Redraws the running jobs in place on a terminal; silent when stderr is not a terminal."""
+
+    def __init__(self, paths, enabled: bool) -> None:  # type: ignore[no-untyped-def]
+        self.paths, self.enabled, self.lines = paths, enabled and sys.stderr.isatty(), 0
+
+    def __call__(self, rows) -> None:  # type: ignore[no-untyped-def]
+        if not self.enabled:
+            return
+        shown = [r for r in rows if r.state.value in ("running", "failed", "interrupted")]
+        counts = ", ".join(f"{sum(r.state is s for r in rows)} {s.value}" for s in {r.state: 0 for r in rows})
+        text = render_status(observer_rows(self.paths, shown), log_width=40) if shown else ""
+        text = f"{text}\n{counts}" if text else counts
+        sys.stderr.write((f"\x1b[{self.lines}F\x1b[J" if self.lines else "") + text + "\n")
+        self.lines = text.count("\n") + 1
+
+
+@cli.command("train-all")
+@click.argument("datasets", nargs=-1)
+@click.option("--configs", cls=GreedyMultiOption, multiple=True, metavar="NAME...",
+              help="Configurations (default: every planned one; 2d 3d_fullres before planning).")
+@click.option("--folds", default="0-4", show_default=True, help="0-4, 0,1,2 or all (train on every case).")
+@click.option("--gpus", default=None, help="GPU ids, e.g. 0,1,2,3 (default: every visible CUDA device).")
+@click.option("--jobs-per-gpu", type=click.IntRange(min=1), default=None, help="Pack N jobs per GPU.")
+@click.option("--gpu-memory", type=float, default=None, metavar="GB", help="GPU memory for planning and packing.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="TrainerConfig override for every training.")
+@click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True)
+@click.option("--slurm-partition", default=None)
+@click.option("--slurm-time", type=click.IntRange(min=1), default=24 * 60, show_default=True, metavar="MIN")
+@click.option("--slurm-mem", type=float, default=None, metavar="GB")
+@click.option("--slurm-cpus", type=click.IntRange(min=1), default=8, show_default=True, help="CPUs per Slurm job.")
+@click.option("--dry-run", is_flag=True, help="Print the job graph and which GPU each job would get.")
+@click.option("-j", "--cpu-slots", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Concurrent CPU-only jobs (plan, preprocess, find-best).")
+@click.option("--quiet", is_flag=True, help="No live table.")
+@click.pass_context
+def train_all_cmd(ctx: click.Context, datasets: tuple[str, ...], configs: tuple[str, ...], folds: str,
+                  gpus: str | None, jobs_per_gpu: int | None, gpu_memory: float | None, overrides: tuple[str, ...],
+                  retries: int, executor: str, slurm_partition: str | None, slurm_time: int,
+                  slurm_mem: float | None, slurm_cpus: int, dry_run: bool, cpu_slots: int, quiet: bool) -> None:
+    """Plan, preprocess and train every DATASET x config x fold in parallel, one job per GPU; resumable."""
+    paths = paths_from(ctx)
+    request = TrainAllRequest(datasets=datasets, configs=configs, folds=parse_folds(folds),
+                              trainer_overrides=overrides, gpu_memory_gb=gpu_memory)
+    options = TrainAllOptions(request=request, gpus=parse_gpus(gpus) if gpus is not None else None,
+                              jobs_per_gpu=jobs_per_gpu, cpu_slots=cpu_slots, retries=retries, executor=executor,
+                              slurm=SlurmOptions(slurm_partition, slurm_time, slurm_mem), slurm_cpus_per_job=slurm_cpus)
+    if dry_run:
+        jobs, placed = preview(paths, options)
+        where = {a.job_id: a for a in placed or []}
+        rows = [[j.job_id, ", ".join(j.depends_on) or None, where[j.job_id].gpu if j.job_id in where else None,
+                 where[j.job_id].cpus if j.job_id in where else None] for j in jobs]
+        click.echo(render_table(("job", "after", "GPU", "CPUs"), rows, max_width={1: 60}))
+        return
+    summary = train_all(paths, options, observer=LiveTable(paths, not quiet))
+    click.echo(summary.one_line(), err=not summary.ok)
+    if not summary.ok:
+        ctx.exit(EXIT_INTERRUPTED if summary.interrupted else EXIT_JOBS_FAILED)
+
+
+@cli.command("status")
+@click.pass_context
+def status_cmd(ctx: click.Context) -> None:
+    """Every scheduled job: state, GPU, epoch/total, ETA, last pseudo-Dice, log (works while train-all runs)."""
+    click.echo(render_status(collect_status(paths_from(ctx))))

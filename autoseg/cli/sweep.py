@@ -1,1 +1,84 @@
-"""CLI commands for sweep (being written)."""
+"""``autoseg sweep FILE`` (run an ablation grid through the scheduler) and ``autoseg sweep-report FILE``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from autoseg.cli.app import cli, paths_from
+from autoseg.report.sweep_report import build_sweep_report, format_markdown, write_sweep_report
+from autoseg.schedule.executors import LocalExecutor, SlurmExecutor, SlurmOptions
+from autoseg.schedule.resources import PoolConfig, parse_gpus, query_gpu_memory_gb
+from autoseg.schedule.runner import RunOptions, simulate_schedule
+from autoseg.schedule.sweep import SweepJobs, SweepSpec, build_sweep_jobs, load_sweep, run_sweep, sweep_dir
+
+
+def _pool(gpus: str | None, jobs_per_gpu: int | None) -> PoolConfig:
+    gpu_ids = parse_gpus(gpus)
+    return PoolConfig(gpus=gpu_ids, jobs_per_gpu=jobs_per_gpu, gpu_memory_gb=query_gpu_memory_gb(gpu_ids))
+
+
+def _render_plan(spec: SweepSpec, jobs: SweepJobs, pool: PoolConfig) -> None:
+    trains = len(jobs.train_jobs)
+    click.echo(f"sweep {spec.name}: {len(spec.variants)} variants x {len(spec.seeds)} seed(s) x "
+               f"{len(spec.folds)} fold(s) x {len(spec.configs)} config(s) x {len(spec.datasets)} dataset(s) "
+               f"= {trains} trainings, {len(jobs.jobs) - trains} plan/preprocess job(s); baseline: {spec.baseline.name}")
+    if trains and not pool.gpus:
+        click.echo("note: no --gpus given; trainings need a GPU slot (give e.g. --gpus 0)")
+        return
+    width = max(len(j.job_id) for j in jobs.jobs)
+    click.echo(f"{'job':<{width}}  {'gpu':>4}  {'cpus':>4}  {'start (est.)':>12}")
+    for a in simulate_schedule(list(jobs.jobs), pool):
+        click.echo(f"{a.job_id:<{width}}  {a.gpu or '-':>4}  {a.cpus:>4}  {_hours(a.start_s):>12}")
+    for ds in jobs.unplanned:
+        click.echo(f"note: {ds} is not planned yet; derived plans are made after its plan job")
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+@cli.command("sweep")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--gpus", default=None, help="GPU ids to use, e.g. 0,1,2,3 (default: none; CPU only).")
+@click.option("--jobs-per-gpu", type=click.IntRange(min=1), default=None,
+              help="Trainings sharing one GPU (default: by the plan's memory estimate, else 1).")
+@click.option("--executor", "executor_name", type=click.Choice(["local", "slurm"]), default="local",
+              show_default=True, help="Run jobs as local processes or as Slurm jobs.")
+@click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Retries per failed job.")
+@click.option("--dry-run", is_flag=True, help="Validate and print the jobs and their GPU slots; run nothing.")
+@click.pass_context
+def sweep_command(ctx: click.Context, file: Path, gpus: str | None, jobs_per_gpu: int | None,
+                  executor_name: str, retries: int, dry_run: bool) -> None:
+    """Run an ablation sweep FILE (YAML): variants x seeds x folds through the scheduler."""
+    paths = paths_from(ctx)
+    spec = load_sweep(file, paths)
+    pool = _pool(gpus, jobs_per_gpu)
+    if dry_run:
+        _render_plan(spec, build_sweep_jobs(spec, paths, write_plans=False), pool)
+        return
+    executor = LocalExecutor() if executor_name == "local" else SlurmExecutor(SlurmOptions())
+    run = run_sweep(spec, paths, executor, RunOptions(retries=retries, pool=pool))
+    for summary in run.summaries:
+        click.echo(summary.one_line())
+    report = build_sweep_report(run.spec, paths)
+    files = write_sweep_report(report, sweep_dir(paths, spec.name))
+    click.echo(format_markdown(report))
+    click.echo(f"written: {files.markdown}, {files.csv}, {files.png}")
+    if not run.ok:
+        ctx.exit(1)
+
+
+@cli.command("sweep-report")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.pass_context
+def sweep_report_command(ctx: click.Context, file: Path) -> None:
+    """Write report.md / report.csv / report.png of sweep FILE (finished runs; lists the missing)."""
+    paths = paths_from(ctx)
+    spec = load_sweep(file, paths)
+    report = build_sweep_report(spec, paths)
+    files = write_sweep_report(report, sweep_dir(paths, spec.name))
+    click.echo(format_markdown(report))
+    click.echo(f"written: {files.markdown}, {files.csv}, {files.png}")

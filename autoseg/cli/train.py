@@ -1,1 +1,73 @@
-"""CLI commands for train (being written)."""
+"""`autoseg train`: train one model (dataset x configuration x fold), resumable, DDP-ready under torchrun."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from autoseg.cli.app import cli, paths_from
+from autoseg.common.errors import AutosegError
+from autoseg.common.paths import TrainingId
+from autoseg.train.config import TrainerConfig, apply_overrides, default_num_workers
+from autoseg.train.ddp import DistContext
+from autoseg.train.loop import EXIT_INTERRUPTED, TrainingInterrupted
+from autoseg.train.run import parse_fold, train_fold
+
+
+def _env_int(name: str, default: int | None) -> int | None:
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise AutosegError(f"expected an integer, got {text!r}", where=name) from None
+
+
+def dist_from_env() -> DistContext:
+    """Rank / world size / local rank as torchrun sets them (a plain run is rank 0 of 1)."""
+    return DistContext(rank=_env_int("RANK", 0) or 0, world_size=_env_int("WORLD_SIZE", 1) or 1,
+                       local_rank=_env_int("LOCAL_RANK", 0) or 0)
+
+
+@cli.command("train")
+@click.argument("dataset")
+@click.argument("config")
+@click.argument("fold")
+@click.option("--continue", "resume", is_flag=True, help="Resume from checkpoint_latest.pt (fresh start if none).")
+@click.option("--force", is_flag=True, help="Delete this fold's previous outputs and start over.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a TrainerConfig key, e.g. --set epochs=50 --set augment.mirror=false.")
+@click.option("--variant", default="default", show_default=True, help="Results sub-folder for an ablation.")
+@click.option("--seed", type=int, default=None, help="Seed (adds a seed_<N> folder; overrides --set seed).")
+@click.option("--plans", "plans_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Train with this plans file instead of the dataset's plans.json.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--num-workers", type=click.IntRange(min=0), default=None,
+              help="Data-augmentation workers (default: $AUTOSEG_NUM_WORKERS, else a share of the CPUs).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.pass_context
+def train_cmd(ctx: click.Context, dataset: str, config: str, fold: str, resume: bool, force: bool,
+              overrides: tuple[str, ...], variant: str, seed: int | None, plans_file: Path | None,
+              device: str, num_workers: int | None, quiet: bool) -> None:
+    """Train DATASET's CONFIG on FOLD (0-4 or 'all'), then validate the fold."""
+    from autoseg.planning.plan import load_plan_file
+
+    paths = paths_from(ctx)
+    tid = TrainingId(paths.resolve_dataset(dataset), config, parse_fold(fold), variant, seed)
+    cfg = apply_overrides(TrainerConfig(), overrides)
+    dist = dist_from_env()
+    workers = num_workers if num_workers is not None else _env_int(
+        "AUTOSEG_NUM_WORKERS", default_num_workers(os.cpu_count() or 1, dist.world_size))
+    plan = load_plan_file(plans_file) if plans_file is not None else None
+    try:
+        r = train_fold(paths, tid, cfg, plan, device, resume, force, workers, quiet, dist)
+    except TrainingInterrupted as e:
+        click.echo(f"interrupted in epoch {e.epoch}; resume with --continue ({e.checkpoint})", err=True)
+        ctx.exit(EXIT_INTERRUPTED)
+    if dist.is_main:
+        best = "n/a" if r.best_ema_pseudo_dice is None else f"{r.best_ema_pseudo_dice:.4f}"
+        word = "already finished" if r.status == "already_finished" else "trained"
+        click.echo(f"{tid}: {word}, {r.epochs_completed} epochs, best EMA pseudo-Dice {best}; files in {r.fold_dir}")

@@ -1,1 +1,1 @@
-"""autoseg.schedule stage (see docs/architecture.md)."""
+"""autoseg.schedule stage: job graph, state store, executors, runner (see docs/scheduler.md)."""

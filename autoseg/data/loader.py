@@ -1,0 +1,205 @@
+"""Infinite batch loaders for training and validation (pseudo-Dice) batches.
+
+``make_train_loader(spec)`` samples patches (foreground-oversampled), augments them
+(`autoseg.data.augment`) and, with deep supervision, adds targets at every output scale of the
+U-Net. ``make_val_loader(spec)`` does the same without augmentation (crop only). With
+``num_workers > 0`` batches are made in batchgenerators' MultiThreadedAugmenter worker
+processes; worker ``k`` draws from ``np.random.default_rng([seed, k])`` and batches come
+round-robin from the workers, so a seed fixes the whole sequence (``num_workers=0`` is
+worker 0 run in-process). Batches are numpy in the workers and become torch tensors in the
+caller's process:
+
+    {"data": float32 (B, C, *patch), "target": int64 (B, 1, *patch) or a list of such per DS scale}
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+
+from autoseg.common.errors import AutosegError
+from autoseg.data.augment import (
+    AugmentConfig,
+    AugmentSetup,
+    apply_augmentation,
+    augmentation_setup,
+    crop_only_setup,
+    downsample_seg_for_ds,
+    sample_params,
+)
+from autoseg.data.sampling import (
+    OVERSAMPLE_FOREGROUND,
+    CaseFiles,
+    is_forced_foreground,
+    load_arrays,
+    load_foreground,
+    sample_patch,
+)
+from autoseg.nets.unet import deep_supervision_scales
+from autoseg.planning.plans import Configuration
+
+logger = logging.getLogger(__name__)
+
+BATCHES_CACHED_PER_WORKER = 4
+"""Batches each worker may have ready ahead of the consumer (memory vs. smoothing stalls)."""
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """Everything a loader needs; the caller decides the worker count (its share of the CPUs)."""
+
+    data_dir: Path
+    case_ids: tuple[str, ...]
+    config: Configuration
+    augment: AugmentConfig
+    batch_size: int
+    num_workers: int
+    seed: int
+    deep_supervision: bool
+    oversample_foreground: float = OVERSAMPLE_FOREGROUND
+    pin_memory: bool = False
+
+
+class _BatchSource:
+    """Makes numpy batches; runs in the caller (num_workers=0) or in each worker process.
+
+    Holds no torch state so that forked workers stay light. `set_thread_id` is called by
+    MultiThreadedAugmenter in each worker and selects that worker's random stream.
+    """
+
+    def __init__(self, spec: LoaderSpec, setup: AugmentSetup, augment: bool) -> None:
+        self.spec = spec
+        self.setup = setup
+        self.augment = augment
+        self.files = [CaseFiles.of(Path(spec.data_dir), c) for c in spec.case_ids]
+        self.ds_scales = deep_supervision_scales(spec.config) if spec.deep_supervision else None
+        self._foreground: dict[int, dict[int, np.ndarray]] = {}
+        self.set_thread_id(0)
+
+    def set_thread_id(self, thread_id: int) -> None:
+        """Switch to worker ``thread_id``'s generator, derived from (seed, worker)."""
+        self.rng = np.random.default_rng([self.spec.seed, thread_id])
+
+    def _case_foreground(self, index: int) -> dict[int, np.ndarray]:
+        if index not in self._foreground:  # small, read once per worker
+            self._foreground[index] = load_foreground(self.files[index].foreground)
+        return self._foreground[index]
+
+    def __iter__(self) -> "_BatchSource":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        spec, setup, rng = self.spec, self.setup, self.rng
+        datas, segs = [], []
+        for i in range(spec.batch_size):
+            index = int(rng.integers(len(self.files)))
+            data, seg = load_arrays(self.files[index])
+            forced = is_forced_foreground(i, spec.batch_size, spec.oversample_foreground)
+            data_patch, seg_patch = sample_patch(rng, data, seg, self._case_foreground(index),
+                                                 setup.initial_patch_size, setup.patch_size, forced)
+            params = sample_params(rng, setup, data.shape[0]) if self.augment else None
+            if params is not None:
+                data_patch, seg_patch = apply_augmentation(data_patch, seg_patch, params, setup)
+            datas.append(data_patch)
+            segs.append(seg_patch.astype(np.int64))
+        target = np.stack(segs)
+        return {"data": np.stack(datas).astype(np.float32, copy=False),
+                "target": downsample_seg_for_ds(target, self.ds_scales) if self.ds_scales else target}
+
+
+class BatchLoader:
+    """Infinite iterator of training or validation batches; `close` (or ``with``) stops its workers."""
+
+    def __init__(self, source: _BatchSource, num_workers: int, pin_memory: bool) -> None:
+        self._source = source
+        self._pin = pin_memory and torch.cuda.is_available()
+        self._augmenter: MultiThreadedAugmenter | None = None
+        if num_workers > 0:
+            self._augmenter = MultiThreadedAugmenter(source, None, num_workers,
+                                                     num_cached_per_queue=BATCHES_CACHED_PER_WORKER,
+                                                     seeds=list(range(num_workers)), pin_memory=False)
+        self._closed = False
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        return self._source.setup.patch_size
+
+    def __iter__(self) -> "BatchLoader":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._closed:
+            raise RuntimeError("BatchLoader is closed")
+        try:
+            batch = next(self._augmenter) if self._augmenter is not None else next(self._source)
+        except RuntimeError as e:  # a worker died; its traceback is on stderr
+            self.close()
+            raise AutosegError(f"data loading failed in a worker process ({e})", where=self._source.spec.data_dir) \
+                from None
+        data = torch.from_numpy(batch["data"])
+        target = batch["target"]
+        target = [torch.from_numpy(t) for t in target] if isinstance(target, list) else torch.from_numpy(target)
+        if self._pin:
+            data = data.pin_memory()
+            target = [t.pin_memory() for t in target] if isinstance(target, list) else target.pin_memory()
+        return {"data": data, "target": target}
+
+    def close(self) -> None:
+        """Stop and join the worker processes (idempotent)."""
+        if self._augmenter is not None and not self._closed:
+            self._augmenter._finish()
+        self._closed = True
+
+    def __enter__(self) -> "BatchLoader":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing sensible left to do
+            pass
+
+
+def _check_spec(spec: LoaderSpec) -> None:
+    """Fail early, naming the file or field, instead of inside a worker process."""
+    if not spec.case_ids:
+        raise AutosegError("no cases to load", where=spec.data_dir)
+    if spec.batch_size < 1:
+        raise AutosegError(f"batch_size must be >= 1, got {spec.batch_size}", where="batch_size")
+    if spec.num_workers < 0:
+        raise AutosegError(f"num_workers must be >= 0, got {spec.num_workers}", where="num_workers")
+    if not 0.0 <= spec.oversample_foreground <= 1.0:
+        raise AutosegError(f"must be in [0, 1], got {spec.oversample_foreground}", where="oversample_foreground")
+    if not Path(spec.data_dir).is_dir():
+        raise AutosegError("preprocessed data folder not found (run `autoseg preprocess`)", where=spec.data_dir)
+    for case_id in spec.case_ids:
+        CaseFiles.of(Path(spec.data_dir), case_id).check()
+    load_arrays(CaseFiles.of(Path(spec.data_dir), spec.case_ids[0]))  # readable, (C, z, y, x) + (1, z, y, x)
+    if spec.config.ndim not in (2, 3):
+        raise AutosegError(f"patch_size {spec.config.patch_size} must have 2 or 3 axes",
+                           where=f"plans.json:configurations.{spec.config.name}")
+
+
+def make_train_loader(spec: LoaderSpec) -> BatchLoader:
+    """Augmented, foreground-oversampled training batches (nnU-Net's training pipeline)."""
+    _check_spec(spec)
+    source = _BatchSource(spec, augmentation_setup(spec.config, spec.augment), augment=True)
+    return BatchLoader(source, spec.num_workers, spec.pin_memory)
+
+
+def make_val_loader(spec: LoaderSpec) -> BatchLoader:
+    """Validation batches for pseudo-Dice: patch-sized crops, foreground-oversampled, no augmentation."""
+    _check_spec(spec)
+    source = _BatchSource(spec, crop_only_setup(spec.config), augment=False)
+    return BatchLoader(source, spec.num_workers, spec.pin_memory)

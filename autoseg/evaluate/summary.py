@@ -1,0 +1,200 @@
+"""Evaluate a folder of predictions against references into one `Summary` (summary.json).
+
+Predictions and references are paired by case name (``CASE<ending>``, the label-file
+convention). Every reference must have a prediction unless ``allow_missing`` is set (a
+missing one is an error that names it), and every prediction must have a reference.
+Per-class means average over cases; the foreground mean averages the per-class means over
+the foreground classes (nnU-Net's ``foreground_mean``). NaN HD95 values (one mask empty)
+are left out of HD95 means; ``n_hd95`` says how many cases the mean is over.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from autoseg.common.errors import AutosegError
+from autoseg.common.jsonio import save_record
+from autoseg.common.progress import progress
+from autoseg.dataset.io import read_image
+from autoseg.evaluate.metrics import DEFAULT_TOLERANCE_MM, ClassMetrics, case_metrics
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass(frozen=True)
+class CaseEvaluation:
+    """One case: the files compared and the metrics per label value."""
+
+    case_id: str
+    prediction: str
+    reference: str
+    metrics: dict[int, ClassMetrics]
+
+
+@dataclass(frozen=True)
+class MeanMetrics:
+    """Means over cases (or over classes, for the foreground mean)."""
+
+    dice: float
+    iou: float
+    hd95: float
+    nsd: float
+    n_cases: int
+    n_hd95: int
+    """Cases with a defined HD95 (NaN ones are excluded from the HD95 mean)."""
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The evaluation of one prediction folder: per case, per class, and means."""
+
+    SCHEMA: ClassVar[str] = "autoseg.summary"
+    VERSION: ClassVar[int] = 1
+
+    labels: dict[str, int]
+    tolerance_mm: float
+    cases: tuple[CaseEvaluation, ...]
+    mean: dict[int, MeanMetrics]
+    """Per foreground label value, averaged over cases."""
+    foreground_mean: MeanMetrics
+    """The per-class means averaged over foreground classes (the headline figure)."""
+
+    @property
+    def foreground_dice(self) -> float:
+        """Mean foreground Dice, the number configurations are ranked by."""
+        return self.foreground_mean.dice
+
+    def class_name(self, value: int) -> str:
+        for name, v in self.labels.items():
+            if v == value:
+                return name
+        return str(value)
+
+
+def _nanmean(values: Sequence[float]) -> tuple[float, int]:
+    finite = [v for v in values if not math.isnan(v)]
+    return (float(np.mean(finite)) if finite else math.nan), len(finite)
+
+
+def summarize(cases: Sequence[CaseEvaluation], labels: dict[str, int],
+              tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> Summary:
+    """Build a `Summary` (means included) from per-case evaluations."""
+    fg = sorted(v for v in labels.values() if v != 0)
+    mean: dict[int, MeanMetrics] = {}
+    for v in fg:
+        per = [c.metrics[v] for c in cases]
+        hd, n_hd = _nanmean([m.hd95 for m in per])
+        mean[v] = MeanMetrics(dice=_nanmean([m.dice for m in per])[0], iou=_nanmean([m.iou for m in per])[0],
+                              hd95=hd, nsd=_nanmean([m.nsd for m in per])[0], n_cases=len(per), n_hd95=n_hd)
+    means = list(mean.values())
+    hd_fg, _ = _nanmean([m.hd95 for m in means])
+    fg_mean = MeanMetrics(dice=_nanmean([m.dice for m in means])[0], iou=_nanmean([m.iou for m in means])[0],
+                          hd95=hd_fg, nsd=_nanmean([m.nsd for m in means])[0],
+                          n_cases=len(cases), n_hd95=min((m.n_hd95 for m in means), default=0))
+    return Summary(labels=dict(labels), tolerance_mm=float(tolerance_mm), cases=tuple(cases), mean=mean,
+                   foreground_mean=fg_mean)
+
+
+def evaluate_case(case_id: str, pred_file: Path, ref_file: Path, label_values: Sequence[int],
+                  tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> CaseEvaluation:
+    """Read one prediction/reference pair and compute its metrics (spacing from the reference)."""
+    pred, pg = read_image(pred_file)
+    ref, rg = read_image(ref_file)
+    if pred.shape != ref.shape:
+        raise AutosegError(f"prediction shape {pred.shape} differs from reference shape {ref.shape} "
+                           f"({ref_file})", pred_file)
+    if not np.allclose(pg.spacing, rg.spacing, rtol=1e-3, atol=1e-4):
+        log.warning("%s: spacing %s differs from the reference's %s; using the reference's",
+                    pred_file, pg.spacing, rg.spacing)
+    metrics = case_metrics(np.asarray(pred), np.asarray(ref), rg.spacing, label_values, tolerance_mm)
+    return CaseEvaluation(case_id=case_id, prediction=str(pred_file), reference=str(ref_file), metrics=metrics)
+
+
+def _evaluate_star(args: tuple) -> CaseEvaluation:
+    return evaluate_case(*args)
+
+
+def evaluate_pairs(pairs: Sequence[tuple[str, Path, Path]], labels: dict[str, int],
+                   tolerance_mm: float = DEFAULT_TOLERANCE_MM, num_workers: int = 1,
+                   show_progress: bool = True) -> Summary:
+    """Evaluate explicit (case_id, prediction, reference) triples; cases in the order given."""
+    fg = sorted(v for v in labels.values() if v != 0)
+    jobs = [(cid, Path(p), Path(r), fg, tolerance_mm) for cid, p, r in pairs]
+    if num_workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=num_workers) as pool:
+            results = list(progress(pool.map(_evaluate_star, jobs), total=len(jobs), desc="evaluate",
+                                    enabled=show_progress, unit="case"))
+    else:
+        results = [_evaluate_star(j) for j in progress(jobs, total=len(jobs), desc="evaluate",
+                                                         enabled=show_progress, unit="case")]
+    return summarize(results, labels, tolerance_mm)
+
+
+def _cases_in(folder: Path, file_ending: str) -> dict[str, Path]:
+    return {f.name[: -len(file_ending)]: f for f in sorted(folder.iterdir())
+            if f.is_file() and not f.name.startswith(".") and f.name.endswith(file_ending)}
+
+
+def evaluate_folder(pred_dir: Path, ref_dir: Path, labels: dict[str, int], file_ending: str,
+                    tolerance_mm: float = DEFAULT_TOLERANCE_MM, num_workers: int = 1,
+                    output_file: Path | None = None, allow_missing: bool = False,
+                    show_progress: bool = True, force: bool = False) -> Summary:
+    """Evaluate ``pred_dir/CASE<ending>`` against ``ref_dir/CASE<ending>``; write summary.json.
+
+    ``output_file`` defaults to ``pred_dir/summary.json`` and is written atomically; an
+    existing one is replaced only with ``force``.
+    """
+    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
+    output_file = Path(output_file) if output_file else pred_dir / SUMMARY_FILE
+    if output_file.exists() and not force:
+        raise AutosegError("exists; use --force to overwrite it", output_file)
+    for folder in (pred_dir, ref_dir):
+        if not folder.is_dir():
+            raise AutosegError("folder not found", folder)
+    if 0 not in labels.values():
+        raise AutosegError("labels must include background = 0", "labels")
+    preds, refs = _cases_in(pred_dir, file_ending), _cases_in(ref_dir, file_ending)
+    if not refs:
+        raise AutosegError(f"no reference files ending in {file_ending!r}", ref_dir)
+    orphans = sorted(set(preds) - set(refs))
+    if orphans:
+        raise AutosegError(f"{len(orphans)} prediction(s) have no reference in {ref_dir}, "
+                           f"e.g. {orphans[0]}{file_ending}", pred_dir)
+    missing = sorted(set(refs) - set(preds))
+    if missing and not allow_missing:
+        raise AutosegError(f"missing prediction for {len(missing)} reference case(s), first "
+                           f"{missing[0]}{file_ending} (use --allow-missing to evaluate the predicted ones only)",
+                           pred_dir)
+    if not preds:
+        raise AutosegError(f"no predictions ending in {file_ending!r}", pred_dir)
+    pairs = [(cid, preds[cid], refs[cid]) for cid in sorted(preds)]
+    summary = evaluate_pairs(pairs, labels, tolerance_mm, num_workers, show_progress)
+    save_record(output_file, summary)
+    return summary
+
+
+def format_summary_table(summary: Summary) -> str:
+    """A plain-text table: one row per foreground class, then the foreground mean."""
+    header = f"{'class':<16}{'Dice':>8}{'IoU':>8}{'HD95 mm':>10}{'NSD':>8}{'cases':>7}"
+    lines = [header, "-" * len(header)]
+
+    def row(name: str, m: MeanMetrics) -> str:
+        hd = "nan" if math.isnan(m.hd95) else f"{m.hd95:.2f}"
+        return f"{name[:15]:<16}{m.dice:>8.4f}{m.iou:>8.4f}{hd:>10}{m.nsd:>8.4f}{m.n_cases:>7d}"
+
+    for v, m in summary.mean.items():
+        lines.append(row(f"{summary.class_name(v)} ({v})", m))
+    lines.append("-" * len(header))
+    lines.append(row("foreground mean", summary.foreground_mean))
+    lines.append(f"NSD tolerance {summary.tolerance_mm:g} mm; HD95 means exclude cases where one mask is empty.")
+    return "\n".join(lines)

@@ -1,0 +1,159 @@
+"""Sliding-window inference: tiling, Gaussian blending and mirroring test-time augmentation.
+
+Follows nnU-Net's rules so that predictions are comparable: windows of the training patch
+size overlap by ``1 - step`` (default half a patch), evenly spread so that the first and
+last window touch the image borders; each window's logits are weighted by a Gaussian
+(sigma = patch / 8) so window centres, where the network saw the most context, dominate;
+images smaller than the patch are zero-padded (zero is the normalized mean intensity) and
+cropped back. Axis order is the preprocessed (transposed) order, channels first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+DEFAULT_STEP = 0.5
+"""Window step as a fraction of the patch size (nnU-Net's tile_step_size default)."""
+
+GAUSSIAN_SIGMA_SCALE = 1.0 / 8
+"""Gaussian sigma per axis as a fraction of the patch size (nnU-Net)."""
+
+GAUSSIAN_FLOOR = 1e-6
+"""Smallest weight: patch corners (exp(-24) for sigma = patch/8) would underflow in low precision
+and leave voxels with zero total weight; a floor keeps every voxel weighted and the division safe."""
+
+DEFAULT_BATCH_SIZE = 2
+"""Windows per forward pass; small keeps CPU memory low, the GPU path raises it."""
+
+
+def window_starts(size: int, patch: int, step: float = DEFAULT_STEP) -> list[int]:
+    """Start offsets along one axis: ceil((size - patch) / (patch * step)) + 1 windows, evenly spread."""
+    if size < patch:
+        raise ValueError(f"image size {size} is smaller than the patch {patch}; pad it first")
+    if not 0 < step <= 1:
+        raise ValueError(f"step must be in (0, 1], got {step}")
+    n = math.ceil((size - patch) / (patch * step)) + 1
+    if n == 1:
+        return [0]
+    spacing = (size - patch) / (n - 1)
+    return [int(round(spacing * i)) for i in range(n)]
+
+
+def compute_tiles(image_shape: Sequence[int], patch_size: Sequence[int],
+                  step: float = DEFAULT_STEP) -> list[tuple[slice, ...]]:
+    """Every window (as slices over the spatial axes) of an image at least as large as the patch."""
+    if len(image_shape) != len(patch_size):
+        raise ValueError(f"image {tuple(image_shape)} and patch {tuple(patch_size)} differ in dimension")
+    per_axis = [window_starts(int(s), int(p), step) for s, p in zip(image_shape, patch_size)]
+    return [tuple(slice(st, st + int(p)) for st, p in zip(starts, patch_size))
+            for starts in itertools.product(*per_axis)]
+
+
+def pad_to_patch(data: torch.Tensor, patch_size: Sequence[int]) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Zero-pad the spatial axes of (C, *spatial) up to the patch size, centred.
+
+    Returns the padded tensor and the slices (over spatial axes) that recover the original.
+    """
+    spatial = data.shape[1:]
+    if len(spatial) != len(patch_size):
+        raise ValueError(f"data spatial shape {tuple(spatial)} and patch {tuple(patch_size)} differ in dimension")
+    before = [max(0, p - s) // 2 for s, p in zip(spatial, patch_size)]
+    after = [max(0, p - s) - b for s, p, b in zip(spatial, patch_size, before)]
+    keep = tuple(slice(b, b + s) for b, s in zip(before, spatial))
+    if not any(before) and not any(after):
+        return data, keep
+    pad: list[int] = []
+    for b, a in zip(reversed(before), reversed(after)):  # F.pad wants the last axis first
+        pad += [b, a]
+    return torch.nn.functional.pad(data, pad, mode="constant", value=0.0), keep
+
+
+def unpad(data: torch.Tensor, keep: tuple[slice, ...]) -> torch.Tensor:
+    """Undo `pad_to_patch` on a (K, *spatial) tensor."""
+    return data[(slice(None), *keep)]
+
+
+def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = GAUSSIAN_SIGMA_SCALE,
+                            dtype: torch.dtype = torch.float32,
+                            device: torch.device | str = "cpu") -> torch.Tensor:
+    """Separable Gaussian over the patch, max 1, at least `GAUSSIAN_FLOOR` (so every voxel gets weight)."""
+    axes = []
+    for p in patch_size:
+        sigma = max(p * sigma_scale, 1e-6)
+        x = np.arange(p, dtype=np.float64) - (p - 1) / 2.0
+        axes.append(np.exp(-0.5 * (x / sigma) ** 2))
+    g = axes[0]
+    for a in axes[1:]:
+        g = np.multiply.outer(g, a)
+    g = np.maximum(g / g.max(), GAUSSIAN_FLOOR)
+    return torch.from_numpy(g).to(device=device, dtype=dtype)
+
+
+def mirror_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every subset of the mirror axes (the identity first): 2**len(axes) TTA passes."""
+    axes = tuple(sorted(set(int(a) for a in mirror_axes)))
+    return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
+def _forward(net: nn.Module, x: torch.Tensor, mirror_axes: Sequence[int], amp: bool) -> torch.Tensor:
+    """Logits of a (B, C, *patch) batch, averaged over the mirrored copies (float32)."""
+    combos = mirror_combinations(mirror_axes)
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
+        for combo in combos:
+            dims = [a + 2 for a in combo]
+            yi = net(torch.flip(x, dims) if dims else x)
+            if isinstance(yi, (list, tuple)):  # deep supervision left on: full resolution first
+                yi = yi[0]
+            yi = yi.float()
+            total = total + (torch.flip(yi, dims) if dims else yi)
+    return total / len(combos)
+
+
+@torch.inference_mode()
+def predict_sliding_window(net: nn.Module, data: torch.Tensor, patch_size: Sequence[int], num_classes: int,
+                           step: float = DEFAULT_STEP, mirror_axes: Sequence[int] = (),
+                           batch_size: int = DEFAULT_BATCH_SIZE, device: torch.device | str = "cpu",
+                           amp: bool | None = None, show_progress: bool = False,
+                           results_device: torch.device | str | None = None) -> torch.Tensor:
+    """Logits (K, *spatial) for a (C, *spatial) image, on ``results_device`` (float32).
+
+    Windows are batched and run on ``device``; Gaussian-weighted logits are summed into an
+    accumulator on ``results_device`` (default: ``device``; float16 on CUDA, where it halves
+    memory and logits stay far inside its range; float32 elsewhere) and divided by the summed
+    weights. Pass ``results_device="cpu"`` for volumes too large for GPU memory.
+    ``mirror_axes`` are spatial axis indices (0 = first spatial axis); every combination is
+    predicted and averaged. ``amp`` (default: on for CUDA) runs the network under bf16 autocast.
+    """
+    from autoseg.common.progress import progress
+
+    device = torch.device(device)
+    acc_device = device if results_device is None else torch.device(results_device)
+    if data.ndim != len(patch_size) + 1:
+        raise ValueError(f"data must be (C, *spatial) with {len(patch_size)} spatial axes, got {tuple(data.shape)}")
+    amp = device.type == "cuda" if amp is None else amp
+    acc_dtype = torch.float16 if acc_device.type == "cuda" else torch.float32
+    padded, keep = pad_to_patch(data.float(), patch_size)
+    spatial = tuple(padded.shape[1:])
+    tiles = compute_tiles(spatial, patch_size, step)
+    gauss = gaussian_importance_map(patch_size, dtype=torch.float32, device=acc_device)
+    logits = torch.zeros((num_classes, *spatial), dtype=acc_dtype, device=acc_device)
+    weights = torch.zeros(spatial, dtype=torch.float32, device=acc_device)
+    padded = padded.to(acc_device)
+    batches = [tiles[i:i + batch_size] for i in range(0, len(tiles), batch_size)]
+    for batch in progress(batches, desc="windows", enabled=show_progress, unit="batch"):
+        x = torch.stack([padded[(slice(None), *t)] for t in batch]).to(device, non_blocking=True)
+        y = _forward(net, x, mirror_axes, amp).to(acc_device)
+        if y.shape[1] != num_classes:
+            raise ValueError(f"network returned {y.shape[1]} channels, expected {num_classes}")
+        for t, yi in zip(batch, y):
+            logits[(slice(None), *t)] += (yi * gauss).to(acc_dtype)
+            weights[t] += gauss
+    out = logits.float() / weights
+    return unpad(out, keep)

@@ -1,0 +1,74 @@
+"""The end-of-training validation of one fold: full-resolution predictions, then metrics.
+
+The trainer calls `run_validation` with its network after the last epoch. Every validation
+case is predicted from its RAW image with exactly the `predict` code path (preprocessing,
+sliding window, TTA, reverting to the original geometry), written to ``out_dir``
+(``fold_k/validation/CASE<ending>``) and evaluated against the raw label, giving
+``out_dir/summary.json``. With ``save_probabilities`` the softmax maps are kept too
+(``CASE.npz`` + ``CASE.json``), which `find_best` needs to evaluate ensembles.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from autoseg.common.errors import AutosegError
+from autoseg.common.jsonio import save_record
+from autoseg.common.paths import Paths
+from autoseg.common.progress import progress
+from autoseg.dataset.io import write_image
+from autoseg.dataset.spec import load_dataset
+from autoseg.evaluate.summary import SUMMARY_FILE, Summary, evaluate_pairs
+from autoseg.infer.predict import (
+    LoadedModel,
+    PredictOptions,
+    predict_case,
+    resolve_device,
+    write_probabilities,
+)
+from autoseg.planning.plans import Configuration, Plan
+
+log = logging.getLogger(__name__)
+
+
+def run_validation(net: nn.Module, plan: Plan, config: Configuration, mirror_axes: Sequence[int],
+                   case_ids: Sequence[str], paths: Paths, dataset: str, out_dir: Path,
+                   device: str | torch.device = "cpu", save_probabilities: bool = False,
+                   options: PredictOptions = PredictOptions(), show_progress: bool = True) -> Summary:
+    """Predict the fold's validation cases from the raw images, evaluate them, write summary.json."""
+    spec = load_dataset(paths.raw_dataset(dataset))
+    if not case_ids:
+        raise AutosegError("fold has no validation cases", out_dir)
+    cases = [spec.case(cid) for cid in case_ids]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = getattr(net, "_orig_mod", net)
+    was_training, had_ds = net.training, getattr(base, "deep_supervision", None)
+    if had_ds is not None:
+        base.deep_supervision = False
+    net.eval()
+    model = LoadedModel(nets=[net], plan=plan, config=config, mirror_axes=tuple(mirror_axes),
+                        device=resolve_device(device))
+    pairs = []
+    try:
+        for case in progress(cases, total=len(cases), desc="validation", enabled=show_progress, unit="case"):
+            seg, probs, geometry = predict_case([model], case.images, options,
+                                                return_probabilities=save_probabilities)
+            out = out_dir / f"{case.case_id}{spec.file_ending}"
+            if save_probabilities and probs is not None:
+                write_probabilities(out_dir, case.case_id, probs, geometry, spec.labels, spec.file_ending)
+            write_image(out, seg, geometry)
+            pairs.append((case.case_id, out, case.label))
+    finally:
+        net.train(was_training)
+        if had_ds is not None:
+            base.deep_supervision = had_ds
+    summary = evaluate_pairs(pairs, spec.labels, show_progress=False)
+    save_record(out_dir / SUMMARY_FILE, summary)
+    log.info("validation of %d case(s): mean foreground Dice %.4f", len(pairs), summary.foreground_dice)
+    return summary

@@ -1,0 +1,494 @@
+"""Planning: compose the pure rules into a `Plan`, apply user overrides, save and load plans.json.
+
+``plan_dataset(fingerprint, gpu_memory_gb)`` is pure (no I/O); ``plan_and_save`` is what
+``autoseg plan`` runs: verify the raw dataset, fingerprint it (cached), plan, and write
+``preprocessed/<dataset>/plans.json`` atomically, refusing to replace a different plan
+without ``force`` because preprocessed data and trainings depend on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import types
+import typing
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autoseg.common.errors import AutosegError, ConfigError
+from autoseg.common.jsonio import load_record, record_to_dict, save_record
+from autoseg.common.paths import Paths
+from autoseg.dataset.spec import DatasetSpec, load_dataset
+from autoseg.fingerprint import Fingerprint, load_or_extract_fingerprint
+from autoseg.planning import memory, rules
+from autoseg.planning.plans import Configuration, Plan
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAMES = ("2d", "3d_fullres", "3d_lowres")
+"""The configurations the planner knows, as nnU-Net names them."""
+
+NOT_OVERRIDABLE = ("name", "reasons", "estimated_vram_gb")
+"""Configuration fields `--set` cannot change: identity, and values always derived from the others."""
+
+USER_REASON = "set by user ({})"
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def plan_configuration(name: str, spacing: tuple[float, ...], median_shape: np.ndarray, dataset_voxels: float,
+                       num_classes: int, gpu_memory_gb: float) -> Configuration:
+    """One configuration at a given target spacing and median shape (both in transposed order).
+
+    Patch and topology fitted to the memory budget, batch size from the budget and the 5 %
+    dataset cap (`rules.batch_size`). ``dataset_voxels`` is the median image's voxels times the
+    number of cases at this configuration's resolution (nnU-Net passes the 3D count to 2D too).
+    """
+    ndim = len(spacing)
+    fit = rules.fit_patch_to_budget(spacing, median_shape, num_classes, gpu_memory_gb)
+    topo = fit.value.topology
+    feats = rules.features_per_stage(len(topo.strides), ndim)
+    bs = rules.batch_size(fit.value.feature_map_voxels, topo.patch_size, ndim, gpu_memory_gb, dataset_voxels)
+    vram = memory.estimated_vram_gb(fit.value.feature_map_voxels, bs.value, ndim)
+    cap = rules.MAX_FEATURES_3D if ndim == 3 else rules.MAX_FEATURES_2D
+    reasons = {
+        "patch_size": fit.reason,
+        "batch_size": bs.reason,
+        "strides": (f"pools per axis {list(topo.num_pools)}: an axis is halved while its feature map stays >= "
+                    f"{rules.MIN_FEATURE_MAP_EDGE_VOX} and its spacing is < {rules.POOL_SPACING_RATIO:g}x the finest"),
+        "kernel_sizes": (f"3 along an axis once its spacing is within {rules.POOL_SPACING_RATIO:g}x of the finest, "
+                         "1 before (thick slices are not mixed early)"),
+        "features_per_stage": f"{rules.BASE_FEATURES} doubling per stage, capped at {cap} ({ndim}D)",
+        "estimated_vram_gb": (f"{fit.value.feature_map_voxels / 1e6:.1f} M feature-map voxels per sample x batch "
+                              f"{bs.value}, against nnU-Net's reference of {memory.reference_voxels(ndim) / 1e6:g} M "
+                              f"x {memory.reference_batch_size(ndim)} for {memory.REFERENCE_GPU_MEMORY_GB:g} GB, plus "
+                              f"{memory.FIXED_OVERHEAD_GB:g} GB fixed"),
+        "median_shape": "median of the cases' cropped shapes resampled to the target spacing",
+    }
+    return Configuration(
+        name=name, data_identifier=name, spacing=tuple(float(s) for s in spacing),
+        patch_size=topo.patch_size, batch_size=bs.value,
+        median_shape=tuple(int(round(float(m))) for m in median_shape),
+        strides=topo.strides, kernel_sizes=topo.kernel_sizes, features_per_stage=feats,
+        estimated_vram_gb=vram, reasons=reasons)
+
+
+def _lowres(full: Configuration, median: np.ndarray, n_cases: int, num_classes: int,
+            gpu_memory_gb: float) -> tuple[Configuration | None, str]:
+    """nnU-Net's 3d_lowres search: coarsen the spacing 3 % at a time until the patch covers 25 %."""
+    need = rules.lowres_needed(full.patch_size, median)
+    if not need.value:
+        return None, need.reason
+    full_spacing = np.asarray(full.spacing)
+    spacing = tuple(full.spacing)
+    median_voxels = float(np.prod(median, dtype=np.float64))
+    patch_voxels = float(np.prod(full.patch_size, dtype=np.float64))
+    low: Configuration | None = None
+    while patch_voxels / median_voxels < rules.LOWRES_MIN_PATCH_COVERAGE:
+        spacing = rules.next_lowres_spacing(spacing)
+        scaled = full_spacing / np.asarray(spacing) * median
+        median_voxels = float(np.prod(scaled, dtype=np.float64))
+        low = plan_configuration("3d_lowres", spacing, np.round(scaled), median_voxels * n_cases,
+                                 num_classes, gpu_memory_gb)
+        patch_voxels = float(np.prod(low.patch_size, dtype=np.float64))
+    ratio = float(np.prod(median, dtype=np.float64)) / median_voxels
+    if low is None or ratio < rules.LOWRES_MIN_VOXEL_RATIO:
+        return None, (f"{need.reason}, but a low-resolution image would be only {ratio:.2f}x smaller "
+                      f"(< {rules.LOWRES_MIN_VOXEL_RATIO:g}x): dropped")
+    reasons = {**low.reasons, "spacing": (f"{need.reason}; spacing grown {rules.LOWRES_SPACING_STEP - 1:.0%} per "
+                                          "step (coarse-enough axes wait) until the patch covers "
+                                          f"{rules.LOWRES_MIN_PATCH_COVERAGE:.0%} of the median image"),
+               "batch_dice": "False for 3d_lowres (nnU-Net)"}
+    return replace(low, batch_dice=False, reasons=reasons), need.reason
+
+
+def _check_config_names(configs: typing.Iterable[str] | None) -> tuple[str, ...]:
+    if configs is None:
+        return CONFIG_NAMES
+    names = tuple(configs)
+    for n in names:
+        if n not in CONFIG_NAMES:
+            raise ConfigError(f"unknown configuration {n!r}{_did_you_mean(n, CONFIG_NAMES)} "
+                              f"(known: {', '.join(CONFIG_NAMES)})", "--configs")
+    if not names:
+        raise ConfigError("no configuration requested", "--configs")
+    return names
+
+
+def plan_dataset(fingerprint: Fingerprint, gpu_memory_gb: float = memory.REFERENCE_GPU_MEMORY_GB,
+                 configs: tuple[str, ...] | None = None, overrides: typing.Sequence[str] = ()) -> Plan:
+    """The plan of a dataset: dataset-level decisions plus 2d / 3d_fullres / 3d_lowres, then overrides.
+
+    ``gpu_memory_gb`` is the memory budget of one training (8 GB is nnU-Net's reference);
+    ``configs`` restricts which configurations are planned (3d_lowres only appears when the
+    rules call for it); ``overrides`` are ``CONFIG.KEY=VALUE`` strings (`apply_plan_overrides`).
+    """
+    if not gpu_memory_gb > 0:
+        raise ConfigError(f"GPU memory must be > 0 GB, got {gpu_memory_gb:g}", "--gpu-memory")
+    if not fingerprint.cases:
+        raise AutosegError("the fingerprint holds no cases", fingerprint.dataset)
+    names = _check_config_names(configs)
+    spacings, shapes = fingerprint.spacings, fingerprint.shapes_after_crop
+    target = rules.target_spacing(spacings, shapes)
+    transpose = rules.transpose_axes(target.value)
+    forward = list(transpose.value[0])
+    spacing_t = tuple(target.value[a] for a in forward)
+    median = np.median(rules.resampled_shapes(spacings, shapes, target.value), axis=0)[forward]
+    n_cases, num_classes = len(fingerprint.cases), len(fingerprint.labels)
+    dataset_voxels = float(np.prod(median, dtype=np.float64)) * n_cases
+    reasons = {"transpose": transpose.reason, "target_spacing": target.reason}
+    out: dict[str, Configuration] = {}
+    if median[0] == 1:
+        reasons["3d_fullres"] = reasons["3d_lowres"] = "not planned: the images are 2D (one slice)"
+    elif "3d_fullres" in names or "3d_lowres" in names:
+        full = plan_configuration("3d_fullres", spacing_t, median, dataset_voxels, num_classes, gpu_memory_gb)
+        low, low_reason = _lowres(full, median, n_cases, num_classes, gpu_memory_gb)
+        reasons["3d_lowres"] = low_reason
+        full = replace(full, batch_dice=low is not None, reasons={
+            **full.reasons, "spacing": target.reason,
+            "batch_dice": ("True: 3d_lowres exists, fullres trains on its crops (nnU-Net)" if low is not None
+                           else "False: no 3d_lowres; Dice per sample (nnU-Net)")})
+        if "3d_fullres" in names:
+            out["3d_fullres"] = full
+        if low is not None and "3d_lowres" in names:
+            out["3d_lowres"] = low
+    if "2d" in names:
+        two = plan_configuration("2d", spacing_t[1:], median[1:], dataset_voxels, num_classes, gpu_memory_gb)
+        out["2d"] = replace(two, reasons={**two.reasons, "spacing": "in-plane part of the target spacing; "
+                                          "the slice axis keeps its own spacing",
+                                          "batch_dice": "True for 2d (nnU-Net)"})
+    norm = [rules.normalization(fingerprint.channel_names[c], fingerprint.median_relative_size_after_crop,
+                                fingerprint.foreground_intensity[i])
+            for i, c in enumerate(sorted(fingerprint.channel_names))]
+    reasons.update({f"normalization[{i}]": d.reason for i, d in enumerate(norm)})
+    plan = Plan(
+        dataset=fingerprint.dataset, gpu_memory_gb=float(gpu_memory_gb),
+        channel_names=dict(fingerprint.channel_names), labels=dict(fingerprint.labels),
+        transpose_forward=transpose.value[0], transpose_backward=transpose.value[1],
+        original_median_spacing=tuple(float(v) for v in np.median(spacings, axis=0)),  # type: ignore[arg-type]
+        original_median_shape=tuple(int(round(v)) for v in np.median(shapes, axis=0)),  # type: ignore[arg-type]
+        normalization=tuple(d.value for d in norm),
+        configurations={n: out[n] for n in CONFIG_NAMES if n in out},
+        reasons=reasons)
+    return apply_plan_overrides(plan, overrides) if overrides else plan
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _overridable() -> dict[str, Any]:
+    hints = typing.get_type_hints(Configuration)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Configuration) if f.name not in NOT_OVERRIDABLE}
+
+
+def _parse_value(tp: Any, text: str, where: str) -> Any:
+    """``text`` as a value of the Configuration field type ``tp`` (ints, floats, bools, tuples, None)."""
+    text = text.strip()
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    try:
+        if origin in (typing.Union, types.UnionType):
+            if text.lower() in ("none", "null", ""):
+                return None
+            return _parse_value(next(a for a in args if a is not type(None)), text, where)
+        if origin is tuple:
+            return _parse_tuple(args[0], text, where)
+        if tp is bool:
+            low = text.lower()
+            if low not in ("true", "false", "yes", "no", "1", "0"):
+                raise ValueError(text)
+            return low in ("true", "yes", "1")
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+        if tp is str:
+            if not text:
+                raise ValueError(text)
+            return text
+    except (ValueError, TypeError, json.JSONDecodeError, StopIteration):
+        raise ConfigError(f"cannot read {text!r} as {_type_name(tp)}", where) from None
+    raise ConfigError(f"cannot override a value of type {tp}", where)
+
+
+def _parse_tuple(item: Any, text: str, where: str) -> tuple:
+    """``48,64,48`` / ``[48, 64, 48]``; nested: ``1,1,1;2,2,2`` / ``[[1,1,1],[2,2,2]]``."""
+    if text.startswith("["):
+        raw = json.loads(text)
+        if not isinstance(raw, list):
+            raise ValueError(text)
+        parts = [json.dumps(p) if isinstance(p, list) else str(p) for p in raw]
+    else:
+        parts = [p for p in text.replace(" ", "").split(";" if typing.get_origin(item) is tuple else ",")]
+    if not parts or any(p == "" for p in parts):
+        raise ValueError(text)
+    return tuple(_parse_value(item, p, where) for p in parts)
+
+
+def _type_name(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true/false", str: "a name"}
+    if tp in names:
+        return names[tp]
+    if typing.get_origin(tp) is tuple:
+        inner = typing.get_args(tp)[0]
+        if typing.get_origin(inner) is tuple:
+            return "a list of per-axis lists like 1,1,1;2,2,2 or [[1,1,1],[2,2,2]]"
+        return f"a comma-separated list of {'integers' if inner is int else 'numbers'} like 48,64,48"
+    return "a name or none"
+
+
+def check_override_syntax(overrides: typing.Sequence[str]) -> None:
+    """Check ``CONFIG.KEY=VALUE`` strings without a plan: known configuration name, key and value type."""
+    fields = _overridable()
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        config, dot, name = key.strip().rpartition(".")
+        if not sep or not dot or not config or not name:
+            raise ConfigError("expected CONFIG.KEY=VALUE, e.g. 3d_fullres.patch_size=48,64,48", text)
+        if config not in CONFIG_NAMES:
+            raise ConfigError(f"unknown configuration {config!r}{_did_you_mean(config, CONFIG_NAMES)} "
+                              f"(known: {', '.join(CONFIG_NAMES)})", key)
+        if name not in fields:
+            raise ConfigError(f"unknown key {name!r}{_did_you_mean(name, fields)} (keys: {', '.join(fields)})", key)
+        _parse_value(fields[name], value, key)
+
+
+def parse_overrides(overrides: typing.Sequence[str], plan: Plan) -> dict[str, dict[str, tuple[Any, str]]]:
+    """``["3d_fullres.patch_size=48,64,48"]`` -> ``{"3d_fullres": {"patch_size": ((48, 64, 48), text)}}``.
+
+    Unknown configurations or keys fail with a "did you mean"; values are parsed against the
+    `Configuration` field types.
+    """
+    fields = _overridable()
+    out: dict[str, dict[str, tuple[Any, str]]] = {}
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        config, dot, name = key.strip().rpartition(".")
+        if not sep or not dot or not config or not name:
+            raise ConfigError("expected CONFIG.KEY=VALUE, e.g. 3d_fullres.patch_size=48,64,48", text)
+        if config not in plan.configurations:
+            raise ConfigError(f"configuration {config!r} is not in the plan{_did_you_mean(config, plan.configurations)} "
+                              f"(planned: {', '.join(plan.configurations)})", key)
+        if name not in fields:
+            raise ConfigError(f"unknown key {name!r}{_did_you_mean(name, fields)} (keys: {', '.join(fields)})", key)
+        out.setdefault(config, {})[name] = (_parse_value(fields[name], value, key), text)
+    return out
+
+
+def apply_plan_overrides(plan: Plan, overrides: typing.Sequence[str]) -> Plan:
+    """Apply ``CONFIG.KEY=VALUE`` overrides, re-deriving what depends on them, and record them.
+
+    Overriding ``patch_size`` or ``spacing`` re-derives strides and kernels for that patch
+    (unless they are overridden too); a changed stage count re-derives ``features_per_stage``;
+    a changed spacing rescales ``median_shape`` and gets its own ``data_identifier``. The
+    memory estimate is always recomputed. Inconsistent results are a `ConfigError`.
+    """
+    parsed = parse_overrides(overrides, plan)
+    configs = dict(plan.configurations)
+    for name, changes in parsed.items():
+        configs[name] = _override_configuration(configs[name], changes, plan)
+    for cfg in configs.values():
+        for link in (cfg.previous_stage, cfg.next_stage):
+            if link is not None and link not in configs:
+                raise ConfigError(f"stage {link!r} is not a configuration of the plan", f"{cfg.name}")
+    return replace(plan, configurations=configs, overrides=tuple(plan.overrides) + tuple(overrides))
+
+
+def _override_configuration(cfg: Configuration, changes: dict[str, tuple[Any, str]], plan: Plan) -> Configuration:
+    values = {k: v for k, (v, _) in changes.items()}
+    reasons = dict(cfg.reasons)
+    reasons.update({k: USER_REASON.format(text) for k, (_, text) in changes.items()})
+    new = replace(cfg, **values)
+    where = f"{cfg.name}.{next(iter(changes))}"
+    for key in ("spacing", "patch_size"):
+        if len(getattr(new, key)) != cfg.ndim:
+            raise ConfigError(f"{key} needs {cfg.ndim} values for {cfg.name}, got {len(getattr(new, key))}",
+                              f"{cfg.name}.{key}")
+    if any(s <= 0 for s in new.spacing) or any(p < 1 for p in new.patch_size) or new.batch_size < 1:
+        raise ConfigError("spacing must be > 0, patch_size and batch_size >= 1", where)
+    derived: dict[str, Any] = {}
+    if "spacing" in values:
+        derived["median_shape"] = tuple(int(round(m * o / n)) for m, o, n in
+                                        zip(cfg.median_shape, cfg.spacing, new.spacing))
+        if "data_identifier" not in values:
+            derived["data_identifier"] = f"{cfg.name}_{'x'.join(f'{s:g}' for s in new.spacing)}"
+    if ("spacing" in values or "patch_size" in values) and "strides" not in values:
+        topo = rules.network_topology(new.spacing, new.patch_size)
+        bad = [a for a in range(cfg.ndim) if new.patch_size[a] % topo.divisor[a]]
+        if bad:
+            a, d = bad[0], topo.divisor[bad[0]]
+            lower = new.patch_size[a] // d * d
+            raise ConfigError(f"patch_size {new.patch_size[a]} along axis {a} is not a multiple of {d} (the U-Net "
+                              f"pools it {topo.num_pools[a]}x); use {lower or d} or {lower + d}",
+                              f"{cfg.name}.patch_size")
+        derived["strides"] = topo.strides
+        if "kernel_sizes" not in values:
+            derived["kernel_sizes"] = topo.kernel_sizes
+    elif "strides" in values and "kernel_sizes" not in values:
+        derived["kernel_sizes"] = _kernels_for_strides(new.spacing, new.strides)
+    new = replace(new, **derived)
+    if len(new.features_per_stage) != len(new.strides) and "features_per_stage" not in values:
+        new = replace(new, features_per_stage=rules.features_per_stage(len(new.strides), cfg.ndim))
+        derived["features_per_stage"] = new.features_per_stage
+    _check_topology(new)
+    for k in derived:
+        if k not in values:
+            reasons[k] = f"re-derived after {', '.join(values)} was set by user"
+    voxels = memory.conv_feature_map_voxels(new.patch_size, new.strides, new.features_per_stage,
+                                            plan.num_classes, new.n_conv_per_stage)
+    vram = memory.estimated_vram_gb(voxels, new.batch_size, cfg.ndim)
+    fits = voxels * new.batch_size <= memory.voxel_budget(cfg.ndim, plan.gpu_memory_gb) * memory.reference_batch_size(cfg.ndim)
+    reasons["estimated_vram_gb"] = (f"recomputed after overrides: {voxels / 1e6:.1f} M feature-map voxels per sample x "
+                                    f"batch {new.batch_size}" + ("" if fits else
+                                    f"; EXCEEDS the {plan.gpu_memory_gb:g} GB budget"))
+    if not fits:
+        log.warning("%s: the overridden configuration exceeds the %g GB budget (estimate %.1f GB)",
+                    cfg.name, plan.gpu_memory_gb, vram)
+    return replace(new, estimated_vram_gb=vram, reasons=reasons)
+
+
+def _kernels_for_strides(spacing: tuple[float, ...], strides: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+    """Kernels for user-given strides, by `rules.network_topology`'s rule: 3 along an axis once its
+    spacing (after the strides so far) is within 2x of the finest, and 3 everywhere in the bottleneck."""
+    cur = np.asarray(spacing, dtype=float)
+    kernel = [1] * len(spacing)
+    out: list[tuple[int, ...]] = []
+    for stride in strides[:-1]:
+        cur = cur * np.asarray(stride)
+        kernel = [3 if k == 3 or c / cur.min() < rules.POOL_SPACING_RATIO else 1 for k, c in zip(kernel, cur)]
+        out.append(tuple(kernel))
+    return (*out, (3,) * len(spacing))
+
+
+def _check_topology(cfg: Configuration) -> None:
+    where = f"{cfg.name}.strides"
+    n = len(cfg.strides)
+    if len(cfg.kernel_sizes) != n or len(cfg.features_per_stage) != n:
+        raise ConfigError(f"{n} stages in strides but {len(cfg.kernel_sizes)} kernel_sizes and "
+                          f"{len(cfg.features_per_stage)} features_per_stage", where)
+    for per_axis in (*cfg.strides, *cfg.kernel_sizes):
+        if len(per_axis) != cfg.ndim or any(v < 1 for v in per_axis):
+            raise ConfigError(f"every stage needs {cfg.ndim} positive values, got {list(per_axis)}", where)
+    total = np.prod(np.array(cfg.strides), axis=0)
+    for a, (p, t) in enumerate(zip(cfg.patch_size, total)):
+        if p % int(t):
+            raise ConfigError(f"patch_size {p} along axis {a} is not a multiple of the total stride {int(t)}",
+                              f"{cfg.name}.patch_size")
+    if any(f < 1 for f in cfg.features_per_stage) or cfg.n_conv_per_stage < 1:
+        raise ConfigError("features_per_stage and n_conv_per_stage must be >= 1", f"{cfg.name}.features_per_stage")
+    if not (0 <= cfg.resample_order_data <= 5 and 0 <= cfg.resample_order_seg <= 5):
+        raise ConfigError("resampling orders are spline orders 0..5", f"{cfg.name}.resample_order_data")
+
+
+# --------------------------------------------------------------------------- files
+
+
+def save_plan(paths: Paths, plan: Plan) -> Path:
+    """Write ``preprocessed/<dataset>/plans.json`` atomically."""
+    return save_record(paths.plans_file(plan.dataset), plan)
+
+
+def load_plan_file(path: str | Path) -> Plan:
+    """Read a plans.json strictly (schema, version, keys)."""
+    return load_record(path, Plan)
+
+
+def load_plan(paths: Paths, dataset: str) -> Plan:
+    """The saved plan of a dataset, or an error telling the user to run ``autoseg plan``."""
+    file = paths.plans_file(dataset)
+    if not file.exists():
+        raise AutosegError(f"no plan yet; run `autoseg plan {dataset}` first", file)
+    return load_plan_file(file)
+
+
+def plan_differences(old: Plan, new: Plan) -> list[str]:
+    """Human-readable ``key: old -> new`` lines for the numbers that differ (reasons ignored)."""
+    a, b = _comparable(old), _comparable(new)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            out.append(f"{key}: {a.get(key, '(absent)')} -> {b.get(key, '(absent)')}")
+    return out
+
+
+def _comparable(plan: Plan) -> dict[str, Any]:
+    body = json.loads(json.dumps(record_to_dict(plan)))
+    flat: dict[str, Any] = {}
+    for key, value in body.items():
+        if key == "configurations":
+            for cname, cfg in value.items():
+                flat.update({f"{cname}.{k}": v for k, v in cfg.items() if k != "reasons"})
+        elif key != "reasons":
+            flat[key] = value
+    return flat
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What ``autoseg plan`` was asked for."""
+
+    gpu_memory_gb: float = memory.REFERENCE_GPU_MEMORY_GB
+    configs: tuple[str, ...] | None = None
+    overrides: tuple[str, ...] = ()
+    num_workers: int = 1
+    force: bool = False
+    """Re-extract the fingerprint and replace a different existing plans.json."""
+    progress_bar: bool = True
+
+
+@dataclass(frozen=True)
+class PlanOutcome:
+    """The plan and what happened to plans.json."""
+
+    plan: Plan
+    plans_file: Path
+    written: bool
+    """False when an identical plans.json was already there."""
+
+
+def verify_raw_dataset(root: Path, num_workers: int = 1) -> DatasetSpec:
+    """Full verification when `autoseg.dataset.verify` is available, else the structural checks."""
+    try:
+        from autoseg.dataset.verify import verify_dataset
+    except ImportError:  # the verifier is optional; load_dataset still checks the layout
+        return load_dataset(root)
+    return verify_dataset(root, num_workers=num_workers)
+
+
+def plan_and_save(paths: Paths, dataset: str, request: PlanRequest = PlanRequest()) -> PlanOutcome:
+    """Verify, fingerprint (cached), plan and write plans.json (``autoseg plan``).
+
+    An existing, different plans.json is replaced only with ``request.force``: preprocessed
+    data and trainings were made with it.
+    """
+    _check_config_names(request.configs)
+    check_override_syntax(request.overrides)  # fail on a typo before reading any image
+    name = paths.resolve_dataset(dataset)
+    spec = verify_raw_dataset(paths.raw_dataset(name), request.num_workers)
+    fp = load_or_extract_fingerprint(paths, name, request.num_workers, request.force, spec=spec,
+                                     progress_bar=request.progress_bar)
+    plan = plan_dataset(fp, request.gpu_memory_gb, request.configs, request.overrides)
+    file = paths.plans_file(name)
+    if file.exists():
+        try:
+            diffs = plan_differences(load_plan_file(file), plan)
+        except AutosegError as e:
+            diffs = [f"the existing file is unreadable ({e.message})"]
+        if not diffs:
+            return PlanOutcome(plan, file, written=False)
+        if not request.force:
+            shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+            raise AutosegError(f"a different plan exists ({shown}); preprocessed data and trainings depend on "
+                               "it: rerun with --force to replace it", file)
+    save_plan(paths, plan)
+    return PlanOutcome(plan, file, written=True)

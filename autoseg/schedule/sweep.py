@@ -1,0 +1,889 @@
+"""Ablation sweeps: one YAML file becomes a grid of variants, each trained through the scheduler.
+
+A sweep file (see ``docs/sweeps.md``)::
+
+    name: lr_and_mirroring
+    datasets: [Dataset004_Hippocampus]
+    configs: [3d_fullres]
+    folds: [0, 1, 2, 3, 4]
+    seeds: [0]
+    base: {epochs: 100}                 # applied to every variant
+    grid:                               # cartesian product
+      lr: [0.01, 0.003]
+      augment.mirror: [true, false]
+    variants:                           # plus named one-off variants
+      big_patch: {plan.3d_fullres.patch_size: [48, 64, 48]}
+
+is parsed and fully validated by `load_sweep` before anything runs (unknown keys, types,
+empty grid axes, duplicate variants, unknown datasets: one `ConfigError` naming the file and
+the key). Trainer keys are checked by applying them to a `TrainerConfig`; ``plan.<config>.<field>``
+keys against `Configuration`'s fields. Each variant trains under
+``results/<dataset>/<config>/<sweep>.<variant>/seed_<s>/fold_<k>/``: the sweep name is part of the
+folder so that two sweeps that both have a ``baseline`` never resume each other's checkpoints.
+Plan overrides give a derived plan stored at ``results/<dataset>/<config>/<sweep>.<variant>/plans.json``;
+its preprocessed data is shared with the dataset's plan unless the overrides change
+preprocessing (target spacing, resampling orders), in which case it gets its own
+``data_identifier`` and a preprocess job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import re
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+from autoseg.common.errors import AutosegError, ConfigError
+from autoseg.common.jsonio import load_record, save_record, to_jsonable
+from autoseg.common.paths import DATASET_NAME_RE, Paths
+from autoseg.planning.plans import Configuration, Plan
+
+log = logging.getLogger(__name__)
+
+TOP_LEVEL_KEYS = ("name", "description", "datasets", "configs", "folds", "seeds", "base", "grid",
+                  "variants", "baseline")
+"""Every key a sweep file may have; anything else is a typo and fails before a job starts."""
+
+REQUIRED_KEYS = ("name", "datasets", "configs")
+"""Keys without a sensible default."""
+
+DEFAULT_FOLDS: tuple[int, ...] = (0, 1, 2, 3, 4)
+"""nnU-Net's 5-fold cross-validation."""
+
+DEFAULT_SEEDS: tuple[int, ...] = (0,)
+"""One seed unless the sweep asks for more."""
+
+PLAN_PREFIX = "plan."
+"""Keys ``plan.<config>.<field>`` override a field of one planned `Configuration`."""
+
+PLAN_FIELDS_NOT_OVERRIDABLE = frozenset({
+    "name", "data_identifier", "median_shape", "previous_stage", "next_stage", "estimated_vram_gb",
+    "reasons"})
+"""Configuration fields that are bookkeeping or derived, not choices a sweep can vary."""
+
+PREPROCESSING_FIELDS = frozenset({"spacing", "resample_order_data", "resample_order_seg"})
+"""Plan fields that change the preprocessed arrays; overriding one needs its own preprocessing.
+Everything else (patch_size, batch_size, topology, batch_dice) reuses the dataset's data."""
+
+BASELINE_NAME = "baseline"
+"""Name of the grid point whose values all equal the (base-applied) defaults."""
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=,+-]*$")
+"""Sweep and variant names: safe as folder names and inside job ids (no ``:`` or ``/``)."""
+
+MAX_VARIANT_NAME_CHARS = 100
+"""Longer derived names are shortened with a hash so folder names stay well below 255 bytes."""
+
+SWEEP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+"""A sweep's name prefixes its variants' folders and `--variant` names, which allow only these."""
+
+SWEEP_FILENAME = "sweep.json"
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One point of the sweep: the overrides that distinguish it from the sweep's base."""
+
+    name: str
+    """Readable and stable: ``lr=0.003,augment.mirror=false``, ``baseline`` or the given name."""
+    trainer_overrides: tuple[str, ...] = ()
+    """``key=value`` strings for ``autoseg train --set`` (the sweep's base not included)."""
+    plan_overrides: tuple[str, ...] = ()
+    """``<config>.<field>=<value>`` strings for `apply_plan_overrides` (base not included)."""
+    baseline: bool = False
+    """The variant every other one is compared to in the report."""
+    origin: str = "grid"
+    """``grid`` (a grid point) or ``named`` (from ``variants:``)."""
+
+    @property
+    def dirname(self) -> str:
+        """The name as a folder: ``lr=0.003,augment.mirror=false`` -> ``lr-0.003__augment.mirror-false``."""
+        return dirname_of(self.name)
+
+    def run_name(self, sweep: str) -> str:
+        """The TrainingId variant (folder under results/<ds>/<config>/): ``<sweep>.<dirname>``."""
+        return f"{sweep}.{self.dirname}"
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A parsed, validated sweep file; saved as ``<results>/sweeps/<name>/sweep.json`` when it starts."""
+
+    SCHEMA: ClassVar[str] = "autoseg.sweep"
+    VERSION: ClassVar[int] = 1
+
+    name: str
+    source: str
+    """The YAML file it came from."""
+    datasets: tuple[str, ...]
+    configs: tuple[str, ...]
+    folds: tuple[int | str, ...]
+    seeds: tuple[int, ...]
+    base_trainer_overrides: tuple[str, ...]
+    base_plan_overrides: tuple[str, ...]
+    variants: tuple[Variant, ...]
+    description: str = ""
+    started: str = ""
+    """UTC time the sweep record was first written (empty until then)."""
+
+    @property
+    def baseline(self) -> Variant:
+        return next(v for v in self.variants if v.baseline)
+
+    def variant(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise AutosegError(f"sweep {self.name!r} has no variant {name!r}", self.source)
+
+    def trainer_overrides(self, variant: Variant) -> tuple[str, ...]:
+        """Base then variant overrides: the variant's value wins for a key set in both."""
+        return self.base_trainer_overrides + variant.trainer_overrides
+
+    def plan_overrides(self, variant: Variant) -> tuple[str, ...]:
+        return self.base_plan_overrides + variant.plan_overrides
+
+
+# --------------------------------------------------------------------------- value helpers
+
+
+def format_value(value: Any) -> str:
+    """A YAML value as the text ``--set key=value`` parses: ``true``, ``0.003``, ``48,64,48``, ``none``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return ",".join(format_value(v) for v in value)
+    return str(value)
+
+
+def name_value(value: Any) -> str:
+    """A value as it appears in a variant name: like `format_value`, lists joined by ``x`` (48x64x48)."""
+    if isinstance(value, (list, tuple)):
+        return "x".join(name_value(v) for v in value)
+    return format_value(value)
+
+
+def safe_name(text: str) -> str:
+    """A filesystem- and job-id-safe form of a derived name (stable: same text, same result)."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.=,+-]", "_", text).strip("._") or "variant"
+    if len(cleaned) > MAX_VARIANT_NAME_CHARS:
+        digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+        cleaned = f"{cleaned[:MAX_VARIANT_NAME_CHARS - 9]}~{digest}"
+    return cleaned
+
+
+def dirname_of(name: str) -> str:
+    """A variant name as a folder/`--variant` name (letters, digits, ``.``, ``_``, ``-`` only):
+    ``=`` becomes ``-``, ``,`` becomes ``__``, anything else odd ``_``. Deterministic, so stable."""
+    text = name.replace("=", "-").replace(",", "__")
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{augment: {mirror: false}}`` -> ``{"augment.mirror": False}`` (dotted keys pass through)."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{full}."))
+        else:
+            out[full] = value
+    return out
+
+
+def _yaml_type_ok(value: Any, tp: Any) -> bool:
+    """Does a YAML value have the type a field declares? (``1`` is not a bool, ``"0.1"`` not a float.)"""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+        return any(_yaml_type_ok(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in args
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            return len(args) == len(value) and all(_yaml_type_ok(v, a) for v, a in zip(value, args))
+        return not args or all(_yaml_type_ok(v, args[0]) for v in value)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return value in {m.value for m in tp} or value in {m.name for m in tp}
+    return True  # a type we do not know how to check: the override parser has the last word
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# --------------------------------------------------------------------------- trainer / plan keys
+
+
+def _default_trainer_config() -> Any:
+    from autoseg.train.config import TrainerConfig
+
+    return TrainerConfig()
+
+
+def _apply_trainer(cfg: Any, overrides: typing.Sequence[str], where: str) -> Any:
+    """`apply_overrides` with its error re-attributed to the sweep file and key."""
+    from autoseg.train.config import apply_overrides
+
+    try:
+        return apply_overrides(cfg, list(overrides))
+    except AutosegError as e:
+        raise ConfigError(e.message, where=where) from None
+
+
+def _get_dotted(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _trainer_field_type(cfg: Any, key: str) -> Any:
+    """The declared type of a (dotted) TrainerConfig field, or None if it cannot be found."""
+    *owners, last = key.split(".")
+    obj = cfg
+    try:
+        for part in owners:
+            obj = getattr(obj, part)
+        if not dataclasses.is_dataclass(obj):
+            return None
+        return typing.get_type_hints(type(obj)).get(last)
+    except (AttributeError, NameError, TypeError):
+        return None
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(to_jsonable(obj), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class _PlanKey:
+    config: str
+    field: str
+
+    @property
+    def text(self) -> str:
+        return f"{PLAN_PREFIX}{self.config}.{self.field}"
+
+
+_CONFIGURATION_TYPES = typing.get_type_hints(Configuration)
+
+
+def _parse_plan_key(key: str, configs: tuple[str, ...], where: str) -> _PlanKey:
+    rest = key[len(PLAN_PREFIX):]
+    config, _, fld = rest.partition(".")
+    if not config or not fld:
+        raise ConfigError("plan keys look like plan.<config>.<field> (e.g. plan.3d_fullres.patch_size)", where)
+    if config not in configs:
+        raise ConfigError(f"configuration {config!r} is not one of the sweep's configs {list(configs)}", where)
+    allowed = sorted(set(_CONFIGURATION_TYPES) - PLAN_FIELDS_NOT_OVERRIDABLE)
+    if fld not in _CONFIGURATION_TYPES:
+        raise ConfigError(f"unknown plan field {fld!r}{_did_you_mean(fld, allowed)}; "
+                          f"overridable: {', '.join(allowed)}", where)
+    if fld in PLAN_FIELDS_NOT_OVERRIDABLE:
+        raise ConfigError(f"plan field {fld!r} is derived by autoseg and cannot be overridden", where)
+    return _PlanKey(config, fld)
+
+
+def _canonical_plan_value(pk: _PlanKey, value: Any, where: str) -> tuple[str, str]:
+    """Type-check a plan value; return (canonical text for comparisons, override string)."""
+    from autoseg.common.jsonio import from_jsonable
+
+    tp = _CONFIGURATION_TYPES[pk.field]
+    if not _yaml_type_ok(value, tp):
+        raise ConfigError(f"expected {_type_name(tp)}, got {value!r}", where)
+    typed = from_jsonable(tp, value, where)
+    return _canonical(typed), f"{pk.config}.{pk.field}={format_value(typed)}"
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+@dataclass
+class _Ctx:
+    """What validating one sweep file needs to carry around (local to one `parse_sweep` call)."""
+
+    source: str
+    configs: tuple[str, ...]
+    base_cfg: Any
+    base_canonical: dict[str, str] = field(default_factory=dict)
+
+    def where(self, key: str) -> str:
+        return f"{self.source}:{key}"
+
+
+@dataclass(frozen=True)
+class _Point:
+    """A candidate variant while parsing: its overrides, canonical identity and name parts."""
+
+    trainer: tuple[tuple[str, Any], ...]
+    plan: tuple[tuple[_PlanKey, Any], ...]
+    where: str
+
+
+def _check_trainer_value(ctx: _Ctx, key: str, value: Any, where: str) -> Any:
+    """Validate one trainer override; return the resulting field value (for naming/comparison)."""
+    if key == "seed":
+        raise ConfigError("set seeds with the top-level 'seeds:' list, not as an override", where)
+    if isinstance(value, Mapping):
+        raise ConfigError(f"expected a value, got a mapping {dict(value)!r}", where)
+    cfg = _apply_trainer(ctx.base_cfg, [f"{key}={format_value(value)}"], where)
+    tp = _trainer_field_type(cfg, key)
+    if tp is not None and not _yaml_type_ok(value, tp):
+        raise ConfigError(f"expected {_type_name(tp)}, got {value!r}", where)
+    return _get_dotted(cfg, key)
+
+
+def _split_overrides(ctx: _Ctx, body: Mapping[str, Any], where_prefix: str
+                     ) -> tuple[list[tuple[str, Any]], list[tuple[_PlanKey, Any]]]:
+    """Validate a flat mapping of overrides; separate trainer keys from ``plan.*`` keys."""
+    trainer, plan = [], []
+    for key, value in flatten(body).items():
+        where = ctx.where(f"{where_prefix}{key}")
+        if key.startswith(PLAN_PREFIX):
+            pk = _parse_plan_key(key, ctx.configs, where)
+            _canonical_plan_value(pk, value, where)
+            plan.append((pk, value))
+        else:
+            _check_trainer_value(ctx, key, value, where)
+            trainer.append((key, value))
+    return trainer, plan
+
+
+def _require_list(data: Mapping[str, Any], key: str, source: str, default: tuple = ()) -> list:
+    value = data.get(key, list(default))
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list):
+        raise ConfigError(f"expected a list, got {value!r}", f"{source}:{key}")
+    if not value:
+        raise ConfigError("must not be empty", f"{source}:{key}")
+    if len({json.dumps(v, sort_keys=True, default=str) for v in value}) != len(value):
+        raise ConfigError(f"has duplicate entries {value!r}", f"{source}:{key}")
+    return value
+
+
+def _parse_header(data: Mapping[str, Any], source: str) -> tuple[str, str, list, list, list, list]:
+    for key in data:
+        if key not in TOP_LEVEL_KEYS:
+            raise ConfigError(f"unknown key{_did_you_mean(str(key), TOP_LEVEL_KEYS)}; "
+                              f"allowed: {', '.join(TOP_LEVEL_KEYS)}", f"{source}:{key}")
+    for key in REQUIRED_KEYS:
+        if key not in data:
+            raise ConfigError("missing (required)", f"{source}:{key}")
+    name = data["name"]
+    if not isinstance(name, str) or not SWEEP_NAME_RE.match(name):
+        raise ConfigError(f"expected a name of letters, digits, '_', '.', '-', got {name!r}", f"{source}:name")
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise ConfigError(f"expected text, got {description!r}", f"{source}:description")
+    datasets = _require_list(data, "datasets", source)
+    configs = _require_list(data, "configs", source)
+    for c in configs:
+        if not isinstance(c, str) or not NAME_RE.match(c):
+            raise ConfigError(f"expected configuration names like 3d_fullres, got {c!r}", f"{source}:configs")
+    folds = _require_list(data, "folds", source, DEFAULT_FOLDS)
+    for f in folds:
+        if not ((isinstance(f, int) and not isinstance(f, bool) and f >= 0) or f == "all"):
+            raise ConfigError(f"folds are integers >= 0 or 'all', got {f!r}", f"{source}:folds")
+    seeds = _require_list(data, "seeds", source, DEFAULT_SEEDS)
+    for s in seeds:
+        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+            raise ConfigError(f"seeds are integers >= 0, got {s!r}", f"{source}:seeds")
+    return name, description, datasets, configs, folds, seeds
+
+
+def _resolve_datasets(datasets: list, paths: Paths | None, source: str) -> tuple[str, ...]:
+    """Full dataset names; each must exist in the raw or preprocessed root."""
+    where = f"{source}:datasets"
+    out = []
+    for ds in datasets:
+        if not isinstance(ds, (str, int)) or isinstance(ds, bool):
+            raise ConfigError(f"expected dataset names, got {ds!r}", where)
+        if paths is None:
+            if not DATASET_NAME_RE.match(str(ds)):
+                raise ConfigError(f"expected a DatasetXXX_Name, got {ds!r}", where)
+            out.append(str(ds))
+            continue
+        try:
+            full = paths.resolve_dataset(ds)
+        except AutosegError as e:
+            raise ConfigError(f"unknown dataset {ds!r}: {e.message}", where) from None
+        if not (paths.raw_dataset(full).is_dir() or paths.plans_file(full).is_file()):
+            known = paths.list_raw_datasets()
+            raise ConfigError(f"unknown dataset {full!r}: not in {paths.raw}"
+                              f"{_did_you_mean(full, known)}", where)
+        out.append(full)
+    return tuple(out)
+
+
+def _grid_points(ctx: _Ctx, grid: Any) -> list[_Point]:
+    """The cartesian product of the grid axes, each axis validated value by value."""
+    if grid is None:
+        return []
+    if not isinstance(grid, Mapping):
+        raise ConfigError("expected a mapping of key: [values]", ctx.where("grid"))
+    axes: list[list[tuple[str, Any, bool]]] = []
+    for key, values in flatten(grid).items():
+        where = ctx.where(f"grid.{key}")
+        if not isinstance(values, list):
+            raise ConfigError(f"expected a list of values, got {values!r}", where)
+        if not values:
+            raise ConfigError("empty grid axis (give at least one value)", where)
+        seen: dict[str, Any] = {}
+        axis = []
+        for value in values:
+            if key.startswith(PLAN_PREFIX):
+                pk = _parse_plan_key(key, ctx.configs, where)
+                ident, _ = _canonical_plan_value(pk, value, where)
+                axis.append((key, value, True))
+            else:
+                ident = _canonical(_check_trainer_value(ctx, key, value, where))
+                axis.append((key, value, False))
+            if ident in seen:
+                raise ConfigError(f"values {seen[ident]!r} and {value!r} are the same setting", where)
+            seen[ident] = value
+        axes.append(axis)
+    points = []
+    for combo in itertools.product(*axes):
+        trainer = tuple((k, v) for k, v, is_plan in combo if not is_plan)
+        plan = tuple((_parse_plan_key(k, ctx.configs, ctx.where(f"grid.{k}")), v)
+                     for k, v, is_plan in combo if is_plan)
+        points.append(_Point(trainer, plan, ctx.where("grid")))
+    return points
+
+
+def _named_points(ctx: _Ctx, variants: Any) -> list[tuple[str, _Point]]:
+    if variants is None:
+        return []
+    if not isinstance(variants, Mapping):
+        raise ConfigError("expected a mapping of name: {key: value}", ctx.where("variants"))
+    out = []
+    for name, body in variants.items():
+        where = ctx.where(f"variants.{name}")
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise ConfigError("variant names use letters, digits and _ . = , + - only", where)
+        body = {} if body is None else body
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"expected a mapping of overrides, got {body!r}", where)
+        trainer, plan = _split_overrides(ctx, body, f"variants.{name}.")
+        out.append((name, _Point(tuple(trainer), tuple(plan), where)))
+    return out
+
+
+def _point_identity(ctx: _Ctx, point: _Point) -> str:
+    cfg = _apply_trainer(ctx.base_cfg, [f"{k}={format_value(v)}" for k, v in point.trainer], point.where)
+    plan = sorted((pk.text, _canonical_plan_value(pk, v, point.where)[0]) for pk, v in point.plan)
+    return _canonical({"trainer": cfg, "plan": plan})
+
+
+def _grid_variant(ctx: _Ctx, point: _Point) -> Variant:
+    """Name a grid point by the keys whose value differs from the base; all-defaults is the baseline."""
+    parts, trainer = [], []
+    for key, value in point.trainer:
+        changed = _get_dotted(_apply_trainer(ctx.base_cfg, [f"{key}={format_value(value)}"], point.where), key)
+        if _canonical(changed) != _canonical(_get_dotted(ctx.base_cfg, key)):
+            parts.append(f"{key}={name_value(value)}")
+            trainer.append(f"{key}={format_value(value)}")
+    plan = []
+    for pk, value in point.plan:
+        parts.append(f"{pk.text}={name_value(value)}")
+        plan.append(_canonical_plan_value(pk, value, point.where)[1])
+    name = safe_name(",".join(parts)) if parts else BASELINE_NAME
+    return Variant(name=name, trainer_overrides=tuple(trainer), plan_overrides=tuple(plan), origin="grid")
+
+
+def _named_variant(name: str, point: _Point) -> Variant:
+    trainer = tuple(f"{k}={format_value(v)}" for k, v in point.trainer)
+    plan = tuple(_canonical_plan_value(pk, v, point.where)[1] for pk, v in point.plan)
+    return Variant(name=name, trainer_overrides=trainer, plan_overrides=plan, origin="named")
+
+
+def _choose_baseline(ctx: _Ctx, variants: list[Variant], wheres: list[str], identities: list[str],
+                     requested: Any) -> list[Variant]:
+    if requested is not None:
+        names = [v.name for v in variants]
+        if requested not in names:
+            raise ConfigError(f"no variant named {requested!r}{_did_you_mean(str(requested), names)}",
+                              ctx.where("baseline"))
+        index = names.index(requested)
+    else:
+        plain = _canonical({"trainer": ctx.base_cfg, "plan": []})
+        index = identities.index(plain) if plain in identities else 0
+        if plain not in identities:
+            log.info("sweep %s has no all-defaults variant; %s is the reference", ctx.source, variants[0].name)
+    return [dataclasses.replace(v, baseline=(i == index)) for i, v in enumerate(variants)]
+
+
+def parse_sweep(data: Any, source: str | Path, paths: Paths | None = None) -> SweepSpec:
+    """Validate a sweep file's content and expand it into variants; nothing is run or written.
+
+    Every problem is a `ConfigError` whose ``where`` is ``<file>:<key>``. With ``paths``, datasets
+    must exist and, where a dataset is already planned, configs and plan overrides are checked
+    against its plan too.
+    """
+    source = str(source)
+    if not isinstance(data, Mapping):
+        raise ConfigError("a sweep file is a YAML mapping (name:, datasets:, configs:, grid:, ...)", source)
+    name, description, datasets, configs, folds, seeds = _parse_header(data, source)
+    resolved = _resolve_datasets(datasets, paths, source)
+    ctx = _Ctx(source=source, configs=tuple(configs), base_cfg=_default_trainer_config())
+    base = data.get("base") or {}
+    if not isinstance(base, Mapping):
+        raise ConfigError(f"expected a mapping of overrides, got {base!r}", ctx.where("base"))
+    base_trainer, base_plan = _split_overrides(ctx, base, "base.")
+    base_trainer_strings = tuple(f"{k}={format_value(v)}" for k, v in base_trainer)
+    ctx.base_cfg = _apply_trainer(ctx.base_cfg, base_trainer_strings, ctx.where("base"))
+    base_plan_strings = tuple(_canonical_plan_value(pk, v, ctx.where(f"base.{pk.text}"))[1]
+                              for pk, v in base_plan)
+
+    grid = _grid_points(ctx, data.get("grid"))
+    named = _named_points(ctx, data.get("variants"))
+    if not grid and not named:
+        raise ConfigError("a sweep needs a 'grid:' or 'variants:' (or both)", source)
+    variants = [_grid_variant(ctx, p) for p in grid] + [_named_variant(n, p) for n, p in named]
+    wheres = [p.where for p in grid] + [p.where for _, p in named]
+    identities = [_point_identity(ctx, p) for p in grid] + [_point_identity(ctx, p) for _, p in named]
+    seen_ident: dict[str, str] = {}
+    seen_name: set[str] = set()
+    seen_dir: dict[str, str] = {}
+    for v, ident, where in zip(variants, identities, wheres):
+        if ident in seen_ident:
+            raise ConfigError(f"duplicate variant: {v.name!r} has the same overrides as "
+                              f"{seen_ident[ident]!r}", where)
+        if v.name in seen_name:
+            raise ConfigError(f"duplicate variant name {v.name!r}", where)
+        if v.dirname in seen_dir:
+            raise ConfigError(f"variants {seen_dir[v.dirname]!r} and {v.name!r} would share the folder "
+                              f"{v.dirname!r}; rename one", where)
+        seen_ident[ident] = v.name
+        seen_name.add(v.name)
+        seen_dir[v.dirname] = v.name
+    variants = _choose_baseline(ctx, variants, wheres, identities, data.get("baseline"))
+    spec = SweepSpec(name=name, source=source, datasets=resolved, configs=tuple(configs),
+                     folds=tuple(folds), seeds=tuple(seeds), base_trainer_overrides=base_trainer_strings,
+                     base_plan_overrides=base_plan_strings, variants=tuple(variants),
+                     description=description)
+    if paths is not None:
+        _check_against_plans(spec, paths, dict(zip((v.name for v in variants), wheres)))
+    return spec
+
+
+def _check_against_plans(spec: SweepSpec, paths: Paths, wheres: dict[str, str]) -> None:
+    """Where a dataset is planned already: its configs exist and every plan override applies."""
+    for ds in spec.datasets:
+        if not paths.plans_file(ds).is_file():
+            continue
+        plan = load_record(paths.plans_file(ds), Plan)
+        for c in spec.configs:
+            if c not in plan.configurations:
+                raise ConfigError(f"configuration {c!r} is not in the plan of {ds} "
+                                  f"(planned: {', '.join(plan.configurations)})", f"{spec.source}:configs")
+        for v in spec.variants:
+            overrides = spec.plan_overrides(v)
+            if not overrides:
+                continue
+            try:
+                derive_plan(plan, overrides)
+            except AutosegError as e:
+                raise ConfigError(f"{ds}: {e.message}", wheres[v.name]) from None
+
+
+def load_sweep(file: str | Path, paths: Paths | None = None) -> SweepSpec:
+    """Read and validate a sweep YAML file (see `parse_sweep`)."""
+    file = Path(file)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("sweep file not found", file) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read ({e.strerror})", file) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"not valid YAML{line}: {getattr(e, 'problem', None) or e}", file) from None
+    return parse_sweep(data, file, paths)
+
+
+# --------------------------------------------------------------------------- files of a sweep
+
+
+def sweep_dir(paths: Paths, name: str) -> Path:
+    """``<results>/sweeps/<name>/``: the sweep record and its report."""
+    return paths.results / "sweeps" / name
+
+
+def sweep_record_file(paths: Paths, name: str) -> Path:
+    return sweep_dir(paths, name) / SWEEP_FILENAME
+
+
+def derived_plan_file(paths: Paths, spec: SweepSpec, dataset: str, config: str, variant: Variant) -> Path:
+    """``results/<dataset>/<config>/<sweep>.<variant>/plans.json``: the plan a variant trains with."""
+    return paths.results / dataset / config / variant.run_name(spec.name) / "plans.json"
+
+
+def _variant_signature(spec: SweepSpec, v: Variant) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return spec.trainer_overrides(v), spec.plan_overrides(v)
+
+
+def record_sweep(spec: SweepSpec, paths: Paths) -> SweepSpec:
+    """Write (or extend) ``sweeps/<name>/sweep.json`` before any job starts.
+
+    A variant already recorded under the same name must still mean the same overrides:
+    otherwise its finished jobs (skipped as DONE) would silently stand for a different
+    setting. Adding variants, folds or seeds is fine; the record keeps its first start time.
+    """
+    file = sweep_record_file(paths, spec.name)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if file.is_file():
+        old = load_record(file, SweepSpec)
+        old_by_name = {v.name: v for v in old.variants}
+        for v in spec.variants:
+            prev = old_by_name.get(v.name)
+            if prev is not None and _variant_signature(old, prev) != _variant_signature(spec, v):
+                raise ConfigError(
+                    f"variant {v.name!r} of sweep {spec.name!r} meant {list(_variant_signature(old, prev))} "
+                    f"when it was started, now {list(_variant_signature(spec, v))}; give the sweep a new "
+                    f"name (its results are under {file.parent})", spec.source)
+        started = old.started or started
+    spec = dataclasses.replace(spec, started=started)
+    save_record(file, spec)
+    return spec
+
+
+# --------------------------------------------------------------------------- derived plans
+
+
+def preprocessing_identifier(config: Configuration) -> str:
+    """A data_identifier for a configuration whose preprocessing was overridden: the planned
+    identifier plus a hash of the preprocessing fields, so equal settings share one folder."""
+    fields = {f: getattr(config, f) for f in sorted(PREPROCESSING_FIELDS)}
+    digest = hashlib.sha1(_canonical(fields).encode()).hexdigest()[:8]
+    return f"{config.data_identifier}_{digest}"
+
+
+def derive_plan(plan: Plan, overrides: typing.Sequence[str]) -> tuple[Plan, tuple[str, ...]]:
+    """Apply plan overrides; return the derived plan and the configs whose preprocessing changed.
+
+    Only a change of target spacing or resampling gets a new ``data_identifier`` (and needs a
+    preprocess run); patch size, batch size and topology train on the dataset's data as is.
+    """
+    from autoseg.planning.plan import apply_plan_overrides
+
+    derived = apply_plan_overrides(plan, list(overrides))
+    configs = dict(derived.configurations)
+    changed = []
+    for name, cfg in derived.configurations.items():
+        old = plan.configurations.get(name)
+        if old is None:
+            continue
+        if any(_canonical(getattr(cfg, f)) != _canonical(getattr(old, f)) for f in PREPROCESSING_FIELDS):
+            if cfg.data_identifier == old.data_identifier:  # e.g. only a resampling order changed
+                configs[name] = dataclasses.replace(cfg, data_identifier=preprocessing_identifier(cfg))
+            changed.append(name)
+        elif cfg.data_identifier != old.data_identifier:
+            configs[name] = dataclasses.replace(cfg, data_identifier=old.data_identifier)
+    return dataclasses.replace(derived, configurations=configs), tuple(changed)
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@dataclass(frozen=True)
+class SweepJobs:
+    """The job graph of a sweep: dataset setup (plan/preprocess) and the variant jobs."""
+
+    setup: tuple[Any, ...]
+    """Plan and preprocess jobs for datasets not (fully) planned/preprocessed yet (JobSpec)."""
+    jobs: tuple[Any, ...]
+    """Setup jobs again, derived-plan preprocess jobs and one train job per run (JobSpec)."""
+    unplanned: tuple[str, ...]
+    """Datasets whose plan does not exist yet: their derived plans are made after setup."""
+
+    @property
+    def train_jobs(self) -> tuple[Any, ...]:
+        from autoseg.schedule.jobs import JobKind
+
+        return tuple(j for j in self.jobs if j.kind is JobKind.TRAIN)
+
+
+def _preprocessed_complete(paths: Paths, dataset: str, plan: Plan, configs: tuple[str, ...]) -> bool:
+    """Every configuration's data folder holds every training case, and splits.json exists."""
+    from autoseg.dataset.spec import load_dataset
+    from autoseg.preprocess import list_preprocessed_cases
+
+    if not paths.splits_file(dataset).is_file():
+        return False
+    raw = paths.raw_dataset(dataset)
+    wanted = {c.case_id for c in load_dataset(raw).cases} if raw.is_dir() else set()
+    for c in configs:
+        folder = paths.preprocessed_data(dataset, plan.configuration(c).data_identifier)
+        if not folder.is_dir() or not wanted <= set(list_preprocessed_cases(folder)):
+            return False
+    return True
+
+
+def setup_jobs(spec: SweepSpec, paths: Paths) -> list[Any]:
+    """Plan (if plans.json is missing) and preprocess (if data is missing) jobs per dataset.
+
+    The preprocess job id names the configurations, so a ``train-all`` preprocess of other
+    configurations (DONE in the store) does not stand in for this one.
+    """
+    from autoseg.schedule.jobs import JobKind, JobSpec
+
+    jobs = []
+    for ds in spec.datasets:
+        planned = paths.plans_file(ds).is_file()
+        deps: tuple[str, ...] = ()
+        if not planned:
+            plan_job = JobSpec.make(JobKind.PLAN, ds, configs=spec.configs)
+            jobs.append(plan_job)
+            deps = (plan_job.job_id,)
+        if not planned or not _preprocessed_complete(paths, ds, load_record(paths.plans_file(ds), Plan), spec.configs):
+            jobs.append(JobSpec.make(JobKind.PREPROCESS, ds, variant="+".join(spec.configs), configs=spec.configs,
+                                     depends_on=deps))
+    return jobs
+
+
+def _write_derived_plan(file: Path, plan: Plan) -> None:
+    """Write a variant's plan once; a different existing one means the dataset's plan changed
+    under a started sweep, which would mix two settings in one variant."""
+    if file.is_file():
+        old = load_record(file, Plan)
+        if _canonical(old) == _canonical(plan):
+            return
+        raise ConfigError("differs from the plan this variant started with (was the dataset re-planned?); "
+                          "give the sweep a new name or delete the variant's folder", file)
+    save_record(file, plan)
+
+
+def build_sweep_jobs(spec: SweepSpec, paths: Paths, write_plans: bool = True) -> SweepJobs:
+    """Every job of the sweep: (dataset, config, variant, seed, fold) -> one train job.
+
+    Variants with plan overrides get a derived plan (written here when ``write_plans``) and,
+    only when their preprocessing differs, a preprocess job for it, shared by all variants with
+    the same preprocessing. Datasets without a plan yet get their train jobs after setup.
+    """
+    from autoseg.schedule.jobs import JobKind, JobSpec, Resources
+    from autoseg.schedule.runner import estimate_train_seconds
+
+    setup = setup_jobs(spec, paths)
+    setup_ids = {ds: tuple(j.job_id for j in setup if j.dataset == ds and j.kind is JobKind.PREPROCESS)
+                 for ds in spec.datasets}
+    jobs: list[Any] = list(setup)
+    unplanned = tuple(ds for ds in spec.datasets if not paths.plans_file(ds).is_file())
+    prep_jobs: dict[tuple[str, tuple[str, ...]], Any] = {}
+    for ds in spec.datasets:
+        plan = None if ds in unplanned else load_record(paths.plans_file(ds), Plan)
+        for v in spec.variants:
+            overrides = spec.plan_overrides(v)
+            deps = setup_ids[ds]
+            plans_files: dict[str, str | None] = {c: None for c in spec.configs}
+            derived = plan
+            if overrides:
+                plans_files = {c: str(derived_plan_file(paths, spec, ds, c, v)) for c in spec.configs}
+                if plan is not None:
+                    derived, changed = derive_plan(plan, overrides)
+                    if write_plans:
+                        for c in spec.configs:
+                            _write_derived_plan(derived_plan_file(paths, spec, ds, c, v), derived)
+                    if changed:
+                        key = (ds, tuple(derived.configurations[c].data_identifier for c in changed))
+                        if key not in prep_jobs:
+                            prep_jobs[key] = JobSpec.make(
+                                JobKind.PREPROCESS, ds, variant="+".join(key[1]), configs=changed,
+                                plans_file=plans_files[changed[0]], depends_on=deps)
+                            jobs.append(prep_jobs[key])
+                        deps = deps + (prep_jobs[key].job_id,)
+            for c in spec.configs:
+                conf = derived.configuration(c) if derived is not None else None
+                resources = Resources(gpus=1, gpu_memory_gb=(conf.estimated_vram_gb or None) if conf else None,
+                                      est_duration_s=estimate_train_seconds(
+                                          conf.patch_size, conf.batch_size, spec.trainer_overrides(v)) if conf else None)
+                for seed in spec.seeds:
+                    for fold in spec.folds:
+                        jobs.append(JobSpec.make(
+                            JobKind.TRAIN, ds, config=c, fold=fold, variant=v.run_name(spec.name), seed=seed,
+                            trainer_overrides=spec.trainer_overrides(v), plans_file=plans_files[c],
+                            depends_on=deps, resources=resources))
+    return SweepJobs(setup=tuple(setup), jobs=tuple(jobs), unplanned=unplanned)
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """What `run_sweep` did: the recorded spec, the jobs and the runner's summaries."""
+
+    spec: SweepSpec
+    jobs: SweepJobs
+    summaries: tuple[Any, ...]
+    """One RunSummary per run_jobs call (setup first when a dataset had to be planned)."""
+
+    @property
+    def ok(self) -> bool:
+        return all(s.ok for s in self.summaries)
+
+
+def run_sweep(spec: SweepSpec, paths: Paths, executor: Any, options: Any) -> SweepRun:
+    """Record the sweep, then run its jobs through the scheduler (`run_jobs`), skipping DONE ones.
+
+    When a dataset has no plan yet and the sweep overrides plan fields, its plan/preprocess jobs
+    run first: derived plans are made from the dataset's plan. Re-running runs only what is
+    missing; interrupted trainings resume from their checkpoints.
+    """
+    from autoseg.schedule.lock import RunLock
+    from autoseg.schedule.runner import run_jobs
+    from autoseg.schedule.store import StateStore
+
+    summaries = []
+    with RunLock(paths), StateStore.open(paths) as store:
+        spec = record_sweep(spec, paths)
+        needs_setup_first = any(spec.plan_overrides(v) for v in spec.variants) and any(
+            not paths.plans_file(ds).is_file() for ds in spec.datasets)
+        if needs_setup_first:
+            first = build_sweep_jobs(spec, paths, write_plans=False)
+            summary = run_jobs(list(first.setup), executor, paths, store, options)
+            summaries.append(summary)
+            if not summary.ok:
+                return SweepRun(spec, first, tuple(summaries))
+        jobs = build_sweep_jobs(spec, paths, write_plans=True)
+        summaries.append(run_jobs(list(jobs.jobs), executor, paths, store, options))
+    return SweepRun(spec, jobs, tuple(summaries))

@@ -1,0 +1,87 @@
+"""``autoseg train-all`` as a Python API: build the job graph, pick the executor, run or preview it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from autoseg.common.errors import AutosegError
+from autoseg.common.paths import Paths
+from autoseg.schedule.executors import Executor, LocalExecutor, SlurmExecutor, SlurmOptions
+from autoseg.schedule.jobs import JobSpec
+from autoseg.schedule.resources import PoolConfig, machine_cores, query_gpu_memory_gb
+from autoseg.schedule.lock import RunLock
+from autoseg.schedule.runner import (Assignment, RunOptions, RunSummary, TrainAllRequest, build_train_all_jobs,
+                                     run_jobs, simulate_schedule)
+from autoseg.schedule.store import JobRow, StateStore
+
+log = logging.getLogger(__name__)
+
+EXECUTORS = ("local", "slurm")
+
+
+@dataclass(frozen=True)
+class TrainAllOptions:
+    """Every ``train-all`` option: what to train, and where and how to run it."""
+
+    request: TrainAllRequest = field(default_factory=TrainAllRequest)
+    gpus: tuple[str, ...] | None = None
+    """GPU ids for local runs; None = every visible CUDA device (none: trainings run on CPU slots)."""
+    jobs_per_gpu: int | None = None
+    cpu_slots: int = 1
+    retries: int = 1
+    executor: str = "local"
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
+    slurm_cpus_per_job: int = 8
+
+
+def detected_gpus() -> tuple[str, ...]:
+    """Ids of the visible CUDA devices ("0", "1", ...), () without CUDA."""
+    import torch
+
+    return tuple(str(i) for i in range(torch.cuda.device_count())) if torch.cuda.is_available() else ()
+
+
+def pool_config(options: TrainAllOptions) -> PoolConfig:
+    """The local slot pool: GPUs, packing (explicit, or by the plan's memory estimates), CPU slots."""
+    gpus = options.gpus if options.gpus is not None else detected_gpus()
+    if not gpus:
+        log.warning("no GPUs given or found: trainings run on CPU slots (pass --gpus to pin GPUs)")
+    memory = options.request.gpu_memory_gb
+    if memory is None and options.jobs_per_gpu is None:
+        memory = query_gpu_memory_gb(gpus)
+    return PoolConfig(gpus=gpus, jobs_per_gpu=options.jobs_per_gpu, gpu_memory_gb=memory,
+                      cpu_slots=options.cpu_slots, cores=machine_cores())
+
+
+def make_executor(options: TrainAllOptions) -> Executor:
+    if options.executor == "local":
+        return LocalExecutor()
+    if options.executor == "slurm":
+        return SlurmExecutor(options.slurm)
+    raise AutosegError(f"unknown executor {options.executor!r} (choose {', '.join(EXECUTORS)})", "--executor")
+
+
+def train_all(paths: Paths, options: TrainAllOptions, observer=None) -> RunSummary:  # type: ignore[no-untyped-def]
+    """Take the results root's lock, build the job graph and run it to the end."""
+    with RunLock(paths):
+        jobs = build_train_all_jobs(paths, options.request)
+        run_options = RunOptions(retries=options.retries, pool=pool_config(options) if options.executor == "local"
+                                 else PoolConfig(), cpus_per_job=options.slurm_cpus_per_job, observer=observer)
+        with StateStore.open(paths) as store:
+            return run_jobs(jobs, make_executor(options), paths, store, run_options)
+
+
+def preview(paths: Paths, options: TrainAllOptions) -> tuple[list[JobSpec], list[Assignment] | None]:
+    """The job graph and, for local runs, where each job would go (``--dry-run``; nothing is started)."""
+    jobs = build_train_all_jobs(paths, options.request)
+    if options.executor != "local":
+        return jobs, None
+    return jobs, simulate_schedule(jobs, pool_config(options))
+
+
+def observer_rows(paths: Paths, rows: list[JobRow]) -> list:  # type: ignore[type-arg]
+    """Status rows for a live view."""
+    from autoseg.schedule.status import job_status
+
+    return [job_status(paths, r) for r in rows]

@@ -1,0 +1,225 @@
+"""`TrainerConfig`: every training hyperparameter in one frozen dataclass, and `--set` parsing.
+
+Ablations are parameters, not subclasses: ``autoseg train ... --set lr=0.005 --set
+augment.mirror=false`` (and every sweep grid point) goes through `apply_overrides`, which
+parses each value against the field's declared type. Defaults are nnU-Net v2's
+(``nnUNetTrainer``), so a user moving from nnU-Net gets the same training by default.
+The config used is saved as ``trainer_config.json`` in the fold dir and inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Union
+
+from autoseg.common.errors import ConfigError
+from autoseg.common.jsonio import to_jsonable
+from autoseg.data.augment import AugmentConfig
+from autoseg.train.losses import LOSSES
+from autoseg.train.schedules import LR_SCHEDULES
+
+OPTIMIZERS = ("sgd", "adamw")
+"""``sgd``: SGD with Nesterov momentum (nnU-Net); ``adamw``: an ablation alternative."""
+
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+"""``auto``: bf16 autocast on CUDA, full precision on CPU; ``fp16`` adds a GradScaler."""
+
+COMPILE_MODES = ("auto", "true", "false")
+"""``auto``: torch.compile on CUDA (worth it there), off on CPU (compile time dominates)."""
+
+MAX_DEFAULT_WORKERS = 12
+"""nnU-Net's default number of data-augmentation workers per training process."""
+
+TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
+FALSE_WORDS = frozenset({"false", "0", "no", "off"})
+NONE_WORDS = frozenset({"none", "null"})
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Every knob of one training run, with nnU-Net v2's defaults."""
+
+    SCHEMA: ClassVar[str] = "autoseg.trainer_config"
+    VERSION: ClassVar[int] = 1
+
+    epochs: int = 1000
+    """nnU-Net trains 1000 epochs; long schedules matter more than any architecture tweak."""
+    iterations_per_epoch: int = 250
+    """An "epoch" is a fixed number of random patch batches, not a pass over the data (nnU-Net)."""
+    val_iterations: int = 50
+    """Validation batches per epoch for the online pseudo-Dice (nnU-Net: 50)."""
+    lr: float = 0.01
+    """Initial learning rate for SGD (nnU-Net: 1e-2)."""
+    lr_schedule: str = "poly"
+    """``poly``: lr * (1 - epoch/epochs) ** poly_exponent, stepped per epoch; or ``constant``."""
+    poly_exponent: float = 0.9
+    """Exponent of the poly schedule (nnU-Net: 0.9)."""
+    optimizer: str = "sgd"
+    """``sgd`` (Nesterov, as nnU-Net) or ``adamw``."""
+    momentum: float = 0.99
+    """SGD momentum; nnU-Net's unusually high 0.99 works with its poly schedule and grad clipping."""
+    weight_decay: float = 3e-5
+    """L2 weight decay (nnU-Net: 3e-5)."""
+    grad_clip: float = 12.0
+    """Clip the gradient norm to this (nnU-Net: 12); 0 disables clipping."""
+    batch_size: int | None = None
+    """Global batch size; None = the plan's (sized to the GPU memory budget)."""
+    loss: str = "dice_ce"
+    """Loss name in `autoseg.train.losses.LOSSES`: dice_ce (nnU-Net), dice, ce."""
+    deep_supervision: bool = True
+    """Supervise the decoder's lower-resolution outputs too (nnU-Net); helps gradients reach deep layers."""
+    amp: str = "auto"
+    """Mixed precision: auto (bf16 on CUDA, off on CPU), bf16, fp16 (with a GradScaler), off."""
+    compile: str = "auto"
+    """torch.compile the network: auto (on with CUDA, off on CPU), true, false."""
+    seed: int = 0
+    """Seeds weights init and the data loaders (rank r of a DDP run uses seed + r)."""
+    num_workers: int | None = None
+    """Data-augmentation worker processes; None = the caller's share of the CPUs."""
+    oversample_foreground: float = 0.33
+    """Share of each batch forced to contain foreground (nnU-Net: 0.33); helps small structures."""
+    ema_alpha: float = 0.9
+    """Moving average of the pseudo-Dice: ema = alpha * ema + (1 - alpha) * dice (nnU-Net: 0.9)."""
+    save_every: int = 1
+    """Write checkpoint_latest.pt every this many epochs (cheap insurance against kills)."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Augmentation switches and ranges (nnU-Net's default pipeline when left as is)."""
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[bool, str, str]] = [
+            (self.epochs >= 1, "epochs", "must be >= 1"),
+            (self.iterations_per_epoch >= 1, "iterations_per_epoch", "must be >= 1"),
+            (self.val_iterations >= 0, "val_iterations", "must be >= 0"),
+            (self.lr > 0, "lr", "must be > 0"),
+            (self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {sorted(LR_SCHEDULES)}"),
+            (self.poly_exponent > 0, "poly_exponent", "must be > 0"),
+            (self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {list(OPTIMIZERS)}"),
+            (0 <= self.momentum < 1, "momentum", "must be in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay", "must be >= 0"),
+            (self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)"),
+            (self.batch_size is None or self.batch_size >= 1, "batch_size", "must be >= 1 or none"),
+            (self.loss in LOSSES, "loss", f"must be one of {sorted(LOSSES)}"),
+            (self.amp in AMP_MODES, "amp", f"must be one of {list(AMP_MODES)}"),
+            (self.compile in COMPILE_MODES, "compile", f"must be one of {list(COMPILE_MODES)}"),
+            (self.num_workers is None or self.num_workers >= 0, "num_workers", "must be >= 0 or none"),
+            (0 <= self.oversample_foreground <= 1, "oversample_foreground", "must be in [0, 1]"),
+            (0 <= self.ema_alpha < 1, "ema_alpha", "must be in [0, 1)"),
+            (self.save_every >= 1, "save_every", "must be >= 1"),
+        ]
+        for ok, key, problem in checks:
+            if not ok:
+                raise ConfigError(f"{problem}, got {getattr(self, key)!r}", where=key)
+
+    def flat_dict(self) -> dict[str, Any]:
+        """Plain ``{key: value}`` with augment fields as ``augment.<name>`` (logs, sweep tables)."""
+        body = to_jsonable(self)
+        flat = {k: v for k, v in body.items() if k != "augment"}
+        flat.update({f"augment.{k}": v for k, v in body["augment"].items()})
+        return flat
+
+
+def default_num_workers(cpu_count: int, processes: int = 1) -> int:
+    """Data workers for one training process given the CPUs it shares with ``processes`` others.
+
+    Leaves one core per process for the training step itself, caps at nnU-Net's 12.
+    """
+    share = max(1, cpu_count // max(1, processes))
+    return max(0, min(MAX_DEFAULT_WORKERS, share - 1))
+
+
+def apply_overrides(cfg: TrainerConfig, overrides: Iterable[str]) -> TrainerConfig:
+    """Apply ``["key=value", "augment.mirror=false", ...]`` to ``cfg``, parsing each value by type.
+
+    Bools take true/false/1/0/yes/no, optional fields take none, tuples take ``a,b,c``.
+    An unknown key is a `ConfigError` naming the closest known keys.
+    """
+    top: dict[str, Any] = {}
+    nested: dict[str, Any] = {}
+    top_hints = typing.get_type_hints(TrainerConfig)
+    aug_hints = typing.get_type_hints(AugmentConfig)
+    top_keys = [f.name for f in dataclasses.fields(TrainerConfig) if f.name != "augment"]
+    aug_keys = [f.name for f in dataclasses.fields(AugmentConfig)]
+    known = top_keys + [f"augment.{k}" for k in aug_keys]
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not key:
+            raise ConfigError(f"expected KEY=VALUE, got {item!r}", where=item)
+        if key.startswith("augment."):
+            name = key[len("augment."):]
+            if name not in aug_keys:
+                raise ConfigError(_unknown(key, known), where=key)
+            nested[name] = parse_value(text, aug_hints[name], key)
+        elif key in top_keys:
+            top[key] = parse_value(text, top_hints[key], key)
+        else:
+            raise ConfigError(_unknown(key, known), where=key)
+    try:
+        augment = dataclasses.replace(cfg.augment, **nested) if nested else cfg.augment
+        return dataclasses.replace(cfg, augment=augment, **top)
+    except (TypeError, ValueError) as e:  # a validation in AugmentConfig that is not a ConfigError
+        raise ConfigError(str(e), where="--set") from None
+
+
+def _unknown(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(close)}?" if close else f"; known keys: {', '.join(known)}"
+    return f"unknown trainer key{hint}"
+
+
+def parse_value(text: str, tp: Any, key: str) -> Any:
+    """Parse one ``--set`` value against a field type (int, float, bool, str, tuples, Optional, Literal)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    low = text.strip().lower()
+    if origin in (Union, types.UnionType):
+        if low in NONE_WORDS and type(None) in args:
+            return None
+        problems = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return parse_value(text, arg, key)
+            except ConfigError as e:
+                problems.append(e.message)
+        raise ConfigError("; ".join(problems), where=key)
+    if origin is Literal:
+        for choice in args:
+            if str(choice).lower() == low:
+                return choice
+        raise ConfigError(f"{text!r} is not one of {list(args)}", where=key)
+    if origin is tuple:
+        parts = [p.strip() for p in text.strip().strip("()[]").split(",") if p.strip()]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(parse_value(p, args[0], key) for p in parts)
+        if args and len(parts) != len(args):
+            raise ConfigError(f"expected {len(args)} comma-separated values, got {text!r}", where=key)
+        return tuple(parse_value(p, a, key) for p, a in zip(parts, args)) if args else tuple(parts)
+    if tp is bool:
+        if low in TRUE_WORDS:
+            return True
+        if low in FALSE_WORDS:
+            return False
+        raise ConfigError(f"expected true/false, got {text!r}", where=key)
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"expected an integer, got {text!r}", where=key) from None
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"expected a number, got {text!r}", where=key) from None
+    if tp is str:
+        return text.strip()
+    if tp is type(None):
+        if low in NONE_WORDS:
+            return None
+        raise ConfigError(f"expected none, got {text!r}", where=key)
+    raise ConfigError(f"cannot set a value of type {tp!r} from the command line", where=key)

@@ -1,0 +1,138 @@
+"""Segmentation losses: soft Dice + cross-entropy, and the deep-supervision wrapper.
+
+Follows nnU-Net v2's defaults (``DC_and_CE_loss`` with ``MemoryEfficientSoftDiceLoss``):
+softmax probabilities, Dice over the foreground classes only, smoothing 1e-5, "batch Dice"
+(one Dice per class over the whole batch) when the plan says so, CE and Dice weighted 1:1.
+Networks give logits ``(B, K, *spatial)``; targets are label maps ``(B, 1, *spatial)``
+(float or int) with values 0..K-1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+DICE_SMOOTH = 1e-5
+"""Added to numerator and denominator of the soft Dice (nnU-Net's default); keeps empty classes finite."""
+
+DS_WEIGHT_DECAY = 0.5
+"""Each coarser deep-supervision output weighs half the one above it (nnU-Net)."""
+
+DDP_COARSEST_WEIGHT = 1e-6
+"""Coarsest DS output's weight under DDP: ~0, but every parameter still gets a gradient."""
+
+
+def _labels(target: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, *spatial)`` label map of any dtype -> ``(B, *spatial)`` int64."""
+    if target.ndim >= 3 and target.shape[1] == 1:
+        target = target[:, 0]
+    return target.long()
+
+
+class SoftDiceLoss(nn.Module):
+    """Negative mean soft Dice over foreground classes (background excluded).
+
+    ``batch_dice=True`` sums intersections over the batch before dividing (one Dice per
+    class), which is steadier for small structures; otherwise one Dice per sample and class.
+    """
+
+    def __init__(self, batch_dice: bool, smooth: float = DICE_SMOOTH) -> None:
+        super().__init__()
+        self.batch_dice = batch_dice
+        self.smooth = smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits.float(), dim=1)[:, 1:]
+        labels = _labels(target)
+        onehot = F.one_hot(labels, logits.shape[1]).movedim(-1, 1)[:, 1:].to(probs.dtype)
+        axes = tuple(range(2, logits.ndim))
+        intersect = (probs * onehot).sum(axes)
+        denom = probs.sum(axes) + onehot.sum(axes)
+        if self.batch_dice:
+            intersect, denom = intersect.sum(0), denom.sum(0)
+        dice = (2 * intersect + self.smooth) / (denom + self.smooth).clamp_min(1e-8)
+        return -dice.mean()
+
+
+class CrossEntropyLoss(nn.Module):
+    """Plain voxel-wise cross-entropy on a label map ``(B, 1, *spatial)``."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), _labels(target))
+
+
+class DiceCELoss(nn.Module):
+    """CE + soft Dice, weighted 1:1 (nnU-Net's default training loss)."""
+
+    def __init__(self, batch_dice: bool, weight_ce: float = 1.0, weight_dice: float = 1.0) -> None:
+        super().__init__()
+        self.ce = CrossEntropyLoss()
+        self.dice = SoftDiceLoss(batch_dice)
+        self.weight_ce = weight_ce
+        self.weight_dice = weight_dice
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.weight_ce * self.ce(logits, target) + self.weight_dice * self.dice(logits, target)
+
+
+LOSSES: dict[str, Callable[[bool], nn.Module]] = {
+    "dice_ce": lambda batch_dice: DiceCELoss(batch_dice),
+    "dice": lambda batch_dice: SoftDiceLoss(batch_dice),
+    "ce": lambda batch_dice: CrossEntropyLoss(),
+}
+"""Loss name (``TrainerConfig.loss``) -> factory taking the plan's ``batch_dice``."""
+
+
+def deep_supervision_weights(num_outputs: int, coarsest: float = 0.0) -> list[float]:
+    """Weights of the DS outputs, full resolution first.
+
+    Halve per scale, give the coarsest output weight ``coarsest`` (0: too coarse to help,
+    nnU-Net v2), normalize to sum 1. A single output gets weight 1. DDP needs every
+    parameter to receive a gradient, so distributed runs pass a tiny nonzero ``coarsest``
+    (`DDP_COARSEST_WEIGHT`), as nnU-Net does.
+    """
+    if num_outputs < 1:
+        raise ValueError("need at least one output")
+    if num_outputs == 1:
+        return [1.0]
+    raw = [DS_WEIGHT_DECAY ** i for i in range(num_outputs)]
+    raw[-1] = coarsest
+    total = sum(raw)
+    return [w / total for w in raw]
+
+
+class DeepSupervisionLoss(nn.Module):
+    """Weighted sum of a base loss over the DS outputs and targets (both full-res first)."""
+
+    def __init__(self, base: nn.Module, weights: Sequence[float]) -> None:
+        super().__init__()
+        self.base = base
+        self.weights = tuple(float(w) for w in weights)
+
+    def forward(self, outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(outputs) != len(self.weights) or len(targets) != len(self.weights):
+            raise ValueError(f"expected {len(self.weights)} outputs and targets, "
+                             f"got {len(outputs)} and {len(targets)}")
+        total = outputs[0].new_zeros((), dtype=torch.float32)
+        for w, out, tgt in zip(self.weights, outputs, targets):
+            if w != 0.0:
+                total = total + w * self.base(out, tgt)
+        return total
+
+
+def build_loss(name: str, batch_dice: bool, num_ds_outputs: int, distributed: bool = False) -> nn.Module:
+    """The configured loss; wrapped for deep supervision when the net has several outputs.
+
+    The returned module takes (outputs, targets) as lists when ``num_ds_outputs > 1`` and as
+    single tensors otherwise.
+    """
+    if name not in LOSSES:
+        raise KeyError(name)
+    base = LOSSES[name](batch_dice)
+    if num_ds_outputs > 1:
+        coarsest = DDP_COARSEST_WEIGHT if distributed else 0.0
+        return DeepSupervisionLoss(base, deep_supervision_weights(num_ds_outputs, coarsest))
+    return base

@@ -1,0 +1,350 @@
+"""`train_fold`: train one model (dataset x configuration x fold [x variant x seed]) end to end.
+
+The run is isolated in its fold dir (``results/<ds>/<config>/<variant>/[seed_<s>/]fold_<k>/``):
+it writes nothing elsewhere, keeps its own ``tmp/`` and ``compile_cache/``, and holds an
+exclusive ``.lock`` while it trains so that two processes never train the same fold. It
+records what it used (``trainer_config.json``, ``plans.json``, ``dataset.json``), trains
+with `autoseg.train.loop.fit`, and finally predicts and scores the fold's validation cases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import os
+import re
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from autoseg.common.errors import AutosegError
+from autoseg.common.jsonio import atomic_write_bytes, atomic_write_text, save_record
+from autoseg.common.paths import Paths, TrainingId
+from autoseg.planning.plans import Plan
+from autoseg.train import checkpoint as ckpt_files
+from autoseg.train.checkpoint import Checkpoint, load_checkpoint
+from autoseg.train.config import TrainerConfig, default_num_workers
+from autoseg.train.ddp import (DistContext, all_ranks_ok, barrier, init_distributed, shutdown_distributed,
+                               split_batch)
+from autoseg.train.loop import LOG_FILE, PROGRESS_PNG, FitSetup, RunMeta, Runtime, fit, resolve_runtime
+from autoseg.train.losses import build_loss
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+TRAINER_CONFIG_FILE = "trainer_config.json"
+PLANS_COPY = "plans.json"
+DATASET_JSON_COPY = "dataset.json"
+VALIDATION_DIR = "validation"
+RUN_OUTPUTS = (TRAINER_CONFIG_FILE, PLANS_COPY, DATASET_JSON_COPY, LOG_FILE, PROGRESS_PNG,
+               ckpt_files.LATEST, ckpt_files.BEST, ckpt_files.FINAL)
+"""Files a run writes in its fold dir; ``force`` removes them (and validation/) before starting."""
+
+SAFE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*")
+"""Variant / configuration names are used as folder names."""
+
+VAL_LOADER_SEED_OFFSET = 10_000
+"""Validation loaders draw from a different stream than training loaders of the same seed."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one `train_fold` call did."""
+
+    training_id: TrainingId
+    fold_dir: Path
+    status: str
+    """``trained``, or ``already_finished`` when resuming a run that has its final checkpoint."""
+    epochs_completed: int
+    best_ema_pseudo_dice: float | None
+    final_ema_pseudo_dice: float | None
+    validation_dir: Path | None = None
+    """Where the full validation of the fold was written (None when skipped)."""
+
+
+def train_fold(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan | None = None,
+               device: str = "auto", resume: bool = False, force: bool = False,
+               num_workers: int | None = None, quiet: bool = False,
+               dist: DistContext | None = None) -> TrainResult:
+    """Train one fold; resume from ``checkpoint_latest.pt`` when asked; validate the fold at the end.
+
+    ``tid.seed`` (sweeps) overrides ``cfg.seed``. ``num_workers`` is the caller's CPU share
+    for data workers, used when ``cfg.num_workers`` is None. ``dist`` places this process in
+    a torchrun group (rank 0 alone writes files).
+    """
+    dist = dist or DistContext()
+    check_training_id(tid)
+    if tid.seed is not None:
+        cfg = dataclasses.replace(cfg, seed=tid.seed)
+    rt = resolve_runtime(cfg, device, dist, quiet)
+    init_distributed(dist, rt.device.type)
+    try:
+        return _train_fold_locked(paths, tid, cfg, plan, rt, resume, force, num_workers)
+    finally:
+        shutdown_distributed(dist)
+
+
+def _train_fold_locked(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan | None, rt: Runtime,
+                       resume: bool, force: bool, num_workers: int | None) -> TrainResult:
+    """Lock the fold dir (rank 0), settle resume/force, record inputs, then `_train`."""
+    dist = rt.dist
+    fold_dir = paths.training_dir(tid)
+    resumable = resume and any((fold_dir / n).is_file() for n in (ckpt_files.LATEST, ckpt_files.FINAL))
+    if plan is None and not resumable:  # fail on a missing plan before touching the fold dir
+        from autoseg.planning.plan import load_plan
+        plan = load_plan(paths, tid.dataset)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    lock = fold_lock(fold_dir) if dist.is_main else contextlib.nullcontext()
+    ckpt: Checkpoint | None = None
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(lock)
+            ckpt = _prepare_fold_dir(fold_dir, resume, force, dist)
+        except AutosegError:
+            all_ranks_ok(False, dist)  # release the other ranks before failing
+            raise
+        if not all_ranks_ok(True, dist):
+            raise AutosegError("rank 0 refused to start (see its error)", where=fold_dir)
+        stack.enter_context(_isolated_dirs(fold_dir))
+        if ckpt is None and not dist.is_main and resume and (fold_dir / ckpt_files.LATEST).is_file():
+            ckpt = load_checkpoint(fold_dir / ckpt_files.LATEST)
+        if ckpt is not None and resume and (fold_dir / ckpt_files.FINAL).is_file():
+            log.info("%s is finished (%s exists); nothing to do", tid, ckpt_files.FINAL)
+            return TrainResult(tid, fold_dir, "already_finished", ckpt.epoch, ckpt.best_ema_pseudo_dice,
+                               ckpt.history[-1]["ema_pseudo_dice"] if ckpt.history else None)
+        if ckpt is not None:
+            cfg, plan = _config_for_resume(ckpt, cfg), ckpt.plan
+            rt = resolve_runtime(cfg, rt.device.type, dist, rt.quiet)  # amp/compile as the run began
+        elif plan is None:  # resumable files vanished meanwhile
+            from autoseg.planning.plan import load_plan
+            plan = load_plan(paths, tid.dataset)
+        workers = cfg.num_workers if cfg.num_workers is not None else (
+            num_workers if num_workers is not None else default_num_workers(os.cpu_count() or 1, dist.world_size))
+        if dist.is_main:
+            _record_inputs(paths, tid.dataset, fold_dir, cfg, plan)
+        return _train(paths, tid, cfg, plan, ckpt, fold_dir, workers, rt)
+
+
+def parse_fold(text: str | int) -> int | str:
+    """A fold from the command line: a non-negative integer or ``all``."""
+    value = str(text).strip().lower()
+    if value.isdigit():
+        return int(value)
+    if value == "all":
+        return "all"
+    raise AutosegError(f"fold must be a number (0, 1, ...) or 'all', got {text!r}", where="FOLD")
+
+
+def check_training_id(tid: TrainingId) -> None:
+    """Variant and config names become folder names: keep them plain."""
+    for what, name in (("variant", tid.variant), ("configuration", tid.config)):
+        if not SAFE_NAME_RE.fullmatch(name):
+            raise AutosegError(f"{what} name {name!r} must use letters, digits, '.', '_' or '-' only",
+                               where=what)
+    if isinstance(tid.fold, bool) or not (isinstance(tid.fold, int) and tid.fold >= 0 or tid.fold == "all"):
+        raise AutosegError(f"fold must be a non-negative integer or 'all', got {tid.fold!r}", where="fold")
+
+
+def _train(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan, ckpt: Checkpoint | None,
+           fold_dir: Path, workers: int, rt: Runtime) -> TrainResult:
+    """Build the network, loss and loaders, run `fit`, then validate the fold (rank 0)."""
+    from autoseg.data.loader import LoaderSpec, make_train_loader, make_val_loader
+    from autoseg.nets.unet import build_unet, deep_supervision_scales
+    from autoseg.splits import fold_cases, load_splits
+
+    config = plan.configuration(tid.config)
+    train_ids, val_ids = fold_cases(load_splits(paths, tid.dataset), tid.fold)
+    rng = np.random.default_rng(cfg.seed)
+    if ckpt is not None:
+        rng.bit_generator.state = ckpt.rng.numpy
+    # fresh runs seed loaders with seed + rank; a resumed run draws a new base from the restored
+    # generator, so it neither replays the batches already seen nor depends on wall-clock time
+    base_seed = cfg.seed if ckpt is None else int(rng.integers(2**31 - 1 - VAL_LOADER_SEED_OFFSET))
+    batch = split_batch(cfg.batch_size or config.batch_size, rt.dist)
+    num_ds = len(deep_supervision_scales(config)) if cfg.deep_supervision else 1
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    net = build_unet(config, plan.num_channels, plan.num_classes, deep_supervision=cfg.deep_supervision)
+    data_dir = paths.preprocessed_data(tid.dataset, config.data_identifier)
+
+    def spec(ids: list[str], seed: int) -> Any:
+        return LoaderSpec(data_dir=data_dir, case_ids=list(ids), config=config, augment=cfg.augment,
+                          batch_size=batch, num_workers=workers, seed=seed,
+                          deep_supervision=cfg.deep_supervision,
+                          oversample_foreground=cfg.oversample_foreground,
+                          pin_memory=rt.device.type == "cuda")
+
+    train_loader = make_train_loader(spec(train_ids, base_seed + rt.dist.rank))
+    val_loader = make_val_loader(spec(val_ids, base_seed + VAL_LOADER_SEED_OFFSET + rt.dist.rank))
+    meta = RunMeta(plan=plan, config_name=tid.config, dataset=tid.dataset, fold=tid.fold,
+                   num_input_channels=plan.num_channels, num_classes=plan.num_classes)
+    setup = FitSetup(net=net, loss_fn=build_loss(cfg.loss, config.batch_dice, num_ds, rt.dist.enabled),
+                     train_batches=train_loader, val_batches=val_loader, cfg=cfg, meta=meta,
+                     out_dir=fold_dir, rng=rng)
+    try:
+        with _stop_on_signals() as stop, _compile_cache(fold_dir, rt.compile):
+            result = fit(setup, rt, resume=ckpt, stop=stop)
+    finally:
+        train_loader.close()
+        val_loader.close()
+    validation_dir = None
+    if rt.dist.is_main:
+        validation_dir = _validate_fold(paths, tid, net, plan, cfg, val_ids, fold_dir, rt.device, not rt.quiet)
+    barrier(rt.dist)
+    return TrainResult(tid, fold_dir, "trained", result.epochs_completed, result.best_ema_pseudo_dice,
+                       result.final_ema_pseudo_dice, validation_dir)
+
+
+def _validate_fold(paths: Paths, tid: TrainingId, net: torch.nn.Module, plan: Plan, cfg: TrainerConfig,
+                   val_ids: list[str], fold_dir: Path, device: torch.device, show_progress: bool) -> Path | None:
+    """Sliding-window prediction and metrics of the fold's validation cases (nnU-Net's final validation)."""
+    try:
+        from autoseg.infer.validate import run_validation
+    except ImportError:
+        log.warning("autoseg.infer.validate is not available in this installation; "
+                    "skipping the final validation of %s", tid)
+        return None
+    from autoseg.data.augment import training_mirror_axes
+
+    config = plan.configuration(tid.config)
+    out_dir = fold_dir / VALIDATION_DIR
+    net.deep_supervision = False
+    net.eval()
+    run_validation(net, plan, config, training_mirror_axes(config, cfg.augment), val_ids, paths,
+                   tid.dataset, out_dir, device, save_probabilities=False, show_progress=show_progress)
+    return out_dir
+
+
+def _prepare_fold_dir(fold_dir: Path, resume: bool, force: bool, dist: DistContext) -> Checkpoint | None:
+    """Check what is in the fold dir against resume/force; the checkpoint to continue from, if any."""
+    latest, final = fold_dir / ckpt_files.LATEST, fold_dir / ckpt_files.FINAL
+    if not dist.is_main:
+        return None
+    if resume and force:
+        raise AutosegError("--continue and --force contradict each other; pick one", where=fold_dir)
+    existing = [p for p in (final, latest, fold_dir / ckpt_files.BEST) if p.is_file()]
+    if resume:
+        if final.is_file():
+            return load_checkpoint(final)
+        if latest.is_file():
+            return load_checkpoint(latest)
+        log.info("no %s in %s; starting from scratch", ckpt_files.LATEST, fold_dir)
+    elif existing and not force:
+        raise AutosegError(f"{existing[0].name} exists; use --continue to resume or --force to start over",
+                           where=fold_dir)
+    if force:
+        for name in RUN_OUTPUTS:
+            (fold_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(fold_dir / VALIDATION_DIR, ignore_errors=True)
+    atomic_write_text(fold_dir / LOG_FILE, "")  # a fresh run starts a fresh log
+    return None
+
+
+def _config_for_resume(ckpt: Checkpoint, given: TrainerConfig) -> TrainerConfig:
+    """A resumed run keeps the config it started with; differences (other than workers) are reported."""
+    saved = ckpt.trainer_config
+    ignore = {"num_workers"}
+    mine, theirs = given.flat_dict(), saved.flat_dict()
+    diffs = [k for k in theirs if k not in ignore and mine.get(k) != theirs[k]]
+    if diffs:
+        log.warning("continuing with the checkpoint's trainer config; ignoring changed keys: %s",
+                    ", ".join(f"{k}={mine.get(k)!r} (was {theirs[k]!r})" for k in diffs))
+    return dataclasses.replace(saved, num_workers=given.num_workers)
+
+
+def _record_inputs(paths: Paths, dataset: str, fold_dir: Path, cfg: TrainerConfig, plan: Plan) -> None:
+    """Copy what the run used next to its checkpoints (config, plan, raw dataset.json)."""
+    save_record(fold_dir / TRAINER_CONFIG_FILE, cfg)
+    save_record(fold_dir / PLANS_COPY, plan)
+    raw_json = paths.raw_dataset(dataset) / "dataset.json"
+    if raw_json.is_file():
+        atomic_write_bytes(fold_dir / DATASET_JSON_COPY, raw_json.read_bytes())
+    else:
+        log.warning("%s not found; the fold dir will lack its copy of dataset.json", raw_json)
+
+
+@contextlib.contextmanager
+def fold_lock(fold_dir: Path) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``<fold_dir>/.lock`` (with our pid inside) while training.
+
+    The kernel drops the lock when the holder dies, so a SIGKILLed run never leaves a stale
+    lock; a live holder makes us refuse with its pid.
+    """
+    path = fold_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise AutosegError(f"another process (pid {holder}) is training this fold; "
+                           "wait for it to finish or stop it first", where=fold_dir) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _isolated_dirs(fold_dir: Path) -> Iterator[None]:
+    """Point Python temp files and the torch.compile cache into the fold dir for the run's duration.
+
+    Set in-process (``tempfile.tempdir``, torch's inductor cache context), restored afterwards;
+    ``os.environ`` of whoever launched us is not touched.
+    """
+    tmp = fold_dir / "tmp"
+    tmp.mkdir(exist_ok=True)
+    (fold_dir / "compile_cache").mkdir(exist_ok=True)
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(tmp)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
+
+
+def _compile_cache(fold_dir: Path, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    """torch.compile's inductor cache inside the fold dir while compiling (torch restores it after)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    try:
+        from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+    except ImportError:  # other torch versions: the cache follows tempfile.tempdir (the fold's tmp/)
+        return contextlib.nullcontext()
+    return temporary_cache_dir(str(fold_dir / "compile_cache"))
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """SIGINT/SIGTERM set a stop flag (the loop saves and exits after its current step); a second one aborts."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        log.warning("%s received: stopping after the current iteration (send again to abort)",
+                    signal.Signals(signum).name)
+        stop.set()
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

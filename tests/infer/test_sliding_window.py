@@ -1,0 +1,137 @@
+"""Tiling, Gaussian weighting and mirroring TTA of the sliding-window predictor."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from autoseg.infer.sliding_window import (
+    compute_tiles,
+    gaussian_importance_map,
+    mirror_combinations,
+    pad_to_patch,
+    predict_sliding_window,
+    unpad,
+    window_starts,
+)
+
+
+def _coverage(shape, tiles):
+    count = np.zeros(shape, int)
+    for t in tiles:
+        count[t] += 1
+    return count
+
+
+@pytest.mark.parametrize("shape,patch", [((40, 56, 48), (16, 32, 32)), ((16, 32, 32), (16, 32, 32)),
+                                         ((17, 33, 100), (16, 32, 32)), ((64, 64), (32, 48))])
+def test_tiles_cover_every_voxel_and_stay_inside(shape, patch):
+    tiles = compute_tiles(shape, patch, step=0.5)
+    count = _coverage(shape, tiles)
+    assert count.min() >= 1
+    for t in tiles:
+        for s, size, p in zip(t, shape, patch):
+            assert 0 <= s.start and s.stop <= size and s.stop - s.start == p
+
+
+def test_images_smaller_than_the_patch_are_padded_then_covered():
+    data = torch.randn(2, 5, 20, 7)
+    padded, keep = pad_to_patch(data, (8, 16, 16))
+    assert tuple(padded.shape) == (2, 8, 20, 16)
+    tiles = compute_tiles(padded.shape[1:], (8, 16, 16))
+    assert _coverage(padded.shape[1:], tiles)[keep].min() >= 1
+    assert torch.equal(unpad(padded, keep), data)
+
+
+def test_step_rule_matches_nnunet():
+    # (size - patch) / (patch * step) = (100 - 32) / 16 = 4.25 -> 5 + 1 = 6 windows, first and last at the borders
+    starts = window_starts(100, 32, 0.5)
+    assert len(starts) == math.ceil((100 - 32) / 16) + 1
+    assert starts[0] == 0 and starts[-1] == 100 - 32
+    assert window_starts(32, 32, 0.5) == [0]
+    assert len(window_starts(100, 32, 1.0)) == math.ceil(68 / 32) + 1
+    with pytest.raises(ValueError):
+        window_starts(10, 32)
+
+
+def test_gaussian_properties():
+    g = gaussian_importance_map((9, 16, 12))
+    assert tuple(g.shape) == (9, 16, 12)
+    assert float(g.max()) == pytest.approx(1.0, abs=1e-6)
+    assert float(g.min()) > 0
+    # symmetric about the centre and peaked there
+    assert torch.allclose(g, torch.flip(g, [0, 1, 2]))
+    assert float(g[4, 7, 5]) > float(g[0, 0, 0])
+    tiny = gaussian_importance_map((64, 64), sigma_scale=1 / 64)
+    assert float(tiny.min()) > 0
+
+
+def test_mirror_combinations():
+    assert mirror_combinations(()) == [()]
+    assert set(mirror_combinations((0, 2))) == {(), (0,), (2,), (0, 2)}
+
+
+class Blur(nn.Module):
+    """Mirror-equivariant toy net: a symmetric 3x3x3 mean filter, two output channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(1, 2, 3, padding=1, bias=True)
+        with torch.no_grad():
+            self.conv.weight.fill_(1 / 27)
+            self.conv.weight[1] *= -1
+            self.conv.bias.zero_()
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Ramp(nn.Module):
+    """NOT mirror-equivariant: adds a ramp along the last axis."""
+
+    def forward(self, x):
+        ramp = torch.linspace(0, 1, x.shape[-1]).expand_as(x)
+        return torch.cat([x + ramp, -x], dim=1)
+
+
+def test_tta_with_equivariant_net_equals_no_tta():
+    torch.manual_seed(0)
+    data = torch.randn(1, 20, 24, 18)
+    net = Blur().eval()
+    plain = predict_sliding_window(net, data, (12, 16, 16), num_classes=2, mirror_axes=())
+    tta = predict_sliding_window(net, data, (12, 16, 16), num_classes=2, mirror_axes=(0, 1, 2))
+    assert plain.shape == (2, 20, 24, 18)
+    assert torch.allclose(plain, tta, atol=1e-5)
+
+
+def test_tta_averages_mirrored_predictions():
+    data = torch.zeros(1, 8, 8, 8)
+    out = predict_sliding_window(Ramp(), data, (8, 8, 8), num_classes=2, mirror_axes=(2,))
+    # ramp and mirrored ramp average to 0.5 everywhere
+    assert torch.allclose(out[0], torch.full((8, 8, 8), 0.5), atol=1e-6)
+
+
+def test_blending_of_a_constant_net_is_exact_and_shape_is_kept():
+    class Const(nn.Module):
+        def forward(self, x):
+            return torch.stack([torch.full_like(x[:, 0], 3.0), torch.full_like(x[:, 0], -1.0)], 1)
+
+    data = torch.randn(1, 7, 45, 30)  # smaller than the patch on axis 0, larger on the others
+    out = predict_sliding_window(Const(), data, (8, 16, 16), num_classes=2, step=0.5, batch_size=3)
+    assert out.shape == (2, 7, 45, 30)
+    assert torch.allclose(out[0], torch.full_like(out[0], 3.0), atol=1e-5)
+    assert torch.allclose(out[1], torch.full_like(out[1], -1.0), atol=1e-5)
+
+
+def test_2d_windows_and_deep_supervision_lists():
+    class DS(nn.Module):
+        def forward(self, x):
+            return [torch.cat([x, -x], 1), torch.zeros(1)]
+
+    data = torch.randn(1, 40, 33)
+    out = predict_sliding_window(DS(), data, (16, 16), num_classes=2)
+    assert torch.allclose(out[0], data[0], atol=1e-5)
