@@ -73,7 +73,7 @@ def main() -> None:
                             batch_size=args.batch_size, amp=args.amp, compile=args.compile)
         rt = resolve_runtime(cfg, args.device, quiet=True)
         batch = cfg.batch_size or config.batch_size
-        spec = LoaderSpec(data_dir=paths.preprocessed_data(DATASET, config.data_identifier), case_ids=train_ids,
+        spec = LoaderSpec(data_dir=paths.preprocessed_data(DATASET, config.data_identifier), case_ids=tuple(train_ids),
                           config=config, augment=cfg.augment, batch_size=batch, num_workers=args.workers,
                           seed=0, deep_supervision=True, pin_memory=rt.device.type == "cuda")
         loader = make_train_loader(spec)

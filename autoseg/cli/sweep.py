@@ -8,28 +8,30 @@ import click
 
 from autoseg.cli.app import cli, paths_from
 from autoseg.report.sweep_report import build_sweep_report, format_markdown, write_sweep_report
-from autoseg.schedule.executors import LocalExecutor, SlurmExecutor, SlurmOptions
-from autoseg.schedule.resources import PoolConfig, parse_gpus, query_gpu_memory_gb
+from autoseg.cli.schedule import EXIT_INTERRUPTED, EXIT_JOBS_FAILED, LiveTable
+from autoseg.schedule.resources import PoolConfig, parse_gpus
 from autoseg.schedule.runner import RunOptions, simulate_schedule
+from autoseg.schedule.train_all import TrainAllOptions, make_executor, pool_config
 from autoseg.schedule.sweep import SweepJobs, SweepSpec, build_sweep_jobs, load_sweep, run_sweep, sweep_dir
 
 
-def _pool(gpus: str | None, jobs_per_gpu: int | None) -> PoolConfig:
-    gpu_ids = parse_gpus(gpus)
-    return PoolConfig(gpus=gpu_ids, jobs_per_gpu=jobs_per_gpu, gpu_memory_gb=query_gpu_memory_gb(gpu_ids))
+def _run_options(gpus: str | None, jobs_per_gpu: int | None, executor: str, retries: int) -> TrainAllOptions:
+    """The scheduler's own "how to run" options (GPU detection, packing, executors), as train-all uses them."""
+    return TrainAllOptions(gpus=parse_gpus(gpus) if gpus is not None else None, jobs_per_gpu=jobs_per_gpu,
+                           retries=retries, executor=executor)
 
 
-def _render_plan(spec: SweepSpec, jobs: SweepJobs, pool: PoolConfig) -> None:
+def _render_plan(spec: SweepSpec, jobs: SweepJobs, options: TrainAllOptions) -> None:
     trains = len(jobs.train_jobs)
     click.echo(f"sweep {spec.name}: {len(spec.variants)} variants x {len(spec.seeds)} seed(s) x "
                f"{len(spec.folds)} fold(s) x {len(spec.configs)} config(s) x {len(spec.datasets)} dataset(s) "
                f"= {trains} trainings, {len(jobs.jobs) - trains} plan/preprocess job(s); baseline: {spec.baseline.name}")
-    if trains and not pool.gpus:
-        click.echo("note: no --gpus given; trainings need a GPU slot (give e.g. --gpus 0)")
-        return
     width = max(len(j.job_id) for j in jobs.jobs)
+    if options.executor != "local":  # Slurm places jobs itself
+        click.echo("\n".join(j.job_id for j in jobs.jobs))
+        return
     click.echo(f"{'job':<{width}}  {'gpu':>4}  {'cpus':>4}  {'start (est.)':>12}")
-    for a in simulate_schedule(list(jobs.jobs), pool):
+    for a in simulate_schedule(list(jobs.jobs), pool_config(options)):
         click.echo(f"{a.job_id:<{width}}  {a.gpu or '-':>4}  {a.cpus:>4}  {_hours(a.start_s):>12}")
     for ds in jobs.unplanned:
         click.echo(f"note: {ds} is not planned yet; derived plans are made after its plan job")
@@ -41,7 +43,7 @@ def _hours(seconds: float) -> str:
 
 @cli.command("sweep")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--gpus", default=None, help="GPU ids to use, e.g. 0,1,2,3 (default: none; CPU only).")
+@click.option("--gpus", default=None, help="GPU ids, e.g. 0,1,2,3 (default: every visible CUDA device).")
 @click.option("--jobs-per-gpu", type=click.IntRange(min=1), default=None,
               help="Trainings sharing one GPU (default: by the plan's memory estimate, else 1).")
 @click.option("--executor", "executor_name", type=click.Choice(["local", "slurm"]), default="local",
@@ -55,20 +57,21 @@ def sweep_command(ctx: click.Context, file: Path, gpus: str | None, jobs_per_gpu
     """Run an ablation sweep FILE (YAML): variants x seeds x folds through the scheduler."""
     paths = paths_from(ctx)
     spec = load_sweep(file, paths)
-    pool = _pool(gpus, jobs_per_gpu)
+    opts = _run_options(gpus, jobs_per_gpu, executor_name, retries)
     if dry_run:
-        _render_plan(spec, build_sweep_jobs(spec, paths, write_plans=False), pool)
+        _render_plan(spec, build_sweep_jobs(spec, paths, write_plans=False), opts)
         return
-    executor = LocalExecutor() if executor_name == "local" else SlurmExecutor(SlurmOptions())
-    run = run_sweep(spec, paths, executor, RunOptions(retries=retries, pool=pool))
+    run_options = RunOptions(retries=retries, pool=pool_config(opts) if executor_name == "local" else PoolConfig(),
+                             cpus_per_job=opts.slurm_cpus_per_job, observer=LiveTable(paths, True))
+    run = run_sweep(spec, paths, make_executor(opts), run_options)
     for summary in run.summaries:
-        click.echo(summary.one_line())
+        click.echo(summary.one_line(), err=not summary.ok)
     report = build_sweep_report(run.spec, paths)
     files = write_sweep_report(report, sweep_dir(paths, spec.name))
     click.echo(format_markdown(report))
     click.echo(f"written: {files.markdown}, {files.csv}, {files.png}")
     if not run.ok:
-        ctx.exit(1)
+        ctx.exit(EXIT_INTERRUPTED if run.summaries[-1].interrupted else EXIT_JOBS_FAILED)
 
 
 @cli.command("sweep-report")

@@ -214,7 +214,8 @@ def initial_patch_size(patch_size: tuple[int, ...], rotation_max_rad: tuple[floa
 
     Like nnU-Net's ``get_patch_size``: the largest box over single-axis rotations, divided by
     the smallest scale (0.85); dummy 2D keeps axis 0 as is. We take the rotated rectangle's
-    exact bounding box (nnU-Net rotates only the patch diagonal's end point).
+    exact bounding box (nnU-Net rotates only the patch diagonal's end point), rounded up so
+    that the margin around the final patch is even.
     """
     size = [float(p) for p in patch_size]
     if len(patch_size) == 2 or dummy_2d:
@@ -229,6 +230,9 @@ def initial_patch_size(patch_size: tuple[int, ...], rotation_max_rad: tuple[floa
     if scaling:
         size = [s / ENLARGEMENT_MIN_SCALE for s in size]
     result = [max(int(math.ceil(s - 1e-6)), p) for s, p in zip(size, patch_size)]
+    # an even margin puts the rotation centre exactly on the centre crop (no half-voxel shift
+    # between rotated and unrotated samples)
+    result = [r + (r - p) % 2 for r, p in zip(result, patch_size)]
     if dummy_2d:
         result[0] = patch_size[0]
     return tuple(result)
@@ -249,9 +253,25 @@ def augmentation_setup(config: Configuration, augment: AugmentConfig) -> Augment
     if not augment.rotation:
         rotation = tuple(0.0 for _ in rotation)
     initial = initial_patch_size(patch, rotation, dummy, augment.scaling)
+    _warn_no_ops(augment)
     return AugmentSetup(augment=augment, patch_size=patch, initial_patch_size=initial, rotation_max_rad=rotation,
                         dummy_2d=dummy, mirror_axes=training_mirror_axes(config, augment),
                         lowres_ignore_axes=(0,) if dummy else ())
+
+
+_SWITCH_PROBABILITIES = {"rotation": ("p_rotation",), "scaling": ("p_scaling",), "noise": ("p_noise",),
+                         "blur": ("p_blur", "p_blur_channel"), "brightness": ("p_brightness",),
+                         "contrast": ("p_contrast",), "lowres": ("p_lowres", "p_lowres_channel"),
+                         "gamma": ("p_gamma", "p_gamma_inverted")}
+
+
+def _warn_no_ops(augment: AugmentConfig) -> None:
+    """A transform switched on whose probability makes it never fire is probably a typo in a sweep."""
+    for switch, probabilities in _SWITCH_PROBABILITIES.items():
+        values = [getattr(augment, p) for p in probabilities]
+        if getattr(augment, switch) and (values[0] == 0.0 if switch != "gamma" else not any(values)):
+            logger.warning("augment.%s is on but %s = 0: it never applies (set augment.%s=false to silence)",
+                           switch, " / ".join(probabilities), switch)
 
 
 def crop_only_setup(config: Configuration) -> AugmentSetup:

@@ -137,12 +137,15 @@ class BatchLoader:
     def __next__(self) -> dict[str, Any]:
         if self._closed:
             raise RuntimeError("BatchLoader is closed")
-        try:
-            batch = next(self._augmenter) if self._augmenter is not None else next(self._source)
-        except RuntimeError as e:  # a worker died; its traceback is on stderr
-            self.close()
-            raise AutosegError(f"data loading failed in a worker process ({e})", where=self._source.spec.data_dir) \
-                from None
+        if self._augmenter is None:
+            batch = next(self._source)
+        else:
+            try:
+                batch = next(self._augmenter)
+            except RuntimeError:  # a worker died; batchgenerators printed its traceback on stderr
+                self.close()
+                raise AutosegError("data loading failed in a worker process (its traceback is above)",
+                                   where=self._source.spec.data_dir) from None
         data = torch.from_numpy(batch["data"])
         target = batch["target"]
         target = [torch.from_numpy(t) for t in target] if isinstance(target, list) else torch.from_numpy(target)
@@ -194,7 +197,11 @@ def _check_spec(spec: LoaderSpec) -> None:
 def make_train_loader(spec: LoaderSpec) -> BatchLoader:
     """Augmented, foreground-oversampled training batches (nnU-Net's training pipeline)."""
     _check_spec(spec)
-    source = _BatchSource(spec, augmentation_setup(spec.config, spec.augment), augment=True)
+    setup = augmentation_setup(spec.config, spec.augment)
+    logger.info("train loader: %d cases, batch %d, patch %s cut at %s, dummy 2D %s, mirror axes %s, %d workers",
+                len(spec.case_ids), spec.batch_size, setup.patch_size, setup.initial_patch_size, setup.dummy_2d,
+                setup.mirror_axes, spec.num_workers)
+    source = _BatchSource(spec, setup, augment=True)
     return BatchLoader(source, spec.num_workers, spec.pin_memory)
 
 

@@ -34,14 +34,17 @@ class CaseFiles:
     data: Path
     seg: Path
     foreground: Path
+    properties: Path
+    """``CASE.json``, written last by preprocessing: a case without it is incomplete."""
 
     @classmethod
     def of(cls, data_dir: Path, case_id: str) -> "CaseFiles":
-        return cls(data_dir / f"{case_id}.npy", data_dir / f"{case_id}_seg.npy", data_dir / f"{case_id}_fg.npz")
+        return cls(data_dir / f"{case_id}.npy", data_dir / f"{case_id}_seg.npy", data_dir / f"{case_id}_fg.npz",
+                   data_dir / f"{case_id}.json")
 
     def check(self) -> None:
         """Raise naming the first missing file (preprocessing not run, or interrupted)."""
-        for path in (self.data, self.seg, self.foreground):
+        for path in (self.data, self.seg, self.foreground, self.properties):
             if not path.is_file():
                 raise AutosegError("preprocessed file missing (run `autoseg preprocess`)", where=path)
 

@@ -25,11 +25,11 @@ class PhantomRecipe:
 
     num_training: int = 24
     num_test: int = 4
-    shape: tuple[int, int, int] = (20, 56, 56)
+    shape: tuple[int, int, int] = (16, 44, 44)
     """Nominal (z, y, x) shape; each case varies in-plane by up to ``shape_jitter`` voxels."""
-    shape_jitter: int = 6
-    spacing: tuple[float, float, float] = (3.0, 0.8, 0.8)
-    """(z, y, x) mm: the coarse z axis makes the dataset anisotropic (ratio 3.75 > 3)."""
+    shape_jitter: int = 4
+    spacing: tuple[float, float, float] = (3.2, 0.9, 0.9)
+    """(z, y, x) mm: the coarse z axis makes the dataset anisotropic (ratio 3.6 > 3)."""
     modality: str = "MRI"
     oblique: bool = True
     """Write a non-identity direction (a rotation about z) and a non-zero origin."""
@@ -66,10 +66,10 @@ def make_phantom_case(rng: np.random.Generator, recipe: PhantomRecipe) -> tuple[
     yr, xr = np.cos(theta) * yy + np.sin(theta) * xx, -np.sin(theta) * yy + np.cos(theta) * xx
     organ = ((Z - centre[0]) / radii[0]) ** 2 + (yr / radii[1]) ** 2 + (xr / radii[2]) ** 2 <= 1.0
 
-    lesion_r = rng.uniform(0.3, 0.45) * radii.min()
-    offset = rng.uniform(-0.35, 0.35, 3) * radii
-    lc = centre + offset
-    lesion = ((Z - lc[0]) ** 2 + (Y - lc[1]) ** 2 + (X - lc[2]) ** 2 <= lesion_r ** 2) & organ
+    lesion_radii = rng.uniform(0.45, 0.6) * radii  # an ellipsoid of the organ's proportions
+    lc = centre + rng.uniform(-0.25, 0.25, 3) * radii
+    lesion = (((Z - lc[0]) / lesion_radii[0]) ** 2 + ((Y - lc[1]) / lesion_radii[1]) ** 2
+              + ((X - lc[2]) / lesion_radii[2]) ** 2 <= 1.0) & organ
 
     label = np.zeros(shape, np.uint8)
     label[organ] = 1

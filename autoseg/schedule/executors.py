@@ -154,6 +154,15 @@ def _preexec(cpus: tuple[int, ...], libc: ctypes.CDLL | None) -> Callable[[], No
     return run
 
 
+def _libc() -> ctypes.CDLL | None:
+    """The C library, for prctl (Linux); None where it is not available."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "prctl") else None
+
+
 class LocalHandle:
     """A child process in its own process group (so Ctrl-C reaches it only through us)."""
 
@@ -187,12 +196,7 @@ class LocalExecutor:
     def __init__(self, command_for: Callable[[Launch], list[str]] | None = None) -> None:
         """``command_for`` replaces the job's own argv (benchmarks and tests run stand-in processes)."""
         self.command_for = command_for
-        try:
-            self._libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-            if not hasattr(self._libc, "prctl"):
-                self._libc = None
-        except OSError:
-            self._libc = None
+        self._libc = _libc()
 
     def submit(self, launch: Launch) -> LocalHandle:
         launch.job_paths.make()
@@ -340,7 +344,7 @@ class SlurmCommand:
                     f"SLURM_JOB_ID={seen['slurm_job_id']}\n".encode())
             f.flush()
             self._proc = subprocess.Popen(list(self.command), env=env, stdout=f, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL)
+                                          stdin=subprocess.DEVNULL, preexec_fn=_preexec((), _libc()))
             rc = self._proc.wait()
         atomic_write_json(self.node_file, {**seen, "ended_at": time.time(), "exit_code": rc})
         return rc

@@ -72,6 +72,6 @@ class RunLock:
 def read_holder(path: Path) -> dict[str, object]:
     """The pid/host written by the lock's holder ({} when unreadable)."""
     try:
-        return dict(json.loads(Path(path).read_text() or "{}"))
+        return dict(json.loads(Path(path).read_text(encoding="utf-8") or "{}"))
     except (OSError, ValueError):
         return {}

@@ -50,7 +50,7 @@ def read_training_progress(training_dir: Path) -> TrainingProgress | None:
     if not path.is_file():
         return None
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         try:
             records.append(json.loads(line))
         except ValueError:

@@ -29,11 +29,13 @@ preprocessing (target spacing, resampling orders), in which case it gets its own
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import itertools
 import json
 import logging
 import re
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,9 +47,18 @@ from typing import Any, ClassVar
 import yaml
 
 from autoseg.common.errors import AutosegError, ConfigError
-from autoseg.common.jsonio import load_record, save_record, to_jsonable
+from autoseg.common.jsonio import from_jsonable, load_record, save_record, to_jsonable
 from autoseg.common.paths import DATASET_NAME_RE, Paths
+from autoseg.dataset.spec import load_dataset
+from autoseg.planning.plan import apply_plan_overrides
 from autoseg.planning.plans import Configuration, Plan
+from autoseg.preprocess import list_preprocessed_cases
+from autoseg.schedule.jobs import JobKind, JobSpec, Resources
+from autoseg.schedule.lock import RunLock
+from autoseg.schedule.executors import Executor
+from autoseg.schedule.runner import RunOptions, RunSummary, estimate_train_seconds, run_jobs
+from autoseg.schedule.store import StateStore
+from autoseg.train.config import TrainerConfig, apply_overrides
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +225,7 @@ def _yaml_type_ok(value: Any, tp: Any) -> bool:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return True
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if origin in (typing.Union, types.UnionType):
         return any(_yaml_type_ok(value, a) for a in args)
     if tp is type(None):
         return value is None
@@ -244,8 +255,6 @@ def _type_name(tp: Any) -> str:
 
 
 def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:
-    import difflib
-
     close = difflib.get_close_matches(word, list(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -253,16 +262,12 @@ def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:
 # --------------------------------------------------------------------------- trainer / plan keys
 
 
-def _default_trainer_config() -> Any:
-    from autoseg.train.config import TrainerConfig
-
+def _default_trainer_config() -> TrainerConfig:
     return TrainerConfig()
 
 
-def _apply_trainer(cfg: Any, overrides: typing.Sequence[str], where: str) -> Any:
+def _apply_trainer(cfg: TrainerConfig, overrides: typing.Sequence[str], where: str) -> TrainerConfig:
     """`apply_overrides` with its error re-attributed to the sweep file and key."""
-    from autoseg.train.config import apply_overrides
-
     try:
         return apply_overrides(cfg, list(overrides))
     except AutosegError as e:
@@ -324,8 +329,6 @@ def _parse_plan_key(key: str, configs: tuple[str, ...], where: str) -> _PlanKey:
 
 def _canonical_plan_value(pk: _PlanKey, value: Any, where: str) -> tuple[str, str]:
     """Type-check a plan value; return (canonical text for comparisons, override string)."""
-    from autoseg.common.jsonio import from_jsonable
-
     tp = _CONFIGURATION_TYPES[pk.field]
     if not _yaml_type_ok(value, tp):
         raise ConfigError(f"expected {_type_name(tp)}, got {value!r}", where)
@@ -342,7 +345,7 @@ class _Ctx:
 
     source: str
     configs: tuple[str, ...]
-    base_cfg: Any
+    base_cfg: TrainerConfig
     base_canonical: dict[str, str] = field(default_factory=dict)
 
     def where(self, key: str) -> str:
@@ -536,8 +539,7 @@ def _named_variant(name: str, point: _Point) -> Variant:
     return Variant(name=name, trainer_overrides=trainer, plan_overrides=plan, origin="named")
 
 
-def _choose_baseline(ctx: _Ctx, variants: list[Variant], wheres: list[str], identities: list[str],
-                     requested: Any) -> list[Variant]:
+def _choose_baseline(ctx: _Ctx, variants: list[Variant], identities: list[str], requested: Any) -> list[Variant]:
     if requested is not None:
         names = [v.name for v in variants]
         if requested not in names:
@@ -596,7 +598,7 @@ def parse_sweep(data: Any, source: str | Path, paths: Paths | None = None) -> Sw
         seen_ident[ident] = v.name
         seen_name.add(v.name)
         seen_dir[v.dirname] = v.name
-    variants = _choose_baseline(ctx, variants, wheres, identities, data.get("baseline"))
+    variants = _choose_baseline(ctx, variants, identities, data.get("baseline"))
     spec = SweepSpec(name=name, source=source, datasets=resolved, configs=tuple(configs),
                      folds=tuple(folds), seeds=tuple(seeds), base_trainer_overrides=base_trainer_strings,
                      base_plan_overrides=base_plan_strings, variants=tuple(variants),
@@ -707,8 +709,6 @@ def derive_plan(plan: Plan, overrides: typing.Sequence[str]) -> tuple[Plan, tupl
     Only a change of target spacing or resampling gets a new ``data_identifier`` (and needs a
     preprocess run); patch size, batch size and topology train on the dataset's data as is.
     """
-    from autoseg.planning.plan import apply_plan_overrides
-
     derived = apply_plan_overrides(plan, list(overrides))
     configs = dict(derived.configurations)
     changed = []
@@ -732,25 +732,20 @@ def derive_plan(plan: Plan, overrides: typing.Sequence[str]) -> tuple[Plan, tupl
 class SweepJobs:
     """The job graph of a sweep: dataset setup (plan/preprocess) and the variant jobs."""
 
-    setup: tuple[Any, ...]
+    setup: tuple[JobSpec, ...]
     """Plan and preprocess jobs for datasets not (fully) planned/preprocessed yet (JobSpec)."""
-    jobs: tuple[Any, ...]
+    jobs: tuple[JobSpec, ...]
     """Setup jobs again, derived-plan preprocess jobs and one train job per run (JobSpec)."""
     unplanned: tuple[str, ...]
     """Datasets whose plan does not exist yet: their derived plans are made after setup."""
 
     @property
-    def train_jobs(self) -> tuple[Any, ...]:
-        from autoseg.schedule.jobs import JobKind
-
+    def train_jobs(self) -> tuple[JobSpec, ...]:
         return tuple(j for j in self.jobs if j.kind is JobKind.TRAIN)
 
 
 def _preprocessed_complete(paths: Paths, dataset: str, plan: Plan, configs: tuple[str, ...]) -> bool:
     """Every configuration's data folder holds every training case, and splits.json exists."""
-    from autoseg.dataset.spec import load_dataset
-    from autoseg.preprocess import list_preprocessed_cases
-
     if not paths.splits_file(dataset).is_file():
         return False
     raw = paths.raw_dataset(dataset)
@@ -762,14 +757,12 @@ def _preprocessed_complete(paths: Paths, dataset: str, plan: Plan, configs: tupl
     return True
 
 
-def setup_jobs(spec: SweepSpec, paths: Paths) -> list[Any]:
+def setup_jobs(spec: SweepSpec, paths: Paths) -> list[JobSpec]:
     """Plan (if plans.json is missing) and preprocess (if data is missing) jobs per dataset.
 
     The preprocess job id names the configurations, so a ``train-all`` preprocess of other
     configurations (DONE in the store) does not stand in for this one.
     """
-    from autoseg.schedule.jobs import JobKind, JobSpec
-
     jobs = []
     for ds in spec.datasets:
         planned = paths.plans_file(ds).is_file()
@@ -803,15 +796,12 @@ def build_sweep_jobs(spec: SweepSpec, paths: Paths, write_plans: bool = True) ->
     only when their preprocessing differs, a preprocess job for it, shared by all variants with
     the same preprocessing. Datasets without a plan yet get their train jobs after setup.
     """
-    from autoseg.schedule.jobs import JobKind, JobSpec, Resources
-    from autoseg.schedule.runner import estimate_train_seconds
-
     setup = setup_jobs(spec, paths)
     setup_ids = {ds: tuple(j.job_id for j in setup if j.dataset == ds and j.kind is JobKind.PREPROCESS)
                  for ds in spec.datasets}
-    jobs: list[Any] = list(setup)
+    jobs: list[JobSpec] = list(setup)
     unplanned = tuple(ds for ds in spec.datasets if not paths.plans_file(ds).is_file())
-    prep_jobs: dict[tuple[str, tuple[str, ...]], Any] = {}
+    prep_jobs: dict[tuple[str, tuple[str, ...]], JobSpec] = {}
     for ds in spec.datasets:
         plan = None if ds in unplanned else load_record(paths.plans_file(ds), Plan)
         for v in spec.variants:
@@ -854,7 +844,7 @@ class SweepRun:
 
     spec: SweepSpec
     jobs: SweepJobs
-    summaries: tuple[Any, ...]
+    summaries: tuple[RunSummary, ...]
     """One RunSummary per run_jobs call (setup first when a dataset had to be planned)."""
 
     @property
@@ -862,17 +852,13 @@ class SweepRun:
         return all(s.ok for s in self.summaries)
 
 
-def run_sweep(spec: SweepSpec, paths: Paths, executor: Any, options: Any) -> SweepRun:
+def run_sweep(spec: SweepSpec, paths: Paths, executor: Executor, options: RunOptions) -> SweepRun:
     """Record the sweep, then run its jobs through the scheduler (`run_jobs`), skipping DONE ones.
 
     When a dataset has no plan yet and the sweep overrides plan fields, its plan/preprocess jobs
     run first: derived plans are made from the dataset's plan. Re-running runs only what is
     missing; interrupted trainings resume from their checkpoints.
     """
-    from autoseg.schedule.lock import RunLock
-    from autoseg.schedule.runner import run_jobs
-    from autoseg.schedule.store import StateStore
-
     summaries = []
     with RunLock(paths), StateStore.open(paths) as store:
         spec = record_sweep(spec, paths)

@@ -177,7 +177,7 @@ def _train(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan, ckpt: 
     data_dir = paths.preprocessed_data(tid.dataset, config.data_identifier)
 
     def spec(ids: list[str], seed: int) -> Any:
-        return LoaderSpec(data_dir=data_dir, case_ids=list(ids), config=config, augment=cfg.augment,
+        return LoaderSpec(data_dir=data_dir, case_ids=tuple(ids), config=config, augment=cfg.augment,
                           batch_size=batch, num_workers=workers, seed=seed,
                           deep_supervision=cfg.deep_supervision,
                           oversample_foreground=cfg.oversample_foreground,

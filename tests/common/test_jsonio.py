@@ -36,7 +36,7 @@ class Rec:
 def test_round_trip(tmp_path: Path) -> None:
     r = Rec("n", Inner(1, (0.5, 2.0)), {1: "one", 2: "two"}, None, "e", (Inner(2, ()),))
     save_record(tmp_path / "r.json", r)
-    data = json.loads((tmp_path / "r.json").read_text())
+    data = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
     assert data["schema"] == "autoseg.test" and data["schema_version"] == 2
     assert load_record(tmp_path / "r.json", Rec) == r
 
@@ -51,7 +51,7 @@ def test_round_trip(tmp_path: Path) -> None:
 def test_strict_reading(tmp_path: Path, mutate, message) -> None:
     r = Rec("n", Inner(1, (0.5,)), {})
     save_record(tmp_path / "r.json", r)
-    d = json.loads((tmp_path / "r.json").read_text())
+    d = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
     mutate(d)
     (tmp_path / "r.json").write_text(json.dumps(d))
     with pytest.raises(AutosegError, match=message) as e:
@@ -75,5 +75,5 @@ def test_malformed_json_names_file(tmp_path: Path) -> None:
 def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
     atomic_write_text(tmp_path / "f.txt", "one")
     atomic_write_text(tmp_path / "f.txt", "two")
-    assert (tmp_path / "f.txt").read_text() == "two"
+    assert (tmp_path / "f.txt").read_text(encoding="utf-8") == "two"
     assert os.listdir(tmp_path) == ["f.txt"]

@@ -21,7 +21,7 @@ def test_environment_is_read_only_in_paths_executors_and_cli() -> None:
         rel = path.relative_to(PACKAGE).as_posix()
         if rel in ENV_ALLOWED or rel.startswith("cli/"):
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
                     and node.value.id == "os" and node.attr in ("environ", "getenv", "putenv")):
                 offenders.append(f"{rel}:{node.lineno}")
@@ -37,7 +37,7 @@ def test_no_library_module_imports_the_cli() -> None:
         rel = path.relative_to(PACKAGE).as_posix()
         if rel.startswith("cli/") or rel == "__main__.py":
             continue
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("autoseg.cli"):
                 offenders.append(rel)
@@ -49,7 +49,7 @@ def test_no_library_module_imports_the_cli() -> None:
 def test_checkpoints_are_never_unpickled() -> None:
     offenders = []
     for path in _modules():
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         if "weights_only=False" in text or "pickle.load" in text:
             offenders.append(path.relative_to(PACKAGE).as_posix())
     assert offenders == []

@@ -47,7 +47,7 @@ def make_tiny_dataset(raw_root: Path, num_cases: int = 3, num_channels: int = 1,
 def edit_dataset_json(root: Path, **changes: object) -> None:
     """Set (or, with value None, delete) top-level keys of a dataset.json."""
     path = root / "dataset.json"
-    meta = json.loads(path.read_text())
+    meta = json.loads(path.read_text(encoding="utf-8"))
     for key, value in changes.items():
         if value is None:
             meta.pop(key, None)

@@ -67,7 +67,7 @@ def test_4d_two_channel_task_is_split_with_geometry_kept(tmp_path: Path, paths: 
     assert sorted(p.name for p in (out / "imagesTr").iterdir()) == [
         f"brain_{i:03d}_{c:04d}.nii.gz" for i in range(3) for c in range(2)]
     assert sorted(p.name for p in (out / "imagesTs").iterdir()) == ["brain_003_0000.nii.gz", "brain_003_0001.nii.gz"]
-    meta = json.loads((out / "dataset.json").read_text())
+    meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert {k: meta[k] for k in ("channel_names", "labels", "numTraining", "file_ending", "name")} == {
         "channel_names": {"0": "FLAIR", "1": "T1w"}, "labels": {"background": 0, "edema": 1, "tumour": 2},
         "numTraining": 3, "file_ending": ".nii.gz", "name": "BrainTumour"}
@@ -118,7 +118,7 @@ def test_cli_convert_refuses_overwrite_without_force(tmp_path: Path, paths: Path
 
 def test_failed_conversion_leaves_nothing_behind(tmp_path: Path, paths: Paths) -> None:
     task = make_msd_task(tmp_path / "Task01_BrainTumour")
-    meta = json.loads((task / "dataset.json").read_text())
+    meta = json.loads((task / "dataset.json").read_text(encoding="utf-8"))
     meta["modality"] = {"0": "FLAIR", "1": "T1w", "2": "T2w"}  # the files hold 2 channels
     (task / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(DatasetError, match="2 channels on its 4th axis but dataset.json 'modality' declares 3") as e:
@@ -129,7 +129,7 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path: Path, paths: Paths) -
 
 def test_name_defaults_to_folder_without_task_prefix(tmp_path: Path, paths: Paths) -> None:
     task = make_msd_task(tmp_path / "Task09_Spleen", num_training=2, num_test=0, channels=1)
-    meta = json.loads((task / "dataset.json").read_text())
+    meta = json.loads((task / "dataset.json").read_text(encoding="utf-8"))
     del meta["name"]
     (task / "dataset.json").write_text(json.dumps(meta))
     out = convert_msd(task, paths.raw, 9, show_progress=False)

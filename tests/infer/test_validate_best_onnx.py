@@ -110,7 +110,7 @@ def test_export_onnx_cli_and_record(phantom_trained, tmp_path):
     out = tmp_path / "model.onnx"
     result = _cli(paths, "export-onnx", "-d", "999", "-c", "3d_fullres", "-f", "0", "-o", str(out))
     assert result.exit_code == 0, result.output
-    rec = json.loads(out.with_suffix(".json").read_text())
+    rec = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
     assert rec["schema"] == "autoseg.onnx_export" and rec["opset"] == 17
     assert rec["input_shape"] == [1, 1, *plan.configuration("3d_fullres").patch_size]
     assert rec["max_abs_diff"] <= rec["tolerance"]

@@ -85,7 +85,7 @@ def test_fingerprint_is_cached_until_forced_or_stale(paths: Paths) -> None:
     _tiny_dataset(paths.raw / "Dataset010_Tiny")
     first = load_or_extract_fingerprint(paths, "Dataset010_Tiny", progress_bar=False)
     file = paths.fingerprint_file("Dataset010_Tiny")
-    assert json.loads(file.read_text())["schema"] == "autoseg.fingerprint"
+    assert json.loads(file.read_text(encoding="utf-8"))["schema"] == "autoseg.fingerprint"
     stamp = file.stat().st_mtime_ns
     assert load_or_extract_fingerprint(paths, "Dataset010_Tiny", progress_bar=False) == first
     assert file.stat().st_mtime_ns == stamp

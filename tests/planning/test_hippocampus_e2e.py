@@ -49,7 +49,7 @@ def test_cli_plans_prints_reasons_and_protects_the_plan(hippocampus_full_copy: P
 
     forced = _plan(paths, DATASET, "--gpu-memory", "8", "--set", "3d_fullres.patch_size=48,64,48", "--force")
     assert forced.exit_code == 0, forced.output
-    saved = json.loads(paths.plans_file(DATASET).read_text())
+    saved = json.loads(paths.plans_file(DATASET).read_text(encoding="utf-8"))
     assert saved["configurations"]["3d_fullres"]["patch_size"] == [48, 64, 48]
     assert saved["overrides"] == ["3d_fullres.patch_size=48,64,48"]
 

@@ -1,0 +1,74 @@
+"""`autoseg train-all` and `autoseg status` through click, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+import autoseg.cli
+from autoseg.dataset.phantom import PhantomRecipe, make_phantom_dataset
+from autoseg.report.tables import render_table
+from autoseg.schedule.jobs import JobState
+from autoseg.schedule.store import StateStore
+from tests.schedule.conftest import DATASET, train_jobs
+
+
+def _cli(paths, *args: str):
+    return CliRunner().invoke(autoseg.cli.cli, ["--raw", str(paths.raw), "--preprocessed", str(paths.preprocessed),
+                                                "--results", str(paths.results), *args])
+
+
+def test_dry_run_shows_graph_and_gpus(sched_paths) -> None:
+    make_phantom_dataset(sched_paths.raw, PhantomRecipe(num_training=4, num_test=0, shape=(8, 16, 16)))
+    result = _cli(sched_paths, "train-all", "--configs", "3d_fullres", "--folds", "0-4", "--gpus", "0,1",
+                  "--dry-run")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:4] == ["job", "after", "GPU", "CPUs"]
+    names = [line.split()[0] for line in lines[2:]]
+    assert names == ["plan:" + DATASET, "preprocess:" + DATASET] + [
+        f"train:{DATASET}:3d_fullres:default:fold_{k}" for k in range(5)] + ["find_best:" + DATASET]
+    gpus = {line.split()[0]: line.split()[-2] for line in lines[2:]}
+    assert {gpus[n] for n in names[2:7]} <= {"0", "1"} and gpus[names[0]] == "-"
+    assert not (sched_paths.results / ".autoseg").exists()  # nothing started, nothing written
+    partial = _cli(sched_paths, "train-all", "--configs", "3d_fullres", "--folds", "0,1", "--dry-run")
+    assert "find_best" not in partial.stdout
+
+
+def test_broken_dataset_fails_with_one_line_summary(sched_paths) -> None:
+    make_phantom_dataset(sched_paths.raw, PhantomRecipe(num_training=4, num_test=0, shape=(8, 16, 16)))
+    (sched_paths.raw / DATASET / "dataset.json").write_text("{ not json")
+    result = _cli(sched_paths, "train-all", "--configs", "3d_fullres", "--folds", "0", "--gpus", "0", "--quiet",
+                  "--retries", "1")
+    assert result.exit_code == 1
+    summary = [line for line in result.stderr.splitlines() if line.startswith("3 jobs")]
+    assert len(summary) == 1
+    assert "1 failed" in summary[0] and "2 blocked" in summary[0] and "failed: plan:" + DATASET in summary[0]
+    assert "log: " in summary[0] and "after 2 attempt(s)" in summary[0]
+    status = _cli(sched_paths, "status")
+    assert status.exit_code == 0
+    rows = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()[2:-1]}
+    assert rows["plan:" + DATASET] == "failed" and rows[f"train:{DATASET}:3d_fullres:default:fold_0"] == "blocked"
+
+
+def test_status_shows_training_progress(sched_paths) -> None:
+    (job,) = train_jobs(1)
+    with StateStore.open(sched_paths) as store:
+        store.register([job])
+        store.update(job.job_id, state=JobState.RUNNING, gpu="3", attempt=1, started_at=1.0)
+    fold_dir = sched_paths.training_dir(job.training_id())
+    fold_dir.mkdir(parents=True)
+    lines = [{"epoch": e, "epochs": 10, "mean_pseudo_dice": 0.5 + e / 10, "epoch_time_s": 30.0} for e in range(3)]
+    (fold_dir / "training_log.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{\"epo")
+    result = _cli(sched_paths, "status")
+    assert result.exit_code == 0
+    header, _, row = result.stdout.splitlines()[:3]
+    assert header.split() == ["job", "state", "GPU", "try", "epoch", "ETA", "pseudo-Dice", "elapsed", "log"]
+    cells = row.split()
+    assert cells[1:7] == ["running", "3", "1", "3/10", "3m30s", "0.7000"]
+
+
+def test_status_without_runs_and_render_table() -> None:
+    text = render_table(("a", "n"), [["x", 1.5], ["longer", None]])
+    assert text.splitlines() == ["a         n", "------  ---", "x       1.5", "longer    -"]

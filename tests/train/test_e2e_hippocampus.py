@@ -1,0 +1,108 @@
+"""End to end on real MSD Hippocampus (3d_fullres, shrunk patch): learning, kill -9 and --continue.
+
+The plan is the real planner's, with the patch shrunk to 24x32x24 (``--plans`` with a
+derived plan, as sweeps do) so that CPU steps take a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from autoseg.cli import cli
+from autoseg.common.jsonio import save_record
+from autoseg.common.paths import Paths, TrainingId
+from autoseg.planning.plan import PlanRequest, apply_plan_overrides, plan_and_save
+from autoseg.preprocess import preprocess_dataset
+from autoseg.train.checkpoint import load_checkpoint
+from autoseg.train.config import apply_overrides, TrainerConfig
+from autoseg.train.run import train_fold
+
+DATASET = "Dataset004_Hippocampus"
+SMALL_PATCH = "3d_fullres.patch_size=24,32,24"
+TINY = ["iterations_per_epoch=4", "val_iterations=2", "batch_size=2", "num_workers=0", "augment.mirror=false"]
+REPO = Path(__file__).resolve().parents[2]
+
+pytest.importorskip("autoseg.data.loader", reason="the data loader (autoseg.data.loader) is not in this tree yet")
+
+
+@pytest.fixture(scope="module")
+def hippo(hippocampus_small: Paths, tmp_path_factory: pytest.TempPathFactory) -> tuple[Paths, Path]:
+    """Our own preprocessed/results roots over the shared raw cases; the small-patch plan file."""
+    root = tmp_path_factory.mktemp("train_hippo")
+    paths = Paths(raw=hippocampus_small.raw, preprocessed=root / "preprocessed", results=root / "results")
+    plan = plan_and_save(paths, DATASET, PlanRequest(configs=("3d_fullres",), progress_bar=False)).plan
+    preprocess_dataset(paths, DATASET, ["3d_fullres"], plan=plan)
+    plan_file = root / "small_plans.json"
+    save_record(plan_file, apply_plan_overrides(plan, [SMALL_PATCH]))
+    return paths, plan_file
+
+
+def _cli_args(paths: Paths) -> list[str]:
+    return ["--raw", str(paths.raw), "--preprocessed", str(paths.preprocessed), "--results", str(paths.results)]
+
+
+def test_training_loss_falls_and_the_fold_is_complete(hippo) -> None:
+    from autoseg.planning.plan import load_plan_file
+
+    paths, plan_file = hippo
+    cfg = apply_overrides(TrainerConfig(), ["epochs=3", *TINY, "lr=0.01"])
+    tid = TrainingId(DATASET, "3d_fullres", 0, variant="small")
+    result = train_fold(paths, tid, cfg, load_plan_file(plan_file), device="cpu", quiet=True)
+    log = [json.loads(s) for s in (result.fold_dir / "training_log.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1, 2]
+    assert log[-1]["train_loss"] < log[0]["train_loss"]
+    assert result.epochs_completed == 3 and result.best_ema_pseudo_dice is not None
+    names = {p.name for p in result.fold_dir.iterdir()}
+    assert {"trainer_config.json", "plans.json", "dataset.json", "progress.png", "checkpoint_latest.pt",
+            "checkpoint_best.pt", "checkpoint_final.pt", "tmp", "compile_cache", ".lock"} <= names
+    assert json.loads((result.fold_dir / "plans.json").read_text(encoding="utf-8"))["configurations"]["3d_fullres"][
+        "patch_size"] == [24, 32, 24]
+    assert result.validation_dir == result.fold_dir / "validation"  # the fold's final validation ran
+    assert (result.validation_dir / "summary.json").is_file()
+
+
+def test_sigkill_then_continue_resumes_epoch_and_optimizer(hippo) -> None:
+    paths, plan_file = hippo
+    args = ["train", DATASET, "3d_fullres", "2", "--plans", str(plan_file), "--device", "cpu", "--quiet",
+            "--set", "epochs=4", "--set", "optimizer=adamw", "--set", "lr=0.001",
+            *[x for s in TINY for x in ("--set", s)]]
+    fold_dir = paths.training_dir(TrainingId(DATASET, "3d_fullres", 2))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "autoseg", *_cli_args(paths), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        latest, deadline = None, time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (fold_dir / "checkpoint_latest.pt").is_file():
+                latest = load_checkpoint(fold_dir / "checkpoint_latest.pt")
+                if latest.epoch >= 1:
+                    break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert latest is not None and 1 <= latest.epoch < 4, proc.stderr.read().decode()[-2000:]
+    assert not (fold_dir / "checkpoint_final.pt").exists()
+
+    again = CliRunner().invoke(cli, [*_cli_args(paths), *args])  # without --continue: refused
+    assert again.exit_code == 2 and "use --continue" in again.stderr
+    resumed = CliRunner().invoke(cli, [*_cli_args(paths), *args, "--continue"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "trained, 4 epochs" in resumed.output
+    final = load_checkpoint(fold_dir / "checkpoint_final.pt")
+    assert final.epoch == 4 and [r["epoch"] for r in final.history] == [0, 1, 2, 3]
+    assert final.history[: latest.epoch] == latest.history  # the epochs before the kill were kept
+    steps = {float(s["step"]) for s in final.optimizer_state["state"].values()}
+    # with the epochs before the kill kept (above), a fresh optimizer would count only (4 - k) * 4 steps
+    assert steps == {4 * 4}
+    lines = (fold_dir / "training_log.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(s)["epoch"] for s in lines] == [0, 1, 2, 3]
