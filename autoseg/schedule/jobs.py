@@ -131,7 +131,8 @@ class JobSpec:
             if self.plans_file:
                 argv += ["--plans", self.plans_file]
         elif self.kind is JobKind.FIND_BEST:
-            argv += ["find-best", self.dataset, "--variant", self.variant]
+            # the job only runs when its trainings changed, so a stale best.json is replaced
+            argv += ["find-best", self.dataset, "--variant", self.variant, "--force"]
             if self.configs:
                 argv += ["-c", *self.configs]
         return argv

@@ -40,7 +40,7 @@ def test_cpu_job_commands(tmp_path) -> None:
     best = JobSpec.make(JobKind.FIND_BEST, "D", configs=("2d",))
     assert plan.command(paths, 2)[-8:] == ["plan", "D", "--configs", "2d", "--gpu-memory", "24", "-j", "2"]
     assert prep.command(paths, 2)[-7:] == ["preprocess", "D", "--configs", "2d", "3d_fullres", "-j", "2"]
-    assert best.command(paths)[-6:] == ["find-best", "D", "--variant", "default", "-c", "2d"]
+    assert best.command(paths)[-7:] == ["find-best", "D", "--variant", "default", "--force", "-c", "2d"]
 
 
 def test_spec_and_record_round_trip(tmp_path) -> None:
