@@ -12,7 +12,6 @@ import argparse
 import os
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,15 +24,9 @@ from autoseg.common.paths import Paths  # noqa: E402
 from autoseg.dataset.spec import load_dataset  # noqa: E402
 from autoseg.fingerprint import extract_fingerprint  # noqa: E402
 from autoseg.planning.plan import plan_dataset  # noqa: E402
+from benchmarks.common import git_commit  # noqa: E402
 from tests.helpers import hippocampus_available, hippocampus_case_ids, link_hippocampus_subset  # noqa: E402
 
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -56,7 +49,7 @@ def main() -> None:
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s); "
-          f"python {platform.python_version()}; commit {_commit()}")
+          f"python {platform.python_version()}; commit {git_commit()}")
     print(f"cases: {len(fp.cases)}  workers: {args.workers}  budget: {args.gpu_memory:g} GB")
     print(f"fingerprint: {t1 - t0:.2f} s ({len(fp.cases) / (t1 - t0):.0f} cases/s)")
     print(f"plan:        {(t2 - t1) * 1000:.1f} ms")

@@ -10,7 +10,6 @@ argmax); writing is left out. Runs on the GPU when one is present, else on the C
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,15 +26,9 @@ from autoseg.fingerprint import extract_fingerprint  # noqa: E402
 from autoseg.infer.predict import LoadedModel, PredictOptions, predict_case, resolve_device  # noqa: E402
 from autoseg.nets.unet import build_unet  # noqa: E402
 from autoseg.planning.plan import plan_dataset  # noqa: E402
+from benchmarks.common import git_commit  # noqa: E402
 from tests.helpers import hippocampus_available, hippocampus_case_ids, link_hippocampus_subset  # noqa: E402
 
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -60,7 +53,7 @@ def main() -> None:
         model = LoadedModel([net], plan, config, tuple(range(config.ndim)), device)
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
         print(f"device {device} (GPU: {gpu}), torch {torch.__version__}, CUDA {torch.version.cuda}, "
-              f"threads {torch.get_num_threads()}, commit {_commit()}")
+              f"threads {torch.get_num_threads()}, commit {git_commit()}")
         print(f"3d_fullres patch {config.patch_size}, features {config.features_per_stage}, {args.cases} cases")
         for tta in (False, True):
             options = PredictOptions(tta=tta)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,17 +32,11 @@ from autoseg.splits import fold_cases, load_splits  # noqa: E402
 from autoseg.train.config import TrainerConfig  # noqa: E402
 from autoseg.train.loop import FitSetup, RunMeta, fit, resolve_runtime  # noqa: E402
 from autoseg.train.losses import build_loss  # noqa: E402
+from benchmarks.common import git_commit  # noqa: E402
 from tests.helpers import hippocampus_available, hippocampus_case_ids, link_hippocampus_subset  # noqa: E402
 
 DATASET = "Dataset004_Hippocampus"
 
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -90,7 +83,7 @@ def main() -> None:
     rec = result.history[-1]
     device_name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "CPU"
     amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[rt.amp_dtype]
-    print(f"date {datetime.date.today()}  commit {_commit()}  torch {torch.__version__}  "
+    print(f"date {datetime.date.today()}  commit {git_commit()}  torch {torch.__version__}  "
           f"cuda {torch.version.cuda}  device {device_name}  threads {torch.get_num_threads()}")
     print(f"Hippocampus 3d_fullres patch {config.patch_size} batch {batch}  workers {args.workers}  "
           f"amp {amp}  compile {rt.compile}  iterations {args.iterations}")
