@@ -79,9 +79,19 @@ def init_distributed(ctx: DistContext, device_type: str, init_method: str = "env
     log.info("joined process group: rank %d of %d (%s)", ctx.rank, ctx.world_size, backend)
 
 
-def shutdown_distributed(ctx: DistContext) -> None:
-    """Leave the process group, if this process joined one."""
-    if ctx.enabled and dist.is_initialized():
+def shutdown_distributed(ctx: DistContext, clean: bool = True) -> None:
+    """Leave the process group, if this process joined one.
+
+    On a clean exit every rank first meets at a barrier: a rank that tears down its gloo
+    connections while a peer still uses them can make that peer abort (``std::terminate``).
+    After an error the barrier is skipped, since the other ranks may never arrive.
+    """
+    if not (ctx.enabled and dist.is_initialized()):
+        return
+    try:
+        if clean:
+            dist.barrier()
+    finally:
         dist.destroy_process_group()
 
 

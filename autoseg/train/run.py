@@ -88,10 +88,13 @@ def train_fold(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan | N
         cfg = dataclasses.replace(cfg, seed=tid.seed)
     rt = resolve_runtime(cfg, device, dist, quiet)
     init_distributed(dist, rt.device.type)
+    clean = False
     try:
-        return _train_fold_locked(paths, tid, cfg, plan, rt, resume, force, num_workers)
+        result = _train_fold_locked(paths, tid, cfg, plan, rt, resume, force, num_workers)
+        clean = True
+        return result
     finally:
-        shutdown_distributed(dist)
+        shutdown_distributed(dist, clean=clean)
 
 
 def _train_fold_locked(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan | None, rt: Runtime,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -17,22 +18,30 @@ from tests.train.conftest import cpu_runtime, make_setup
 WORLD = 2
 
 
-def _worker(rank: int, tmp: str) -> None:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, tmp: str, port: int) -> None:
     torch.set_num_threads(1)
     ctx = DistContext(rank=rank, world_size=WORLD, local_rank=rank)
-    init_distributed(ctx, "cpu", init_method=f"file://{tmp}/rendezvous")
+    init_distributed(ctx, "cpu", init_method=f"tcp://127.0.0.1:{port}")
+    clean = False
     try:
         cfg = TrainerConfig(epochs=1, iterations_per_epoch=2, val_iterations=1, seed=0)
         setup = make_setup(Path(tmp) / "fold", cfg, seed=100 + rank, batch_size=split_batch(2, ctx),
                            distributed=True)
         fit(setup, cpu_runtime(ctx))
         torch.save(setup.net.state_dict(), Path(tmp) / f"rank{rank}.pt")
+        clean = True
     finally:
-        shutdown_distributed(ctx)
+        shutdown_distributed(ctx, clean=clean)
 
 
 def test_two_ranks_end_with_identical_weights(tmp_path) -> None:
-    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path), _free_port()), nprocs=WORLD, join=True)
     states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     initial = make_setup(tmp_path / "init", TrainerConfig(seed=0)).net.state_dict()
     changed = 0
