@@ -47,11 +47,16 @@ def dist_from_env() -> DistContext:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--num-workers", type=click.IntRange(min=0), default=None,
               help="Data-augmentation workers (default: $AUTOSEG_NUM_WORKERS, else a share of the CPUs).")
+@click.option("--save-probabilities", "--npz", "save_probabilities", is_flag=True,
+              help="Keep the final validation's softmax maps (CASE.npz), so find-best can score ensembles.")
+@click.option("--validation-only", "--val", "validation_only", is_flag=True,
+              help="Only re-run the final validation of a trained fold (from checkpoint_final.pt).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def train_cmd(ctx: click.Context, dataset: str, config: str, fold: str, resume: bool, force: bool,
               overrides: tuple[str, ...], variant: str, seed: int | None, plans_file: Path | None,
-              device: str, num_workers: int | None, quiet: bool) -> None:
+              device: str, num_workers: int | None, save_probabilities: bool, validation_only: bool,
+              quiet: bool) -> None:
     """Train DATASET's CONFIG on FOLD (0-4 or 'all'), then validate the fold."""
     from autoseg.planning.plan import load_plan_file
 
@@ -63,11 +68,26 @@ def train_cmd(ctx: click.Context, dataset: str, config: str, fold: str, resume: 
         "AUTOSEG_NUM_WORKERS", default_num_workers(os.cpu_count() or 1, dist.world_size))
     plan = load_plan_file(plans_file) if plans_file is not None else None
     try:
-        r = train_fold(paths, tid, cfg, plan, device, resume, force, workers, quiet, dist)
+        r = train_fold(paths, tid, cfg, plan, device, resume, force, workers, quiet, dist,
+                       save_probabilities=save_probabilities, validation_only=validation_only)
     except TrainingInterrupted as e:
         click.echo(f"interrupted in epoch {e.epoch}; resume with --continue ({e.checkpoint})", err=True)
         ctx.exit(EXIT_INTERRUPTED)
     if dist.is_main:
         best = "n/a" if r.best_ema_pseudo_dice is None else f"{r.best_ema_pseudo_dice:.4f}"
-        word = "already finished" if r.status == "already_finished" else "trained"
+        word = {"already_finished": "already finished", "validated": "validated"}.get(r.status, "trained")
         click.echo(f"{tid}: {word}, {r.epochs_completed} epochs, best EMA pseudo-Dice {best}; files in {r.fold_dir}")
+        if r.validation_dir is not None and r.status != "already_finished":
+            _echo_validation(r.validation_dir)
+
+
+def _echo_validation(validation_dir: Path) -> None:
+    """One line with the fold's validation Dice, when its summary exists."""
+    from autoseg.common.jsonio import load_record
+    from autoseg.evaluate.summary import SUMMARY_FILE, Summary
+
+    file = validation_dir / SUMMARY_FILE
+    if file.is_file():
+        summary = load_record(file, Summary)
+        click.echo(f"validation: {len(summary.cases)} cases, mean foreground Dice "
+                   f"{summary.foreground_dice:.4f} ({file})")

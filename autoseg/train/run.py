@@ -64,7 +64,8 @@ class TrainResult:
     training_id: TrainingId
     fold_dir: Path
     status: str
-    """``trained``, or ``already_finished`` when resuming a run that has its final checkpoint."""
+    """``trained``; ``already_finished`` when resuming a finished, validated run; ``validated`` when
+    only the final validation ran (``validation_only``, or resuming a run killed while validating)."""
     epochs_completed: int
     best_ema_pseudo_dice: float | None
     final_ema_pseudo_dice: float | None
@@ -75,8 +76,15 @@ class TrainResult:
 def train_fold(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan | None = None,
                device: str = "auto", resume: bool = False, force: bool = False,
                num_workers: int | None = None, quiet: bool = False,
-               dist: DistContext | None = None) -> TrainResult:
+               dist: DistContext | None = None, save_probabilities: bool = False,
+               validation_only: bool = False) -> TrainResult:
     """Train one fold; resume from ``checkpoint_latest.pt`` when asked; validate the fold at the end.
+
+    ``save_probabilities`` keeps the validation softmax maps (``CASE.npz``, nnU-Net's ``--npz``)
+    so that `find_best` can score ensembles. ``validation_only`` re-runs just the final
+    validation from ``checkpoint_final.pt`` (nnU-Net's ``--val``), e.g. to add the probabilities.
+    Resuming a finished run whose validation is missing or lacks requested probabilities
+    (killed while validating) completes the validation instead of reporting it finished.
 
     ``tid.seed`` (sweeps) overrides ``cfg.seed``. ``num_workers`` is the caller's CPU share
     for data workers, used when ``cfg.num_workers`` is None. ``dist`` places this process in
@@ -87,10 +95,17 @@ def train_fold(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan | N
     if tid.seed is not None:
         cfg = dataclasses.replace(cfg, seed=tid.seed)
     rt = resolve_runtime(cfg, device, dist, quiet)
+    if validation_only and (resume or force):
+        raise AutosegError("--validation-only cannot be combined with --continue or --force",
+                           where=paths.training_dir(tid))
     init_distributed(dist, rt.device.type)
     clean = False
     try:
-        result = _train_fold_locked(paths, tid, cfg, plan, rt, resume, force, num_workers)
+        if validation_only:
+            result = _validation_only(paths, tid, rt, save_probabilities)
+        else:
+            result = _train_fold_locked(paths, tid, cfg, plan, rt, resume, force, num_workers,
+                                        save_probabilities)
         clean = True
         return result
     finally:
@@ -98,7 +113,8 @@ def train_fold(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan | N
 
 
 def _train_fold_locked(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan | None, rt: Runtime,
-                       resume: bool, force: bool, num_workers: int | None) -> TrainResult:
+                       resume: bool, force: bool, num_workers: int | None,
+                       save_probabilities: bool) -> TrainResult:
     """Lock the fold dir (rank 0), settle resume/force, record inputs, then `_train`."""
     dist = rt.dist
     fold_dir = paths.training_dir(tid)
@@ -122,9 +138,13 @@ def _train_fold_locked(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: 
         if ckpt is None and not dist.is_main and resume and (fold_dir / ckpt_files.LATEST).is_file():
             ckpt = load_checkpoint(fold_dir / ckpt_files.LATEST)
         if ckpt is not None and resume and (fold_dir / ckpt_files.FINAL).is_file():
+            if dist.is_main and not validation_complete(paths, tid, fold_dir, save_probabilities):
+                log.info("%s is trained but its validation is incomplete; validating", tid)
+                return _validate_finished(paths, tid, fold_dir, rt, save_probabilities)
             log.info("%s is finished (%s exists); nothing to do", tid, ckpt_files.FINAL)
             return TrainResult(tid, fold_dir, "already_finished", ckpt.epoch, ckpt.best_ema_pseudo_dice,
-                               ckpt.history[-1]["ema_pseudo_dice"] if ckpt.history else None)
+                               ckpt.history[-1]["ema_pseudo_dice"] if ckpt.history else None,
+                               fold_dir / VALIDATION_DIR if dist.is_main else None)
         if ckpt is not None:
             cfg, plan = _config_for_resume(ckpt, cfg), ckpt.plan
             rt = resolve_runtime(cfg, rt.device.type, dist, rt.quiet)  # amp/compile as the run began
@@ -135,7 +155,7 @@ def _train_fold_locked(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: 
             num_workers if num_workers is not None else default_num_workers(os.cpu_count() or 1, dist.world_size))
         if dist.is_main:
             _record_inputs(paths, tid.dataset, fold_dir, cfg, plan)
-        return _train(paths, tid, cfg, plan, ckpt, fold_dir, workers, rt)
+        return _train(paths, tid, cfg, plan, ckpt, fold_dir, workers, rt, save_probabilities)
 
 
 def parse_fold(text: str | int) -> int | str:
@@ -159,7 +179,7 @@ def check_training_id(tid: TrainingId) -> None:
 
 
 def _train(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan, ckpt: Checkpoint | None,
-           fold_dir: Path, workers: int, rt: Runtime) -> TrainResult:
+           fold_dir: Path, workers: int, rt: Runtime, save_probabilities: bool) -> TrainResult:
     """Build the network, loss and loaders, run `fit`, then validate the fold (rank 0)."""
     from autoseg.data.loader import LoaderSpec, make_train_loader, make_val_loader
     from autoseg.nets.unet import build_unet, deep_supervision_scales
@@ -201,14 +221,16 @@ def _train(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan, ckpt: 
         val_loader.close()
     validation_dir = None
     if rt.dist.is_main:
-        validation_dir = _validate_fold(paths, tid, net, plan, cfg, val_ids, fold_dir, rt.device, not rt.quiet)
+        validation_dir = _validate_fold(paths, tid, net, plan, cfg, val_ids, fold_dir, rt.device, not rt.quiet,
+                                        save_probabilities)
     barrier(rt.dist)
     return TrainResult(tid, fold_dir, "trained", result.epochs_completed, result.best_ema_pseudo_dice,
                        result.final_ema_pseudo_dice, validation_dir)
 
 
 def _validate_fold(paths: Paths, tid: TrainingId, net: torch.nn.Module, plan: Plan, cfg: TrainerConfig,
-                   val_ids: list[str], fold_dir: Path, device: torch.device, show_progress: bool) -> Path | None:
+                   val_ids: list[str], fold_dir: Path, device: torch.device, show_progress: bool,
+                   save_probabilities: bool = False) -> Path | None:
     """Sliding-window prediction and metrics of the fold's validation cases (nnU-Net's final validation)."""
     try:
         from autoseg.infer.validate import run_validation
@@ -223,8 +245,65 @@ def _validate_fold(paths: Paths, tid: TrainingId, net: torch.nn.Module, plan: Pl
     net.deep_supervision = False
     net.eval()
     run_validation(net, plan, config, training_mirror_axes(config, cfg.augment), val_ids, paths,
-                   tid.dataset, out_dir, device, save_probabilities=False, show_progress=show_progress)
+                   tid.dataset, out_dir, device, save_probabilities=save_probabilities, show_progress=show_progress)
     return out_dir
+
+
+def validation_complete(paths: Paths, tid: TrainingId, fold_dir: Path, with_probabilities: bool) -> bool:
+    """The fold's validation finished (summary.json is written last), with probabilities if asked."""
+    from autoseg.evaluate.summary import SUMMARY_FILE
+    from autoseg.splits import fold_cases, load_splits
+
+    out_dir = fold_dir / VALIDATION_DIR
+    if not (out_dir / SUMMARY_FILE).is_file():
+        return False
+    if not with_probabilities:
+        return True
+    _, val_ids = fold_cases(load_splits(paths, tid.dataset), tid.fold)
+    return all((out_dir / f"{cid}.json").is_file() for cid in val_ids)  # the sidecar follows its npz
+
+
+def _validation_only(paths: Paths, tid: TrainingId, rt: Runtime, save_probabilities: bool) -> TrainResult:
+    """Re-run the final validation of a trained fold under its lock (rank 0; other ranks wait)."""
+    fold_dir = paths.training_dir(tid)
+    if not (fold_dir / ckpt_files.FINAL).is_file():
+        raise AutosegError(f"{ckpt_files.FINAL} not found: train this fold to the end before validating it",
+                           where=fold_dir)
+    if not rt.dist.is_main:
+        barrier(rt.dist)
+        return TrainResult(tid, fold_dir, "validated", 0, None, None)
+    with fold_lock(fold_dir), _isolated_dirs(fold_dir):
+        result = _validate_finished(paths, tid, fold_dir, rt, save_probabilities)
+    barrier(rt.dist)
+    return result
+
+
+def _validate_finished(paths: Paths, tid: TrainingId, fold_dir: Path, rt: Runtime,
+                       save_probabilities: bool) -> TrainResult:
+    """Validate with ``checkpoint_final.pt``'s network (the same code path as the end of training).
+
+    The previous validation folder is replaced only once the new one is complete.
+    """
+    from autoseg.infer.predict import load_model
+    from autoseg.infer.validate import run_validation
+    from autoseg.splits import fold_cases, load_splits
+
+    ckpt = load_checkpoint(fold_dir / ckpt_files.FINAL)
+    model = load_model([fold_dir], rt.device, checkpoint="final")
+    _, val_ids = fold_cases(load_splits(paths, tid.dataset), tid.fold)
+    final_dir = fold_dir / VALIDATION_DIR
+    staging = fold_dir / f".{VALIDATION_DIR}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    run_validation(model.nets[0], model.plan, model.config, model.mirror_axes, val_ids, paths, tid.dataset,
+                   staging, rt.device, save_probabilities=save_probabilities, show_progress=not rt.quiet)
+    old = fold_dir / f".{VALIDATION_DIR}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final_dir.exists():
+        final_dir.rename(old)
+    staging.rename(final_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    last = ckpt.history[-1]["ema_pseudo_dice"] if ckpt.history else None
+    return TrainResult(tid, fold_dir, "validated", ckpt.epoch, ckpt.best_ema_pseudo_dice, last, final_dir)
 
 
 def _prepare_fold_dir(fold_dir: Path, resume: bool, force: bool, dist: DistContext) -> Checkpoint | None:

@@ -106,3 +106,47 @@ def test_sigkill_then_continue_resumes_epoch_and_optimizer(hippo) -> None:
     assert steps == {4 * 4}
     lines = (fold_dir / "training_log.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(s)["epoch"] for s in lines] == [0, 1, 2, 3]
+
+
+def test_validation_completed_on_continue_and_rerun_with_probabilities(hippo) -> None:
+    """A run killed while validating gets its validation on --continue; --val --npz adds the softmax maps."""
+    from autoseg.common.jsonio import load_record
+    from autoseg.dataset.io import read_image
+    from autoseg.evaluate.summary import Summary
+    from autoseg.infer.predict import labels_from_probabilities, load_probabilities
+
+    paths, plan_file = hippo
+    base = ["train", DATASET, "3d_fullres", "1", "--variant", "val", "--plans", str(plan_file), "--device", "cpu",
+            "--quiet", "--set", "epochs=1", *[x for s in TINY for x in ("--set", s)]]
+
+    def run(*extra: str):
+        return CliRunner().invoke(cli, [*_cli_args(paths), *base, *extra])
+
+    first = run()
+    assert first.exit_code == 0, first.output
+    assert "validation:" in first.output and "mean foreground Dice" in first.output
+    val_dir = paths.training_dir(TrainingId(DATASET, "3d_fullres", 1, variant="val")) / "validation"
+    (val_dir / "summary.json").unlink()  # as if killed while validating: checkpoint_final exists, no summary
+
+    resumed = run("--continue")
+    assert resumed.exit_code == 0, resumed.output
+    assert ": validated, 1 epochs" in resumed.output and (val_dir / "summary.json").is_file()
+    assert "already finished" in run("--continue").output
+    assert not list(val_dir.glob("*.npz"))
+
+    with_probs = run("--validation-only", "--npz")
+    assert with_probs.exit_code == 0, with_probs.output
+    summary = load_record(val_dir / "summary.json", Summary)
+    assert summary.cases and 0.0 <= summary.foreground_dice <= 1.0
+    for case in summary.cases:
+        probs, record = load_probabilities(val_dir, case.case_id)
+        assert probs.shape[0] == 3 and record.case_id == case.case_id
+        seg, _ = read_image(val_dir / f"{case.case_id}.nii.gz")
+        agree = (labels_from_probabilities(probs) == seg).mean()
+        assert agree > 0.99  # the maps made the masks (up to float16 rounding of near-ties)
+    assert "already finished" in run("--continue", "--save-probabilities").output
+    assert not (val_dir.parent / ".validation.partial").exists()
+
+    refused = CliRunner().invoke(cli, [*_cli_args(paths), "train", DATASET, "3d_fullres", "3", "--validation-only"])
+    assert refused.exit_code == 2 and "checkpoint_final.pt not found" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1

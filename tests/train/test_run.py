@@ -47,6 +47,8 @@ def test_continue_on_a_finished_run_does_nothing(paths) -> None:
     cfg = TrainerConfig(epochs=1, iterations_per_epoch=1, val_iterations=1)
     fit(make_setup(fold_dir, cfg), cpu_runtime())
     before = (fold_dir / "checkpoint_final.pt").stat().st_mtime_ns
+    (fold_dir / "validation").mkdir()
+    (fold_dir / "validation" / "summary.json").write_text("{}", encoding="utf-8")  # validated too
     result = train_fold(paths, TID, TrainerConfig(), None, device="cpu", resume=True, quiet=True)
     assert result.status == "already_finished" and result.epochs_completed == 1
     assert (fold_dir / "checkpoint_final.pt").stat().st_mtime_ns == before
