@@ -75,6 +75,8 @@ class JobSpec:
     configs: tuple[str, ...] = ()
     depends_on: tuple[str, ...] = ()
     resources: Resources = field(default_factory=Resources)
+    save_probabilities: bool = False
+    """Train jobs: keep the validation softmax maps (``--npz``) so find-best can score ensembles."""
 
     @classmethod
     def make(cls, kind: JobKind, dataset: str, **fields: object) -> "JobSpec":
@@ -113,6 +115,8 @@ class JobSpec:
                 argv += ["--plans", self.plans_file]
             if num_workers is not None:
                 argv += ["--num-workers", str(num_workers)]
+            if self.save_probabilities:
+                argv.append("--save-probabilities")
             argv.append("--quiet")
         elif self.kind is JobKind.PLAN:
             argv += ["plan", self.dataset]

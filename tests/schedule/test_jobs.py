@@ -31,6 +31,8 @@ def test_train_command_resumes_and_carries_overrides(tmp_path) -> None:
     assert tail == ["train", "Dataset004_Hippocampus", "2d", "all", "--continue", "--variant", "v", "--seed", "3",
                     "--set", "epochs=5", "--set", "lr=0.1", "--plans", "/p/plans.json", "--num-workers", "3",
                     "--quiet"]
+    with_npz = JobSpec.make(JobKind.TRAIN, "D", config="2d", fold=0, save_probabilities=True).command(paths)
+    assert with_npz[-2:] == ["--save-probabilities", "--quiet"]
 
 
 def test_cpu_job_commands(tmp_path) -> None:
