@@ -27,22 +27,20 @@ last, so a case is complete exactly when its json exists):
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 from scipy.ndimage import binary_fill_holes
 from skimage.transform import resize
 
 from autoseg.common.errors import AutosegError
-from autoseg.common.jsonio import load_record, save_record
+from autoseg.common.jsonio import atomic_write_with, load_record, save_record
 from autoseg.common.paths import Paths
 from autoseg.common.progress import progress
 from autoseg.dataset.io import Geometry, read_case, read_image
@@ -376,18 +374,6 @@ def revert_preprocessing(array: np.ndarray, props: CaseProperties, plan: Plan, c
 # ----------------------------------------------------------------------------- files
 
 
-def _atomic_save(path: Path, write: Callable[[Any], None]) -> None:
-    """Write via ``write(fileobj)`` to a temp file next to ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def case_files(folder: Path, case_id: str) -> dict[str, Path]:
     """The four files of a preprocessed case (``data``, ``seg``, ``fg``, ``json``)."""
     return {"data": folder / f"{case_id}.npy", "seg": folder / f"{case_id}_seg.npy",
@@ -399,9 +385,9 @@ def save_preprocessed_case(folder: Path, data: np.ndarray, seg: np.ndarray, prop
     """Write a case's files atomically, its json last (a case is complete once its json exists)."""
     files = case_files(folder, props.case_id)
     files["json"].unlink(missing_ok=True)  # from here on the case reads as not done
-    _atomic_save(files["data"], lambda f: np.save(f, data))
-    _atomic_save(files["seg"], lambda f: np.save(f, seg))
-    _atomic_save(files["fg"], lambda f: np.savez_compressed(f, **{f"class_{k}": v for k, v in fg.items()}))
+    atomic_write_with(files["data"], lambda f: np.save(f, data))
+    atomic_write_with(files["seg"], lambda f: np.save(f, seg))
+    atomic_write_with(files["fg"], lambda f: np.savez_compressed(f, **{f"class_{k}": v for k, v in fg.items()}))
     save_record(files["json"], props)
 
 

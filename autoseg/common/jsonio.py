@@ -18,21 +18,25 @@ import tempfile
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar, Union
+from collections.abc import Callable
+from typing import Any, BinaryIO, TypeVar, Union
 
 from autoseg.common.errors import AutosegError
 
 T = TypeVar("T")
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (unique temp file in the same dir + os.replace)."""
+def atomic_write_with(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> Path:
+    """Let ``write`` fill a unique temp file in ``path``'s folder, fsync it, then ``os.replace``.
+
+    For writers that stream (``torch.save``, ``np.save``); the temp file is removed on failure.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -40,6 +44,11 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (unique temp file in the same dir + os.replace)."""
+    return atomic_write_with(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from autoseg.common.errors import AutosegError
-from autoseg.common.jsonio import record_from_dict, record_to_dict
+from autoseg.common.jsonio import atomic_write_with, record_from_dict, record_to_dict
 from autoseg.planning.plans import Plan
 from autoseg.train.config import TrainerConfig
 
@@ -93,18 +92,7 @@ def save_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> Path:
         "num_input_channels": int(ckpt.num_input_channels),
         "num_classes": int(ckpt.num_classes),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_with(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> Checkpoint:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
