@@ -150,3 +150,22 @@ def test_validation_completed_on_continue_and_rerun_with_probabilities(hippo) ->
     refused = CliRunner().invoke(cli, [*_cli_args(paths), "train", DATASET, "3d_fullres", "3", "--validation-only"])
     assert refused.exit_code == 2 and "checkpoint_final.pt not found" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_torchrun_two_cpu_processes_train_one_model(hippo) -> None:
+    """``torchrun --nproc-per-node 2 -m autoseg train``: gloo on the CPU, rank 0 alone writes and prints."""
+    paths, plan_file = hippo
+    args = ["train", DATASET, "3d_fullres", "4", "--variant", "ddp", "--plans", str(plan_file), "--device", "cpu",
+            "--quiet", "--set", "epochs=2", *[x for s in TINY for x in ("--set", s)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "autoseg", *_cli_args(paths), *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(": trained, 2 epochs") == 1  # one result line: rank 0's
+    fold_dir = paths.training_dir(TrainingId(DATASET, "3d_fullres", 4, variant="ddp"))
+    final = load_checkpoint(fold_dir / "checkpoint_final.pt")
+    assert final.epoch == 2 and final.trainer_config.batch_size == 2  # the global batch, split 1 + 1
+    lines = (fold_dir / "training_log.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(s)["epoch"] for s in lines] == [0, 1]  # written once, not once per rank
+    assert (fold_dir / "validation" / "summary.json").is_file()
