@@ -7,12 +7,14 @@ from pathlib import Path
 import click
 
 from autoseg.cli.app import cli, paths_from
-from autoseg.report.sweep_report import build_sweep_report, format_markdown, write_sweep_report
 from autoseg.cli.schedule import EXIT_INTERRUPTED, EXIT_JOBS_FAILED, LiveTable
+from autoseg.report.sweep_report import build_sweep_report, format_markdown, write_sweep_report
 from autoseg.schedule.resources import PoolConfig, parse_gpus
 from autoseg.schedule.runner import RunOptions, simulate_schedule
+from autoseg.schedule.sweep import SweepSpec, load_sweep
+from autoseg.schedule.sweep_jobs import SweepJobs, build_sweep_jobs, sweep_dir
+from autoseg.schedule.sweep_run import run_sweep
 from autoseg.schedule.train_all import TrainAllOptions, make_executor, pool_config
-from autoseg.schedule.sweep import SweepJobs, SweepSpec, build_sweep_jobs, load_sweep, run_sweep, sweep_dir
 
 
 def _run_options(gpus: str | None, jobs_per_gpu: int | None, executor: str, retries: int) -> TrainAllOptions:

@@ -1,4 +1,4 @@
-"""Ablation sweeps: one YAML file becomes a grid of variants, each trained through the scheduler.
+"""Ablation sweep files: one YAML file becomes a validated grid of variants (a `SweepSpec`).
 
 A sweep file (see ``docs/sweeps.md``)::
 
@@ -17,13 +17,11 @@ A sweep file (see ``docs/sweeps.md``)::
 is parsed and fully validated by `load_sweep` before anything runs (unknown keys, types,
 empty grid axes, duplicate variants, unknown datasets: one `ConfigError` naming the file and
 the key). Trainer keys are checked by applying them to a `TrainerConfig`; ``plan.<config>.<field>``
-keys against `Configuration`'s fields. Each variant trains under
-``results/<dataset>/<config>/<sweep>.<variant>/seed_<s>/fold_<k>/``: the sweep name is part of the
-folder so that two sweeps that both have a ``baseline`` never resume each other's checkpoints.
-Plan overrides give a derived plan stored at ``results/<dataset>/<config>/<sweep>.<variant>/plans.json``;
-its preprocessed data is shared with the dataset's plan unless the overrides change
-preprocessing (target spacing, resampling orders), in which case it gets its own
-``data_identifier`` and a preprocess job.
+keys against `Configuration`'s fields.
+
+This module is the sweep *file*: `SweepSpec`, `Variant`, parsing, validation and naming. What a
+spec becomes on disk and as jobs (derived plans, the job graph, ``sweep.json``) is in
+`autoseg.schedule.sweep_jobs`; running it through the scheduler is `autoseg.schedule.sweep_run`.
 """
 
 from __future__ import annotations
@@ -38,8 +36,7 @@ import re
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar
@@ -47,17 +44,10 @@ from typing import Any, ClassVar
 import yaml
 
 from autoseg.common.errors import AutosegError, ConfigError
-from autoseg.common.jsonio import from_jsonable, load_record, save_record, to_jsonable
+from autoseg.common.jsonio import from_jsonable, load_record, to_jsonable
 from autoseg.common.paths import DATASET_NAME_RE, Paths
-from autoseg.dataset.spec import load_dataset
 from autoseg.planning.plan import apply_plan_overrides
 from autoseg.planning.plans import Configuration, Plan
-from autoseg.preprocess import list_preprocessed_cases
-from autoseg.schedule.jobs import JobKind, JobSpec, Resources
-from autoseg.schedule.lock import RunLock
-from autoseg.schedule.executors import Executor
-from autoseg.schedule.runner import RunOptions, RunSummary, estimate_train_seconds, run_jobs
-from autoseg.schedule.store import StateStore
 from autoseg.train.config import TrainerConfig, apply_overrides
 
 log = logging.getLogger(__name__)
@@ -83,10 +73,6 @@ PLAN_FIELDS_NOT_OVERRIDABLE = frozenset({
     "reasons"})
 """Configuration fields that are bookkeeping or derived, not choices a sweep can vary."""
 
-PREPROCESSING_FIELDS = frozenset({"spacing", "resample_order_data", "resample_order_seg"})
-"""Plan fields that change the preprocessed arrays; overriding one needs its own preprocessing.
-Everything else (patch_size, batch_size, topology, batch_dice) reuses the dataset's data."""
-
 BASELINE_NAME = "baseline"
 """Name of the grid point whose values all equal the (base-applied) defaults."""
 
@@ -98,8 +84,6 @@ MAX_VARIANT_NAME_CHARS = 100
 
 SWEEP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 """A sweep's name prefixes its variants' folders and `--variant` names, which allow only these."""
-
-SWEEP_FILENAME = "sweep.json"
 
 
 # --------------------------------------------------------------------------- records
@@ -294,7 +278,9 @@ def _trainer_field_type(cfg: Any, key: str) -> Any:
         return None
 
 
-def _canonical(obj: Any) -> str:
+def canonical_json(obj: Any) -> str:
+    """A value as sorted-key JSON: two settings are the same exactly when these texts are equal
+    (so ``0.01`` and ``1e-2``, a list and a tuple, compare equal)."""
     return json.dumps(to_jsonable(obj), sort_keys=True)
 
 
@@ -333,7 +319,7 @@ def _canonical_plan_value(pk: _PlanKey, value: Any, where: str) -> tuple[str, st
     if not _yaml_type_ok(value, tp):
         raise ConfigError(f"expected {_type_name(tp)}, got {value!r}", where)
     typed = from_jsonable(tp, value, where)
-    return _canonical(typed), f"{pk.config}.{pk.field}={format_value(typed)}"
+    return canonical_json(typed), f"{pk.config}.{pk.field}={format_value(typed)}"
 
 
 # --------------------------------------------------------------------------- parsing
@@ -346,7 +332,6 @@ class _Ctx:
     source: str
     configs: tuple[str, ...]
     base_cfg: TrainerConfig
-    base_canonical: dict[str, str] = field(default_factory=dict)
 
     def where(self, key: str) -> str:
         return f"{self.source}:{key}"
@@ -478,7 +463,7 @@ def _grid_points(ctx: _Ctx, grid: Any) -> list[_Point]:
                 ident, _ = _canonical_plan_value(pk, value, where)
                 axis.append((key, value, True))
             else:
-                ident = _canonical(_check_trainer_value(ctx, key, value, where))
+                ident = canonical_json(_check_trainer_value(ctx, key, value, where))
                 axis.append((key, value, False))
             if ident in seen:
                 raise ConfigError(f"values {seen[ident]!r} and {value!r} are the same setting", where)
@@ -514,7 +499,7 @@ def _named_points(ctx: _Ctx, variants: Any) -> list[tuple[str, _Point]]:
 def _point_identity(ctx: _Ctx, point: _Point) -> str:
     cfg = _apply_trainer(ctx.base_cfg, [f"{k}={format_value(v)}" for k, v in point.trainer], point.where)
     plan = sorted((pk.text, _canonical_plan_value(pk, v, point.where)[0]) for pk, v in point.plan)
-    return _canonical({"trainer": cfg, "plan": plan})
+    return canonical_json({"trainer": cfg, "plan": plan})
 
 
 def _grid_variant(ctx: _Ctx, point: _Point) -> Variant:
@@ -522,7 +507,7 @@ def _grid_variant(ctx: _Ctx, point: _Point) -> Variant:
     parts, trainer = [], []
     for key, value in point.trainer:
         changed = _get_dotted(_apply_trainer(ctx.base_cfg, [f"{key}={format_value(value)}"], point.where), key)
-        if _canonical(changed) != _canonical(_get_dotted(ctx.base_cfg, key)):
+        if canonical_json(changed) != canonical_json(_get_dotted(ctx.base_cfg, key)):
             parts.append(f"{key}={name_value(value)}")
             trainer.append(f"{key}={format_value(value)}")
     plan = []
@@ -547,7 +532,7 @@ def _choose_baseline(ctx: _Ctx, variants: list[Variant], identities: list[str], 
                               ctx.where("baseline"))
         index = names.index(requested)
     else:
-        plain = _canonical({"trainer": ctx.base_cfg, "plan": []})
+        plain = canonical_json({"trainer": ctx.base_cfg, "plan": []})
         index = identities.index(plain) if plain in identities else 0
         if plain not in identities:
             log.info("sweep %s has no all-defaults variant; %s is the reference", ctx.source, variants[0].name)
@@ -623,7 +608,7 @@ def _check_against_plans(spec: SweepSpec, paths: Paths, wheres: dict[str, str]) 
             if not overrides:
                 continue
             try:
-                derive_plan(plan, overrides)
+                apply_plan_overrides(plan, list(overrides))
             except AutosegError as e:
                 raise ConfigError(f"{ds}: {e.message}", wheres[v.name]) from None
 
@@ -644,232 +629,3 @@ def load_sweep(file: str | Path, paths: Paths | None = None) -> SweepSpec:
         line = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"not valid YAML{line}: {getattr(e, 'problem', None) or e}", file) from None
     return parse_sweep(data, file, paths)
-
-
-# --------------------------------------------------------------------------- files of a sweep
-
-
-def sweep_dir(paths: Paths, name: str) -> Path:
-    """``<results>/sweeps/<name>/``: the sweep record and its report."""
-    return paths.results / "sweeps" / name
-
-
-def sweep_record_file(paths: Paths, name: str) -> Path:
-    return sweep_dir(paths, name) / SWEEP_FILENAME
-
-
-def derived_plan_file(paths: Paths, spec: SweepSpec, dataset: str, config: str, variant: Variant) -> Path:
-    """``results/<dataset>/<config>/<sweep>.<variant>/plans.json``: the plan a variant trains with."""
-    return paths.results / dataset / config / variant.run_name(spec.name) / "plans.json"
-
-
-def _variant_signature(spec: SweepSpec, v: Variant) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    return spec.trainer_overrides(v), spec.plan_overrides(v)
-
-
-def record_sweep(spec: SweepSpec, paths: Paths) -> SweepSpec:
-    """Write (or extend) ``sweeps/<name>/sweep.json`` before any job starts.
-
-    A variant already recorded under the same name must still mean the same overrides:
-    otherwise its finished jobs (skipped as DONE) would silently stand for a different
-    setting. Adding variants, folds or seeds is fine; the record keeps its first start time.
-    """
-    file = sweep_record_file(paths, spec.name)
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    if file.is_file():
-        old = load_record(file, SweepSpec)
-        old_by_name = {v.name: v for v in old.variants}
-        for v in spec.variants:
-            prev = old_by_name.get(v.name)
-            if prev is not None and _variant_signature(old, prev) != _variant_signature(spec, v):
-                raise ConfigError(
-                    f"variant {v.name!r} of sweep {spec.name!r} meant {list(_variant_signature(old, prev))} "
-                    f"when it was started, now {list(_variant_signature(spec, v))}; give the sweep a new "
-                    f"name (its results are under {file.parent})", spec.source)
-        started = old.started or started
-    spec = dataclasses.replace(spec, started=started)
-    save_record(file, spec)
-    return spec
-
-
-# --------------------------------------------------------------------------- derived plans
-
-
-def preprocessing_identifier(config: Configuration) -> str:
-    """A data_identifier for a configuration whose preprocessing was overridden: the planned
-    identifier plus a hash of the preprocessing fields, so equal settings share one folder."""
-    fields = {f: getattr(config, f) for f in sorted(PREPROCESSING_FIELDS)}
-    digest = hashlib.sha1(_canonical(fields).encode()).hexdigest()[:8]
-    return f"{config.data_identifier}_{digest}"
-
-
-def derive_plan(plan: Plan, overrides: typing.Sequence[str]) -> tuple[Plan, tuple[str, ...]]:
-    """Apply plan overrides; return the derived plan and the configs whose preprocessing changed.
-
-    Only a change of target spacing or resampling gets a new ``data_identifier`` (and needs a
-    preprocess run); patch size, batch size and topology train on the dataset's data as is.
-    """
-    derived = apply_plan_overrides(plan, list(overrides))
-    configs = dict(derived.configurations)
-    changed = []
-    for name, cfg in derived.configurations.items():
-        old = plan.configurations.get(name)
-        if old is None:
-            continue
-        if any(_canonical(getattr(cfg, f)) != _canonical(getattr(old, f)) for f in PREPROCESSING_FIELDS):
-            if cfg.data_identifier == old.data_identifier:  # e.g. only a resampling order changed
-                configs[name] = dataclasses.replace(cfg, data_identifier=preprocessing_identifier(cfg))
-            changed.append(name)
-        elif cfg.data_identifier != old.data_identifier:
-            configs[name] = dataclasses.replace(cfg, data_identifier=old.data_identifier)
-    return dataclasses.replace(derived, configurations=configs), tuple(changed)
-
-
-# --------------------------------------------------------------------------- jobs
-
-
-@dataclass(frozen=True)
-class SweepJobs:
-    """The job graph of a sweep: dataset setup (plan/preprocess) and the variant jobs."""
-
-    setup: tuple[JobSpec, ...]
-    """Plan and preprocess jobs for datasets not (fully) planned/preprocessed yet (JobSpec)."""
-    jobs: tuple[JobSpec, ...]
-    """Setup jobs again, derived-plan preprocess jobs and one train job per run (JobSpec)."""
-    unplanned: tuple[str, ...]
-    """Datasets whose plan does not exist yet: their derived plans are made after setup."""
-
-    @property
-    def train_jobs(self) -> tuple[JobSpec, ...]:
-        return tuple(j for j in self.jobs if j.kind is JobKind.TRAIN)
-
-
-def _preprocessed_complete(paths: Paths, dataset: str, plan: Plan, configs: tuple[str, ...]) -> bool:
-    """Every configuration's data folder holds every training case, and splits.json exists."""
-    if not paths.splits_file(dataset).is_file():
-        return False
-    raw = paths.raw_dataset(dataset)
-    wanted = {c.case_id for c in load_dataset(raw).cases} if raw.is_dir() else set()
-    for c in configs:
-        folder = paths.preprocessed_data(dataset, plan.configuration(c).data_identifier)
-        if not folder.is_dir() or not wanted <= set(list_preprocessed_cases(folder)):
-            return False
-    return True
-
-
-def setup_jobs(spec: SweepSpec, paths: Paths) -> list[JobSpec]:
-    """Plan (if plans.json is missing) and preprocess (if data is missing) jobs per dataset.
-
-    The preprocess job id names the configurations, so a ``train-all`` preprocess of other
-    configurations (DONE in the store) does not stand in for this one.
-    """
-    jobs = []
-    for ds in spec.datasets:
-        planned = paths.plans_file(ds).is_file()
-        deps: tuple[str, ...] = ()
-        if not planned:
-            plan_job = JobSpec.make(JobKind.PLAN, ds, configs=spec.configs)
-            jobs.append(plan_job)
-            deps = (plan_job.job_id,)
-        if not planned or not _preprocessed_complete(paths, ds, load_record(paths.plans_file(ds), Plan), spec.configs):
-            jobs.append(JobSpec.make(JobKind.PREPROCESS, ds, variant="+".join(spec.configs), configs=spec.configs,
-                                     depends_on=deps))
-    return jobs
-
-
-def _write_derived_plan(file: Path, plan: Plan) -> None:
-    """Write a variant's plan once; a different existing one means the dataset's plan changed
-    under a started sweep, which would mix two settings in one variant."""
-    if file.is_file():
-        old = load_record(file, Plan)
-        if _canonical(old) == _canonical(plan):
-            return
-        raise ConfigError("differs from the plan this variant started with (was the dataset re-planned?); "
-                          "give the sweep a new name or delete the variant's folder", file)
-    save_record(file, plan)
-
-
-def build_sweep_jobs(spec: SweepSpec, paths: Paths, write_plans: bool = True) -> SweepJobs:
-    """Every job of the sweep: (dataset, config, variant, seed, fold) -> one train job.
-
-    Variants with plan overrides get a derived plan (written here when ``write_plans``) and,
-    only when their preprocessing differs, a preprocess job for it, shared by all variants with
-    the same preprocessing. Datasets without a plan yet get their train jobs after setup.
-    """
-    setup = setup_jobs(spec, paths)
-    setup_ids = {ds: tuple(j.job_id for j in setup if j.dataset == ds and j.kind is JobKind.PREPROCESS)
-                 for ds in spec.datasets}
-    jobs: list[JobSpec] = list(setup)
-    unplanned = tuple(ds for ds in spec.datasets if not paths.plans_file(ds).is_file())
-    prep_jobs: dict[tuple[str, tuple[str, ...]], JobSpec] = {}
-    for ds in spec.datasets:
-        plan = None if ds in unplanned else load_record(paths.plans_file(ds), Plan)
-        for v in spec.variants:
-            overrides = spec.plan_overrides(v)
-            deps = setup_ids[ds]
-            plans_files: dict[str, str | None] = {c: None for c in spec.configs}
-            derived = plan
-            if overrides:
-                plans_files = {c: str(derived_plan_file(paths, spec, ds, c, v)) for c in spec.configs}
-                if plan is not None:
-                    derived, changed = derive_plan(plan, overrides)
-                    if write_plans:
-                        for c in spec.configs:
-                            _write_derived_plan(derived_plan_file(paths, spec, ds, c, v), derived)
-                    if changed:
-                        key = (ds, tuple(derived.configurations[c].data_identifier for c in changed))
-                        if key not in prep_jobs:
-                            prep_jobs[key] = JobSpec.make(
-                                JobKind.PREPROCESS, ds, variant="+".join(key[1]), configs=changed,
-                                plans_file=plans_files[changed[0]], depends_on=deps)
-                            jobs.append(prep_jobs[key])
-                        deps = deps + (prep_jobs[key].job_id,)
-            for c in spec.configs:
-                conf = derived.configuration(c) if derived is not None else None
-                resources = Resources(gpus=1, gpu_memory_gb=(conf.estimated_vram_gb or None) if conf else None,
-                                      est_duration_s=estimate_train_seconds(
-                                          conf.patch_size, conf.batch_size, spec.trainer_overrides(v)) if conf else None)
-                for seed in spec.seeds:
-                    for fold in spec.folds:
-                        jobs.append(JobSpec.make(
-                            JobKind.TRAIN, ds, config=c, fold=fold, variant=v.run_name(spec.name), seed=seed,
-                            trainer_overrides=spec.trainer_overrides(v), plans_file=plans_files[c],
-                            depends_on=deps, resources=resources))
-    return SweepJobs(setup=tuple(setup), jobs=tuple(jobs), unplanned=unplanned)
-
-
-@dataclass(frozen=True)
-class SweepRun:
-    """What `run_sweep` did: the recorded spec, the jobs and the runner's summaries."""
-
-    spec: SweepSpec
-    jobs: SweepJobs
-    summaries: tuple[RunSummary, ...]
-    """One RunSummary per run_jobs call (setup first when a dataset had to be planned)."""
-
-    @property
-    def ok(self) -> bool:
-        return all(s.ok for s in self.summaries)
-
-
-def run_sweep(spec: SweepSpec, paths: Paths, executor: Executor, options: RunOptions) -> SweepRun:
-    """Record the sweep, then run its jobs through the scheduler (`run_jobs`), skipping DONE ones.
-
-    When a dataset has no plan yet and the sweep overrides plan fields, its plan/preprocess jobs
-    run first: derived plans are made from the dataset's plan. Re-running runs only what is
-    missing; interrupted trainings resume from their checkpoints.
-    """
-    summaries = []
-    with RunLock(paths), StateStore.open(paths) as store:
-        spec = record_sweep(spec, paths)
-        needs_setup_first = any(spec.plan_overrides(v) for v in spec.variants) and any(
-            not paths.plans_file(ds).is_file() for ds in spec.datasets)
-        if needs_setup_first:
-            first = build_sweep_jobs(spec, paths, write_plans=False)
-            summary = run_jobs(list(first.setup), executor, paths, store, options)
-            summaries.append(summary)
-            if not summary.ok:
-                return SweepRun(spec, first, tuple(summaries))
-        jobs = build_sweep_jobs(spec, paths, write_plans=True)
-        summaries.append(run_jobs(list(jobs.jobs), executor, paths, store, options))
-    return SweepRun(spec, jobs, tuple(summaries))

@@ -27,7 +27,8 @@ from autoseg.report.sweep_report import (
     summarize_runs,
     write_sweep_report,
 )
-from autoseg.schedule.sweep import load_sweep, sweep_dir
+from autoseg.schedule.sweep import load_sweep
+from autoseg.schedule.sweep_jobs import sweep_dir
 from tests.sweep_fixtures import fake_fold, fake_summary, minimal_sweep, write_sweep
 
 

@@ -17,10 +17,9 @@ from autoseg.schedule.sweep import (
     load_sweep,
     name_value,
     parse_sweep,
-    record_sweep,
     safe_name,
-    sweep_record_file,
 )
+from autoseg.schedule.sweep_jobs import record_sweep, sweep_record_file
 from tests.sweep_fixtures import minimal_sweep, write_sweep
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "sweeps"
