@@ -20,7 +20,7 @@ from autoseg.common.jsonio import load_record, save_record
 from autoseg.common.paths import Paths
 from autoseg.common.progress import progress
 from autoseg.dataset.io import read_case, read_image
-from autoseg.dataset.spec import CaseFiles, DatasetSpec, load_dataset
+from autoseg.dataset.spec import CaseFiles, DatasetSpec, ignore_label, load_dataset
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,11 @@ class IntensityStats:
 
 @dataclass(frozen=True)
 class CaseFingerprint:
-    """One training case: geometry before/after crop-to-nonzero and voxels per label."""
+    """One training case: geometry before/after crop-to-nonzero and voxels per label.
+
+    ``class_voxels`` counts every value found, the ignore label included (how sparse the
+    annotation is); nothing downstream treats the ignore label as a class.
+    """
 
     case_id: str
     spacing: tuple[float, float, float]
@@ -62,6 +66,11 @@ class Fingerprint:
     labels: dict[str, int]
     cases: tuple[CaseFingerprint, ...]
     foreground_intensity: tuple[IntensityStats, ...]
+
+    @property
+    def ignore_label(self) -> int | None:
+        """Value of dataset.json's ``"ignore"`` label, None when it declares none."""
+        return ignore_label(self.labels)
 
     @property
     def spacings(self) -> np.ndarray:
@@ -111,9 +120,13 @@ def nonzero_bbox(image: np.ndarray) -> tuple[slice, slice, slice]:
     return tuple(box)  # type: ignore[return-value]
 
 
-def _fingerprint_case(job: tuple[CaseFiles, int, int]) -> tuple[CaseFingerprint, list[np.ndarray]]:
-    """One case's geometry, label counts and sampled foreground intensities (runs in a worker)."""
-    case, num_samples, seed = job
+def _fingerprint_case(job: tuple[CaseFiles, int, int, int | None]) -> tuple[CaseFingerprint, list[np.ndarray]]:
+    """One case's geometry, label counts and sampled foreground intensities (runs in a worker).
+
+    Foreground is label > 0 without the ignore label: unannotated voxels may be background,
+    and their intensities would bias the CT clipping and normalization statistics.
+    """
+    case, num_samples, seed, ignore = job
 
     image, geom = read_case(case.images)
     if case.label is None:
@@ -129,6 +142,8 @@ def _fingerprint_case(job: tuple[CaseFiles, int, int]) -> tuple[CaseFingerprint,
     # per-case generator from (seed, case id): independent of worker scheduling and case order
     rng = np.random.default_rng([seed, *case.case_id.encode("utf-8")])
     foreground = cropped_label > 0
+    if ignore is not None:
+        foreground &= cropped_label != ignore
     samples = []
     for channel in cropped:
         fg = channel[foreground]
@@ -162,13 +177,14 @@ def extract_fingerprint(spec: DatasetSpec, num_workers: int = 1, seed: int = DEF
     """Read every training case once and collect what the planner needs.
 
     Per case: spacing, shape before/after crop-to-nonzero, relative size after crop, voxels
-    per label value. Per channel: foreground (label > 0) intensity statistics from up to
-    `FOREGROUND_SAMPLES_PER_CASE` voxels sampled uniformly per case with a generator seeded
-    from ``(seed, case id)``, so the result does not depend on ``num_workers``.
+    per label value. Per channel: foreground (label > 0, the ignore label excluded)
+    intensity statistics from up to `FOREGROUND_SAMPLES_PER_CASE` voxels sampled uniformly
+    per case with a generator seeded from ``(seed, case id)``, so the result does not depend
+    on ``num_workers``.
     """
     if num_workers < 1:
         raise AutosegError(f"number of workers must be >= 1, got {num_workers}", "-j")
-    jobs = [(case, FOREGROUND_SAMPLES_PER_CASE, seed) for case in spec.cases]
+    jobs = [(case, FOREGROUND_SAMPLES_PER_CASE, seed, spec.ignore_label) for case in spec.cases]
     results: list[tuple[CaseFingerprint, list[np.ndarray]]] = []
     bar = dict(total=len(jobs), desc=f"fingerprint {spec.name}", unit="case", enabled=progress_bar)
     if num_workers == 1 or len(jobs) < 2:

@@ -12,6 +12,8 @@ arrays a nnU-Net user expects:
    take a label that was there). When the spacing is anisotropic (max/min > 3, nnU-Net's
    rule) the coarse axis is resampled separately, with nearest neighbour, after an in-plane
    resampling of each slice, so that thick slices are not smeared into each other.
+   The ignore label (sparse annotation) is resampled like any other label, so unannotated
+   voxels stay unannotated and no annotation is invented.
 
 Cropping commutes with transposing, so the crop box is found and stored in the original
 (z, y, x) array coordinates; everything after cropping is in the transposed order.
@@ -243,6 +245,8 @@ def resample_seg(seg: np.ndarray, new_shape: tuple[int, ...], labels: Sequence[i
     Only values in ``labels`` can appear in the output, so resampling never invents a label
     (a plain spline on label values would create e.g. 1s between 0 and 2). Labels absent
     from ``seg`` are skipped: their mask interpolates to 0 everywhere and can never win.
+    Pass the ignore label among ``labels``: it then competes like a class, so unannotated
+    regions keep their extent instead of turning into background or a class.
     """
     if seg.shape == tuple(new_shape):
         return seg.copy()
@@ -335,7 +339,8 @@ def preprocess_case(data: np.ndarray, geometry: Geometry, seg: np.ndarray | None
     if cropped_seg is not None:
         seg_t = np.ascontiguousarray(cropped_seg.transpose(tf)).astype(np.int16)
         out_seg = resample_seg(seg_t, new_shape, labels, config.resample_order_seg, axis).astype(np.int8)[None]
-        fg = sample_foreground(out_seg[0], [c for c in labels if c != 0],
+        # oversampling targets annotated foreground: the ignore label is not a class
+        fg = sample_foreground(out_seg[0], [c for c in labels if c not in (0, plan.ignore_label)],
                                rng if rng is not None else np.random.default_rng(FG_SEED))
     props = CaseProperties(
         case_id=case_id, original_geometry=geometry,

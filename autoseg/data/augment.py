@@ -12,6 +12,8 @@ logged and replayed. The spatial part uses batchgenerators' coordinate helpers
 Order, as in nnU-Net: rotation/scaling (+ crop to the patch), Gaussian noise, Gaussian blur,
 multiplicative brightness, contrast, simulated low resolution, inverted gamma, gamma, mirroring.
 Arrays are one sample: data (C, *spatial) float32, seg (1, *spatial) integer labels.
+Labels are moved only by flips, crops and per-label interpolation + argmax, so an output
+voxel always holds a label present in the input (the ignore label included).
 """
 
 from __future__ import annotations
@@ -434,7 +436,8 @@ def downsample_seg_for_ds(seg: np.ndarray, scales: list[tuple[float, ...]]) -> l
     """Nearest-neighbour copies of a (B, 1, *patch) target at each deep-supervision scale.
 
     Output ``i`` has shape ``round(patch * scales[i])``, matching the U-Net's output ``i``.
-    Nearest (never interpolated) so labels stay labels.
+    Nearest (never interpolated) so labels stay labels: the ignore label of sparse
+    annotations reaches every scale as the ignore label, never as background or a class.
     """
     out = []
     spatial = seg.shape[2:]

@@ -6,6 +6,8 @@ Reads the preprocessing layout (docs/architecture.md) directly: ``CASE.npy`` flo
 foreground class present in the case when the sample is "forced" (the last third of each
 batch), and placed uniformly otherwise; regions outside the case are padded with 0 (data and
 labels). 2D configurations take one slice along axis 0 and a 2D patch from it.
+Preprocessing stores no coordinates for the ignore label, so forced samples centre on
+annotated foreground only.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ ellipsoidal "organ" (label 1) with a brighter, smaller "lesion" (label 2) inside
 random position, size and orientation. It is easy enough that a short CPU training reaches
 a high Dice, and real enough to exercise every stage: anisotropic spacing (transpose,
 separate-z resampling), a non-identity direction and non-zero origin (geometry round trips),
-two foreground classes, varying case shapes.
+two foreground classes, varying case shapes. With ``annotate_every_nth_slice > 1`` the
+training labels are sparse (nnU-Net's ignore label), as after slice-wise annotation.
 """
 
 from __future__ import annotations
@@ -36,9 +37,27 @@ class PhantomRecipe:
     noise_std: float = 0.12
     seed: int = 0
     file_ending: str = ".nii.gz"
+    annotate_every_nth_slice: int = 1
+    """1: dense labels. n > 1: each training label keeps only every n-th z slice (from a random
+    offset); the other slices become the ``"ignore"`` label, declared in dataset.json. Test
+    labels stay dense, so held-out evaluation sees every voxel."""
+
+    def __post_init__(self) -> None:
+        if self.annotate_every_nth_slice < 1:
+            raise ValueError(f"annotate_every_nth_slice must be >= 1, got {self.annotate_every_nth_slice}")
 
 
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
+
+IGNORE_LABEL = len(LABELS)
+"""Value of unannotated voxels in sparse phantoms (one above the highest class, nnU-Net's rule)."""
+
+
+def sparsify_slices(label: np.ndarray, every_nth: int, offset: int) -> np.ndarray:
+    """Keep slices ``offset, offset + n, ...`` along z; every other voxel becomes `IGNORE_LABEL`."""
+    out = np.full_like(label, IGNORE_LABEL)
+    out[offset % every_nth::every_nth] = label[offset % every_nth::every_nth]
+    return out
 
 
 def _rotation_about_z(angle: float) -> tuple[float, ...]:
@@ -104,6 +123,10 @@ def make_phantom_dataset(root: str | Path, recipe: PhantomRecipe = PhantomRecipe
     for i in range(recipe.num_training + recipe.num_test):
         img, lab, geom = make_phantom_case(rng, recipe)
         test = i >= recipe.num_training
+        if recipe.annotate_every_nth_slice > 1 and not test:
+            # drawn only for sparse recipes: dense datasets keep their exact images and labels
+            lab = sparsify_slices(lab, recipe.annotate_every_nth_slice,
+                                  int(rng.integers(recipe.annotate_every_nth_slice)))
         case = f"phantom_{i:03d}"
         write_image(out / ("imagesTs" if test else "imagesTr") / f"{case}_0000{ending}", img, geom)
         write_image(out / ("labelsTs" if test else "labelsTr") / f"{case}{ending}", lab, geom)
@@ -111,7 +134,7 @@ def make_phantom_dataset(root: str | Path, recipe: PhantomRecipe = PhantomRecipe
         "name": dataset_name.split("_", 1)[1],
         "description": "Generated phantom: anisotropic MRI-like volumes with an organ and a lesion",
         "channel_names": {"0": recipe.modality},
-        "labels": LABELS,
+        "labels": {**LABELS, "ignore": IGNORE_LABEL} if recipe.annotate_every_nth_slice > 1 else LABELS,
         "numTraining": recipe.num_training,
         "file_ending": ending,
         "autoseg_phantom_recipe": {k: (list(v) if isinstance(v, tuple) else v)

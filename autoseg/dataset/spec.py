@@ -9,6 +9,12 @@
 
 `load_dataset` reads dataset.json and pairs the files; it raises on the first structural
 problem. `autoseg.dataset.verify` goes further (reads every image) and reports every problem.
+
+Sparse annotations use nnU-Net v2's ignore label: a ``labels`` key named exactly
+``"ignore"`` whose value is one above the highest other label (``{"background": 0,
+"organ": 1, "ignore": 2}``). Its voxels are unannotated: no loss, no metric, no network
+output channel. `ignore_label` and `class_labels` read a labels dict the same way in every
+stage (spec, fingerprint, plan, evaluation).
 """
 
 from __future__ import annotations
@@ -25,6 +31,20 @@ REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
 """dataset.json keys nnU-Net v2 requires; we require the same ones."""
 
 CHANNEL_SUFFIX_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+IGNORE_KEY = "ignore"
+"""The ``labels`` name nnU-Net v2 reserves for unannotated voxels (sparse annotation)."""
+
+
+def ignore_label(labels: dict[str, int]) -> int | None:
+    """The ignore label's value in a dataset.json ``labels`` dict, or None when it declares none."""
+    value = labels.get(IGNORE_KEY)
+    return None if value is None else int(value)
+
+
+def class_labels(labels: dict[str, int]) -> dict[str, int]:
+    """The labels the network predicts: every declared label except the ignore label."""
+    return {name: v for name, v in labels.items() if name != IGNORE_KEY}
 
 
 @dataclass(frozen=True)
@@ -54,14 +74,19 @@ class DatasetSpec:
         return len(self.channel_names)
 
     @property
+    def ignore_label(self) -> int | None:
+        """Value marking unannotated voxels (dataset.json ``"ignore"``), None when not declared."""
+        return ignore_label(self.labels)
+
+    @property
     def foreground_labels(self) -> tuple[int, ...]:
-        """Label values other than background (0), sorted."""
-        return tuple(sorted(v for v in self.labels.values() if v != 0))
+        """Label values other than background (0) and the ignore label, sorted."""
+        return tuple(sorted(v for v in class_labels(self.labels).values() if v != 0))
 
     @property
     def num_classes(self) -> int:
-        """Number of network output channels (background included)."""
-        return len(self.labels)
+        """Number of network output channels (background included, the ignore label not)."""
+        return len(class_labels(self.labels))
 
     @property
     def dataset_json(self) -> Path:
@@ -138,7 +163,12 @@ def _check_dataset_json(root: Path, problems: ProblemCollector) -> dict | None:
 
 
 def _check_labels(labels: object, path: Path, problems: ProblemCollector) -> None:
-    """Labels map names to integers, include background 0, and are consecutive from 0."""
+    """Labels map names to integers, include background 0, and are consecutive from 0.
+
+    An ``"ignore"`` label is left out of the consecutive rule and must be exactly one above
+    the highest other label (nnU-Net's rule: the network has one channel per other label,
+    so the ignore value is the first one it cannot predict).
+    """
     if not isinstance(labels, dict) or "background" not in labels:
         problems.add("'labels' must be an object that includes \"background\": 0", path)
         return
@@ -155,8 +185,14 @@ def _check_labels(labels: object, path: Path, problems: ProblemCollector) -> Non
         return
     if labels["background"] != 0:
         problems.add(f"'background' must be label 0, got {labels['background']}", path)
-    elif sorted(values) != list(range(len(values))):
-        problems.add(f"label values must be consecutive integers from 0, got {sorted(values)}", path)
+        return
+    others = sorted(class_labels(labels).values())
+    if others != list(range(len(others))):
+        problems.add(f"label values must be consecutive integers from 0, got {others}"
+                     + (" (not counting 'ignore')" if IGNORE_KEY in labels else ""), path)
+    elif IGNORE_KEY in labels and labels[IGNORE_KEY] != len(others):
+        problems.add(f"'ignore' must be the highest label value, {len(others)} (one above the "
+                     f"other labels 0..{len(others) - 1}), got {labels[IGNORE_KEY]}", path)
 
 
 def read_dataset_json(root: Path) -> dict:

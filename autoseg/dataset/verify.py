@@ -11,7 +11,8 @@ and label and checks:
   (shape, spacing, origin, direction, within `GEOMETRY_RTOL` / `GEOMETRY_ATOL`);
 - images hold no NaN / Inf;
 - label values are integers (float labels with integral values are fine, as in two real
-  Hippocampus cases) and are declared in dataset.json's ``labels``;
+  Hippocampus cases) and are declared in dataset.json's ``labels`` (an ``"ignore"`` label
+  counts as declared; its value rule is checked with the other declarations);
 - all cases have the same dimensionality (2D or 3D).
 
 Problems are `DatasetError`s with ``where=`` the file; all of them are raised together as

@@ -29,8 +29,9 @@ from autoseg.common.jsonio import load_record, save_record
 from autoseg.common.paths import Paths, TrainingId
 from autoseg.common.progress import progress
 from autoseg.dataset.io import read_image
-from autoseg.evaluate.metrics import dice_from_counts, overlap_counts
-from autoseg.evaluate.postprocess import PostprocessingRules, apply_postprocessing, determine_postprocessing
+from autoseg.dataset.spec import class_labels, ignore_label
+from autoseg.evaluate.postprocess import (PostprocessingRules, apply_postprocessing, class_dice,
+                                          determine_postprocessing)
 from autoseg.evaluate.summary import SUMMARY_FILE, Summary
 
 if TYPE_CHECKING:
@@ -124,15 +125,11 @@ def _cv_cases(paths: Paths, dataset: str, config: str, folds: Sequence[int], var
     return cases
 
 
-def _dice_per_class(seg: np.ndarray, ref: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
-    return {v: dice_from_counts(*overlap_counts(seg == v, ref == v)) for v in labels}
-
-
 def _candidate(configs: tuple[str, ...], segs: Sequence[np.ndarray], refs: Sequence[np.ndarray],
-               labels: Sequence[int]) -> CandidateResult:
-    per_case = [_dice_per_class(s, r, labels) for s, r in zip(segs, refs)]
-    class_dice = {v: float(np.mean([d[v] for d in per_case])) for v in labels}
-    return CandidateResult(configs, float(np.mean(list(class_dice.values()))), class_dice, len(segs))
+               labels: Sequence[int], ignore: int | None) -> CandidateResult:
+    per_case = [class_dice(s, r, labels, ignore) for s, r in zip(segs, refs)]
+    mean = {v: float(np.mean([d[v] for d in per_case])) for v in labels}
+    return CandidateResult(configs, float(np.mean(list(mean.values()))), mean, len(segs))
 
 
 def _ensemble_segs(cv: dict[str, dict[str, _CVCase]], configs: tuple[str, ...], case_ids: Sequence[str]
@@ -183,7 +180,8 @@ def find_best(paths: Paths, dataset: str, configs: Sequence[str] | None = None, 
     if not case_ids:
         raise AutosegError("the configurations share no validation case", paths.results_dataset(dataset))
     first = load_record(cv[configs[0]][case_ids[0]].validation_dir / SUMMARY_FILE, Summary)
-    labels = sorted(v for v in first.labels.values() if v != 0)
+    labels = sorted(v for v in class_labels(first.labels).values() if v != 0)
+    ignore = ignore_label(first.labels)
     refs = [read_image(cv[configs[0]][cid].reference)[0] for cid in case_ids]
     segs_by: dict[tuple[str, ...], list[np.ndarray]] = {}
     for c in configs:
@@ -192,11 +190,11 @@ def find_best(paths: Paths, dataset: str, configs: Sequence[str] | None = None, 
         segs = _ensemble_segs(cv, pair, case_ids)
         if segs is not None:
             segs_by[pair] = segs
-    candidates = [_candidate(k, v, refs, labels) for k, v in segs_by.items()]
+    candidates = [_candidate(k, v, refs, labels, ignore) for k, v in segs_by.items()]
     order = {k: i for i, k in enumerate(segs_by)}
     best = min(candidates, key=lambda r: (-round(r.foreground_dice / DICE_TIE_TOLERANCE),
                                           len(r.configs), order[r.configs]))
-    decision = determine_postprocessing(segs_by[best.configs], refs, labels)
+    decision = determine_postprocessing(segs_by[best.configs], refs, labels, ignore)
     after = float(np.mean(list(decision.dice_after.values())))
     result = BestConfig(dataset=dataset, configs=best.configs, folds=tuple(folds), variant=variant,
                         checkpoint=checkpoint, postprocessing=decision.rules, cv_dice=best.foreground_dice,

@@ -14,6 +14,11 @@ Pure functions on boolean masks of one class plus the voxel spacing in array ord
 - Both masks empty: Dice = IoU = NSD = 1, HD95 = 0 (a correct "nothing here").
 - Exactly one mask empty: Dice = IoU = NSD = 0, HD95 = NaN (undefined; NaN is stored and
   excluded from HD95 means, and the number of such cases is reported next to the mean).
+- Sparse references (`case_metrics` with ``ignore_label``): voxels holding the ignore label
+  in the reference are unannotated and removed from both masks before anything is
+  computed, so a prediction there is neither TP, FP nor FN (nnU-Net's rule). HD95 and NSD
+  use the same reduced masks: their surfaces are those of the annotated parts, so a class
+  cut by an unannotated region has a surface along the cut (see docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -159,9 +164,19 @@ def class_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
 
 
 def case_metrics(pred_seg: np.ndarray, ref_seg: np.ndarray, spacing: Sequence[float],
-                 label_values: Sequence[int], tolerance_mm: float = DEFAULT_TOLERANCE_MM
-                 ) -> dict[int, ClassMetrics]:
-    """Metrics per label value for two integer label maps (z, y, x) on the same grid."""
+                 label_values: Sequence[int], tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+                 ignore_label: int | None = None) -> dict[int, ClassMetrics]:
+    """Metrics per label value for two integer label maps (z, y, x) on the same grid.
+
+    With ``ignore_label``, reference voxels holding it are left out of every class's
+    prediction mask (the reference mask of a class never holds them), see the module doc.
+    """
     if pred_seg.shape != ref_seg.shape:
         raise ValueError(f"prediction shape {pred_seg.shape} differs from reference {ref_seg.shape}")
-    return {int(v): class_metrics(pred_seg == v, ref_seg == v, spacing, tolerance_mm) for v in label_values}
+    if ignore_label is None:
+        return {int(v): class_metrics(pred_seg == v, ref_seg == v, spacing, tolerance_mm) for v in label_values}
+    if ignore_label in label_values:
+        raise ValueError(f"the ignore label {ignore_label} is not a class to evaluate")
+    annotated = ref_seg != ignore_label
+    return {int(v): class_metrics((pred_seg == v) & annotated, ref_seg == v, spacing, tolerance_mm)
+            for v in label_values}

@@ -90,9 +90,18 @@ def apply_postprocessing(seg: np.ndarray, rules: PostprocessingRules) -> np.ndar
     return out
 
 
-def _mean_dice(segs: Sequence[np.ndarray], refs: Sequence[np.ndarray], labels: Sequence[int]) -> dict[int, float]:
-    return {v: float(np.mean([dice_from_counts(*overlap_counts(s == v, r == v)) for s, r in zip(segs, refs)]))
-            for v in labels}
+def class_dice(seg: np.ndarray, ref: np.ndarray, labels: Sequence[int],
+               ignore_label: int | None = None) -> dict[int, float]:
+    """Dice per label; voxels that are ``ignore_label`` in the reference count for nothing."""
+    if ignore_label is not None:
+        seg = np.where(ref == ignore_label, ignore_label, seg)
+    return {v: dice_from_counts(*overlap_counts(seg == v, ref == v)) for v in labels}
+
+
+def _mean_dice(segs: Sequence[np.ndarray], refs: Sequence[np.ndarray], labels: Sequence[int],
+               ignore_label: int | None) -> dict[int, float]:
+    per_case = [class_dice(s, r, labels, ignore_label) for s, r in zip(segs, refs)]
+    return {v: float(np.mean([d[v] for d in per_case])) for v in labels}
 
 
 def _better(after: dict[int, float], before: dict[int, float], target: Sequence[int]) -> bool:
@@ -112,23 +121,28 @@ class PostprocessingDecision:
 
 
 def determine_postprocessing(segs: Sequence[np.ndarray], refs: Sequence[np.ndarray],
-                             foreground_labels: Sequence[int]) -> PostprocessingDecision:
-    """Decide the rules on cross-validation label maps (predictions and references, paired)."""
+                             foreground_labels: Sequence[int],
+                             ignore_label: int | None = None) -> PostprocessingDecision:
+    """Decide the rules on cross-validation label maps (predictions and references, paired).
+
+    Rules act on the whole prediction; only the scoring leaves out the reference's
+    ``ignore_label`` voxels (sparse annotations).
+    """
     if len(segs) != len(refs) or not segs:
         raise ValueError("need the same, non-zero number of predictions and references")
     labels = list(foreground_labels)
-    base = _mean_dice(segs, refs, labels)
+    base = _mean_dice(segs, refs, labels, ignore_label)
     current, current_dice = list(segs), base
     fg_rule = False
     candidate = [keep_largest_foreground(s) for s in current]
-    cand_dice = _mean_dice(candidate, refs, labels)
+    cand_dice = _mean_dice(candidate, refs, labels, ignore_label)
     if _better(cand_dice, current_dice, labels):
         fg_rule, current, current_dice = True, candidate, cand_dice
         log.info("postprocessing: keeping the largest foreground component helps")
     class_rules = []
     for v in labels:
         candidate = [keep_largest_of_class(s, v) for s in current]
-        cand_dice = _mean_dice(candidate, refs, labels)
+        cand_dice = _mean_dice(candidate, refs, labels, ignore_label)
         if _better(cand_dice, current_dice, [v]):
             class_rules.append(v)
             current, current_dice = candidate, cand_dice

@@ -6,6 +6,9 @@ missing one is an error that names it), and every prediction must have a referen
 Per-class means average over cases; the foreground mean averages the per-class means over
 the foreground classes (nnU-Net's ``foreground_mean``). NaN HD95 values (one mask empty)
 are left out of HD95 means; ``n_hd95`` says how many cases the mean is over.
+When ``labels`` declares an ``"ignore"`` label (sparse annotations), it is not a class:
+it gets no metrics, and reference voxels holding it are excluded from every class's
+metrics (`autoseg.evaluate.metrics.case_metrics`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from autoseg.common.errors import AutosegError
 from autoseg.common.jsonio import save_record
 from autoseg.common.progress import progress
 from autoseg.dataset.io import read_image
+from autoseg.dataset.spec import class_labels, ignore_label
 from autoseg.evaluate.metrics import DEFAULT_TOLERANCE_MM, ClassMetrics, case_metrics
 
 log = logging.getLogger(__name__)
@@ -89,7 +93,7 @@ def _nanmean(values: Sequence[float]) -> tuple[float, int]:
 def summarize(cases: Sequence[CaseEvaluation], labels: dict[str, int],
               tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> Summary:
     """Build a `Summary` (means included) from per-case evaluations."""
-    fg = sorted(v for v in labels.values() if v != 0)
+    fg = _foreground(labels)
     mean: dict[int, MeanMetrics] = {}
     for v in fg:
         per = [c.metrics[v] for c in cases]
@@ -105,9 +109,17 @@ def summarize(cases: Sequence[CaseEvaluation], labels: dict[str, int],
                    foreground_mean=fg_mean)
 
 
+def _foreground(labels: dict[str, int]) -> list[int]:
+    """The label values evaluated: every class but background, never the ignore label."""
+    return sorted(v for v in class_labels(labels).values() if v != 0)
+
+
 def evaluate_case(case_id: str, pred_file: Path, ref_file: Path, label_values: Sequence[int],
-                  tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> CaseEvaluation:
-    """Read one prediction/reference pair and compute its metrics (spacing from the reference)."""
+                  tolerance_mm: float = DEFAULT_TOLERANCE_MM, ignore: int | None = None) -> CaseEvaluation:
+    """Read one prediction/reference pair and compute its metrics (spacing from the reference).
+
+    ``ignore``: the reference's ignore label, whose voxels count for no class.
+    """
     pred, pg = read_image(pred_file)
     ref, rg = read_image(ref_file)
     if pred.shape != ref.shape:
@@ -116,7 +128,7 @@ def evaluate_case(case_id: str, pred_file: Path, ref_file: Path, label_values: S
     if not np.allclose(pg.spacing, rg.spacing, rtol=1e-3, atol=1e-4):
         log.warning("%s: spacing %s differs from the reference's %s; using the reference's",
                     pred_file, pg.spacing, rg.spacing)
-    metrics = case_metrics(np.asarray(pred), np.asarray(ref), rg.spacing, label_values, tolerance_mm)
+    metrics = case_metrics(np.asarray(pred), np.asarray(ref), rg.spacing, label_values, tolerance_mm, ignore)
     return CaseEvaluation(case_id=case_id, prediction=str(pred_file), reference=str(ref_file), metrics=metrics)
 
 
@@ -128,8 +140,8 @@ def evaluate_pairs(pairs: Sequence[tuple[str, Path, Path]], labels: dict[str, in
                    tolerance_mm: float = DEFAULT_TOLERANCE_MM, num_workers: int = 1,
                    show_progress: bool = True) -> Summary:
     """Evaluate explicit (case_id, prediction, reference) triples; cases in the order given."""
-    fg = sorted(v for v in labels.values() if v != 0)
-    jobs = [(cid, Path(p), Path(r), fg, tolerance_mm) for cid, p, r in pairs]
+    fg, ignore = _foreground(labels), ignore_label(labels)
+    jobs = [(cid, Path(p), Path(r), fg, tolerance_mm, ignore) for cid, p, r in pairs]
     if num_workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=num_workers) as pool:
             results = list(progress(pool.map(_evaluate_star, jobs), total=len(jobs), desc="evaluate",
@@ -197,4 +209,7 @@ def format_summary_table(summary: Summary) -> str:
     lines.append("-" * len(header))
     lines.append(row("foreground mean", summary.foreground_mean))
     lines.append(f"NSD tolerance {summary.tolerance_mm:g} mm; HD95 means exclude cases where one mask is empty.")
+    ignore = ignore_label(summary.labels)
+    if ignore is not None:
+        lines.append(f"Reference voxels labelled 'ignore' ({ignore}) are excluded from every metric.")
     return "\n".join(lines)

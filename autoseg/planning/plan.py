@@ -23,7 +23,7 @@ import numpy as np
 from autoseg.common.errors import AutosegError, ConfigError
 from autoseg.common.jsonio import load_record, record_to_dict, save_record
 from autoseg.common.paths import Paths
-from autoseg.dataset.spec import DatasetSpec, load_dataset
+from autoseg.dataset.spec import DatasetSpec, class_labels, load_dataset
 from autoseg.fingerprint import Fingerprint, load_or_extract_fingerprint
 from autoseg.planning import memory, rules
 from autoseg.planning.plans import Configuration, Plan
@@ -140,7 +140,8 @@ def plan_dataset(fingerprint: Fingerprint, gpu_memory_gb: float = memory.REFEREN
     forward = list(transpose.value[0])
     spacing_t = tuple(target.value[a] for a in forward)
     median = np.median(rules.resampled_shapes(spacings, shapes, target.value), axis=0)[forward]
-    n_cases, num_classes = len(fingerprint.cases), len(fingerprint.labels)
+    # the ignore label (sparse annotation) gets no output channel, so no memory either
+    n_cases, num_classes = len(fingerprint.cases), len(class_labels(fingerprint.labels))
     dataset_voxels = float(np.prod(median, dtype=np.float64)) * n_cases
     reasons = {"transpose": transpose.reason, "target_spacing": target.reason}
     out: dict[str, Configuration] = {}

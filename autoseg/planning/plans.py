@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from autoseg.common.errors import AutosegError
+from autoseg.dataset.spec import class_labels, ignore_label
 
 NORMALIZATION_SCHEMES = ("zscore", "ct", "none", "rescale_to_0_1", "rgb_to_0_1")
 """Per-channel intensity normalization names (nnU-Net's: ZScore, CT, NoNorm, RescaleTo01, RGBTo01)."""
@@ -99,7 +100,13 @@ class Plan:
 
     @property
     def num_classes(self) -> int:
-        return len(self.labels)
+        """Network output channels: every label but the ignore label (it is never predicted)."""
+        return len(class_labels(self.labels))
+
+    @property
+    def ignore_label(self) -> int | None:
+        """Value of unannotated voxels in the training labels (dataset.json ``"ignore"``), or None."""
+        return ignore_label(self.labels)
 
     @property
     def num_channels(self) -> int:

@@ -2,7 +2,8 @@
 
 Per epoch: set the poly learning rate, run ``iterations_per_epoch`` SGD steps (AMP autocast,
 gradient clipping), run ``val_iterations`` validation batches collecting TP/FP/FN of the
-argmax prediction per foreground class (nnU-Net's online "pseudo-Dice"), update its moving
+argmax prediction per foreground class (nnU-Net's online "pseudo-Dice"; voxels with the
+ignore label in the target are left out, as in the loss), update its moving
 average, append one line to ``training_log.jsonl``, redraw ``progress.png`` and write
 checkpoints. A stop request (SIGINT/SIGTERM, set by the caller on ``stop``) ends the current
 iteration, saves ``checkpoint_latest.pt`` and raises `TrainingInterrupted`.
@@ -271,10 +272,15 @@ def _validate(model: nn.Module, setup: FitSetup, rt: Runtime) -> tuple[float, li
 
 
 def tp_fp_fn(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``(3, K-1)`` true-positive / false-positive / false-negative voxel counts per foreground class."""
+    """``(3, K-1)`` true-positive / false-positive / false-negative voxel counts per foreground class.
+
+    Reference voxels holding K (the ignore label of sparse annotations, see
+    `autoseg.train.losses`) are unannotated: whatever is predicted there counts nowhere.
+    """
     rows = []
+    annotated = ref != num_classes
     for k in range(1, num_classes):
-        p, r = pred == k, ref == k
+        p, r = (pred == k) & annotated, ref == k
         rows.append(torch.stack([(p & r).sum(), (p & ~r).sum(), (~p & r).sum()]))
     return torch.stack(rows, dim=1).double() if rows else torch.zeros(3, 0, dtype=torch.float64,
                                                                        device=pred.device)

@@ -4,7 +4,15 @@ Follows nnU-Net v2's defaults (``DC_and_CE_loss`` with ``MemoryEfficientSoftDice
 softmax probabilities, Dice over the foreground classes only, smoothing 1e-5, "batch Dice"
 (one Dice per class over the whole batch) when the plan says so, CE and Dice weighted 1:1.
 Networks give logits ``(B, K, *spatial)``; targets are label maps ``(B, 1, *spatial)``
-(float or int) with values 0..K-1.
+(float or int) with values 0..K-1, or K for an unannotated voxel.
+
+Sparse annotations (nnU-Net's ignore label): dataset.json's ``"ignore"`` is always one above
+the highest class (`autoseg.dataset.spec` enforces it) and the network has no channel for
+it, so in a target the value K *is* the ignore label; every loss here knows it without
+being told. Such voxels add nothing to any loss and get no gradient: CE is averaged over
+the annotated voxels only (0 when a batch has none), and the soft Dice sums predictions
+and references over annotated voxels only. Without K in the target both are exactly the
+plain losses.
 """
 
 from __future__ import annotations
@@ -32,6 +40,11 @@ def _labels(target: torch.Tensor) -> torch.Tensor:
     return target.long()
 
 
+def _annotated(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Boolean ``(B, *spatial)``: voxels that carry a class, i.e. not the ignore label K."""
+    return labels != num_classes
+
+
 class SoftDiceLoss(nn.Module):
     """Negative mean soft Dice over foreground classes (background excluded).
 
@@ -45,9 +58,12 @@ class SoftDiceLoss(nn.Module):
         self.smooth = smooth
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(logits.float(), dim=1)[:, 1:]
+        k = logits.shape[1]
         labels = _labels(target)
-        onehot = F.one_hot(labels, logits.shape[1]).movedim(-1, 1)[:, 1:].to(probs.dtype)
+        annotated = _annotated(labels, k)
+        # unannotated voxels: no prediction mass and no reference mass, hence no gradient
+        probs = torch.softmax(logits.float(), dim=1)[:, 1:] * annotated[:, None]
+        onehot = F.one_hot(labels.masked_fill(~annotated, 0), k).movedim(-1, 1)[:, 1:].to(probs.dtype)
         axes = tuple(range(2, logits.ndim))
         intersect = (probs * onehot).sum(axes)
         denom = probs.sum(axes) + onehot.sum(axes)
@@ -58,10 +74,14 @@ class SoftDiceLoss(nn.Module):
 
 
 class CrossEntropyLoss(nn.Module):
-    """Plain voxel-wise cross-entropy on a label map ``(B, 1, *spatial)``."""
+    """Voxel-wise cross-entropy on a label map ``(B, 1, *spatial)``, averaged over annotated voxels."""
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), _labels(target))
+        k = logits.shape[1]
+        labels = _labels(target)
+        total = F.cross_entropy(logits.float(), labels, ignore_index=k, reduction="sum")
+        # sum / count, not "mean": a patch with no annotated voxel gives 0, not 0/0 = NaN
+        return total / _annotated(labels, k).sum().clamp_min(1)
 
 
 class DiceCELoss(nn.Module):

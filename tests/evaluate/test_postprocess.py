@@ -57,3 +57,17 @@ def test_rule_rejected_when_it_hurts():
 def test_apply_noop_is_identity():
     pred, _ = _case(True)
     assert np.array_equal(apply_postprocessing(pred, PostprocessingRules()), pred)
+
+
+def test_islands_in_unannotated_voxels_neither_count_nor_decide():
+    """Sparse references: a stray island inside the ignore region is no false positive."""
+    from autoseg.evaluate.postprocess import class_dice
+
+    pred, ref = _case(stray=True)
+    ref[9:12, 9:12, 9:12] = 3  # unannotated corner holding the island
+    assert class_dice(pred, ref, [1, 2], ignore_label=3) == {1: 1.0, 2: 1.0}
+    assert class_dice(pred, ref, [1, 2])[1] < 1.0  # counted as FP without the ignore label
+    segs, refs = [pred] * 3, [ref] * 3
+    assert determine_postprocessing(segs, refs, [1, 2]).rules.keep_largest_foreground
+    sparse = determine_postprocessing(segs, refs, [1, 2], ignore_label=3)
+    assert sparse.rules.is_noop and sparse.dice_before == {1: 1.0, 2: 1.0}
