@@ -139,10 +139,12 @@ def _log_header(f: IO[bytes], launch: Launch, where: str) -> None:
 # ---------------------------------------------------------------------- local processes
 
 
-def _preexec(cpus: tuple[int, ...], libc: ctypes.CDLL | None) -> Callable[[], None]:
-    """Runs in the child before exec: CPU affinity, and SIGINT when the scheduler dies."""
+def _preexec(cpus: tuple[int, ...], libc: ctypes.CDLL | None, ignore: tuple[int, ...] = ()) -> Callable[[], None]:
+    """Runs in the child before exec: CPU affinity, SIGINT when the scheduler dies, ``ignore``d signals."""
 
     def run() -> None:
+        for sig in ignore:  # an ignored disposition survives exec
+            signal.signal(sig, signal.SIG_IGN)
         if cpus:
             try:
                 os.sched_setaffinity(0, cpus)
@@ -284,7 +286,7 @@ class InProcessExecutor:
         def run() -> None:
             try:
                 box["rc"] = int(self.fn(launch, stop))
-            except Exception as e:  # noqa: BLE001 - a failing job is an exit code, like a child process
+            except Exception as e:
                 with open(launch.job_paths.log, "a") as f:
                     f.write(f"{type(e).__name__}: {e}\n")
                 box["rc"] = 1
@@ -315,52 +317,133 @@ class SlurmOptions:
 class SlurmCommand:
     """The function submitit runs on the node: the job's argv with its variables, output to its log.
 
-    Slurm's own ``CUDA_VISIBLE_DEVICES`` (the GPU it allocated) is kept. On preemption or time
-    limit submitit calls `checkpoint`: the child gets SIGINT (it saves a checkpoint) and the same
-    command is requeued, which resumes through ``--continue``.
+    Slurm's own ``CUDA_VISIBLE_DEVICES`` (the GPU it allocated) is kept. Two ways a running job
+    is stopped and requeued, both ending in a run of the same command that resumes through
+    ``--continue``:
+
+    - time limit (``--signal=USR2``, or submitit's preemption hook): submitit calls `checkpoint`,
+      the child gets SIGINT, saves and exits, and submitit requeues the job;
+    - preemption or ``scontrol requeue``: Slurm sends SIGTERM to every process of the job (the
+      child saves its checkpoint), SIGKILL after ``KillWait``, and requeues it. Here no result may
+      be written, or the scheduler would read the attempt as finished with exit 130 and retry it
+      beside the requeued run; Slurm's restart counter tells a requeue from a ``scancel``.
     """
 
     def __init__(self, command: tuple[str, ...], env: dict[str, str], log_path: str, node_file: str,
                  header: str) -> None:
         self.command, self.env, self.log_path, self.node_file, self.header = command, env, log_path, node_file, header
         self._proc: subprocess.Popen[bytes] | None = None
+        self._stop_sent = False
 
     def __getstate__(self) -> dict[str, object]:
-        return {k: v for k, v in self.__dict__.items() if k != "_proc"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_proc", "_stop_sent")}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         self._proc = None
+        self._stop_sent = False
 
     def __call__(self) -> int:
         env = child_environment(self.env, keep_cuda_visible_devices=True)
+        restarts = _int_or_zero(os.environ.get("SLURM_RESTART_COUNT"))
         seen = {"node": os.environ.get("SLURMD_NODENAME", socket.gethostname()),
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "pid": os.getpid(), "started_at": time.time(),
-                "env": {k: env.get(k) for k in self.env}}
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "restarts": restarts, "pid": os.getpid(),
+                "started_at": time.time(), "env": {k: env.get(k) for k in self.env}}
         atomic_write_json(self.node_file, seen)
-        with open(self.log_path, "ab") as f:
-            f.write(f"{self.header} on {seen['node']} CUDA_VISIBLE_DEVICES={seen['cuda_visible_devices']} "
-                    f"SLURM_JOB_ID={seen['slurm_job_id']}\n".encode())
-            f.flush()
-            self._proc = subprocess.Popen(list(self.command), env=env, stdout=f, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, preexec_fn=_preexec((), _libc()))
-            rc = self._proc.wait()
-        atomic_write_json(self.node_file, {**seen, "ended_at": time.time(), "exit_code": rc})
+        terminated = threading.Event()
+        previous = self._on_sigterm(terminated)
+        try:
+            with open(self.log_path, "ab") as f:
+                f.write(f"{self.header} on {seen['node']} CUDA_VISIBLE_DEVICES={seen['cuda_visible_devices']} "
+                        f"SLURM_JOB_ID={seen['slurm_job_id']} restarts={restarts}\n".encode())
+                f.flush()
+                self._proc = subprocess.Popen(list(self.command), env=env, stdout=f, stderr=subprocess.STDOUT,
+                                              stdin=subprocess.DEVNULL,
+                                              preexec_fn=_preexec((), _libc(), ignore=(_preemption_signal(),)))
+                rc = self._proc.wait()
+                requeued = terminated.is_set() and _being_requeued(seen["slurm_job_id"], restarts)
+                if requeued:
+                    f.write(f"=== Slurm requeues job {seen['slurm_job_id']} (exit {rc}); it resumes from its "
+                            "checkpoint when it runs again\n".encode())
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        atomic_write_json(self.node_file, {**seen, "ended_at": time.time(), "exit_code": rc, "requeued": requeued})
+        if requeued:
+            raise SystemExit(rc)  # no result file: the job is not over, its requeued run will write one
         return rc
 
+    def _on_sigterm(self, terminated: threading.Event) -> object:
+        """Note Slurm's SIGTERM (the child got it too, so it must get no second stop signal); old handler."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum: int, frame: object) -> None:
+            terminated.set()
+            self._stop_sent = True
+
+        return signal.signal(signal.SIGTERM, handler)
+
     def checkpoint(self) -> object:
-        """Preempted or out of time: let the child checkpoint, then requeue the same command."""
+        """Preempted or out of time: let the child checkpoint, then requeue the same command.
+
+        Runs in submitit's signal handler while `__call__` sits in ``Popen.wait``, which holds the
+        Popen's wait lock: Popen's own poll/wait would see the child running until the grace ran
+        out, so the child is watched through /proc.
+        """
         import submitit
 
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGINT)
-            try:
-                self._proc.wait(SLURM_CHECKPOINT_GRACE_S)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
+        if self._proc is not None and _alive(self._proc.pid):
+            if not self._stop_sent:  # a second signal would make the trainer abort without saving
+                self._stop_sent = True
+                os.kill(self._proc.pid, signal.SIGINT)
+            deadline = time.monotonic() + SLURM_CHECKPOINT_GRACE_S
+            while _alive(self._proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _alive(self._proc.pid):
+                os.kill(self._proc.pid, signal.SIGKILL)
+        with open(self.log_path, "ab") as f:
+            f.write(f"=== checkpointed on Slurm's time-limit/preemption signal; submitit requeues job "
+                    f"{os.environ.get('SLURM_JOB_ID')}, which resumes from the checkpoint\n".encode())
         return submitit.helpers.DelayedSubmission(SlurmCommand(self.command, self.env, self.log_path,
                                                                self.node_file, self.header))
+
+
+def _preemption_signal() -> int:
+    """The signal of submitit's checkpoint hook (``--signal=USR2@..``, SUBMITIT_PREEMPT_SIGNAL).
+
+    Slurm sends it to every process of the job; the child must ignore it (its default action
+    kills it without a checkpoint) and stop on the SIGINT that `SlurmCommand.checkpoint` sends.
+    """
+    return int(getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2))
+
+
+def _int_or_zero(text: str | None) -> int:
+    try:
+        return int(text or 0)
+    except ValueError:
+        return 0
+
+
+def _being_requeued(slurm_job_id: str | None, restarts_seen: int) -> bool:
+    """Whether Slurm is requeueing this job: its restart count went up since this run started.
+
+    ``scancel`` and ``scontrol requeue`` both send SIGTERM; only a requeue bumps ``Restarts``.
+    When Slurm cannot be asked, True: without a result, a cancelled job still ends (sacct says
+    CANCELLED) while a requeued one must not look finished.
+    """
+    if not slurm_job_id:
+        return False
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", slurm_job_id], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return True
+    for token in out.split():
+        if token.startswith("Restarts="):
+            return _int_or_zero(token.partition("=")[2]) > restarts_seen
+    return True
 
 
 class SlurmHandle:
@@ -380,7 +463,7 @@ class SlurmHandle:
             return None
         try:
             return int(self.job.result())  # type: ignore[attr-defined]
-        except Exception as e:  # noqa: BLE001 - submitit raises on failed/killed/cancelled jobs
+        except Exception as e:
             log.info("slurm job %s ended without result (%s: %s)", self.external_id, type(e).__name__,
                      str(e).splitlines()[0] if str(e) else "")
             return -int(signal.SIGKILL)
@@ -411,6 +494,8 @@ class SlurmExecutor:
         launch.job_paths.make()
         ex = submitit.AutoExecutor(folder=launch.job_paths.slurm / "%j", cluster="slurm")
         extra: dict[str, object] = dict(self.options.extra)
+        if "no-requeue" not in extra and "no_requeue" not in extra:
+            extra.setdefault("requeue", True)  # preemption and `scontrol requeue` rerun it (JobRequeue=0 clusters)
         if launch.after:
             extra["dependency"] = "afterok:" + ":".join(launch.after)
             extra["kill-on-invalid-dep"] = "yes"

@@ -8,11 +8,14 @@ commands always carry ``--continue`` so a resumed or retried training picks up i
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
+import signal
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from autoseg.common.errors import AutosegError
@@ -356,31 +359,61 @@ def run_jobs(jobs: list[JobSpec], executor: Executor, paths: Paths, store: State
     started = time.time()
     done_before = {r.job_id for r in store.rows() if r.state is JobState.DONE}
     check_graph(jobs, done_before)
-    store.register(jobs)
-    run = _Run(jobs, executor, paths, store, options)
-    run.reconcile()
-    last_observed = 0.0
-    interrupts = 0
-    while True:
-        try:
-            if not run.step():
-                break
-            if options.observer is not None and time.monotonic() - last_observed >= options.observe_every_s:
-                last_observed = time.monotonic()
-                options.observer(store.rows())
-            time.sleep(options.poll_interval_s)
-        except KeyboardInterrupt:
-            interrupts += 1
-            if interrupts == 1:
-                log.warning("interrupting %d running job(s); they save a checkpoint (Ctrl-C again to kill)",
-                            len(run.running))
-                run.interrupt_all()
-            else:
-                log.warning("killing %d running job(s)", len(run.running))
-                run.kill_all()
+    with _ctrl_c_presses() as presses:
+        store.register(jobs)
+        run = _Run(jobs, executor, paths, store, options)
+        run.reconcile()
+        last_observed = 0.0
+        handled = 0
+        while True:
+            try:
+                while handled < len(presses):
+                    handled += 1
+                    _on_ctrl_c(run, handled)
+                if not run.step():
+                    break
+                if options.observer is not None and time.monotonic() - last_observed >= options.observe_every_s:
+                    last_observed = time.monotonic()
+                    options.observer(store.rows())
+                time.sleep(options.poll_interval_s)
+            except KeyboardInterrupt:  # raised by hand, or SIGINT outside the main thread's handler
+                presses.append(time.monotonic())
     if options.observer is not None:
         options.observer(store.rows())
     return run.summary(started)
+
+
+@contextlib.contextmanager
+def _ctrl_c_presses() -> Iterator[list[float]]:
+    """SIGINT recorded in a list that the loop reads between steps.
+
+    A KeyboardInterrupt raised wherever the loop happens to be (between starting a child and
+    recording it, or between reaping a job and saving its state) would leave a job untracked
+    or its state unsaved; a handler that only records the press keeps every step whole.
+    """
+    presses: list[float] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield presses
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        presses.append(time.monotonic())
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield presses
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _on_ctrl_c(run: _Run, press: int) -> None:
+    """First Ctrl-C: every running job checkpoints and stops; any later one: kill them."""
+    if press == 1:
+        log.warning("interrupting %d running job(s); they save a checkpoint (Ctrl-C again to kill)", len(run.running))
+        run.interrupt_all()
+    else:
+        log.warning("killing %d running job(s)", len(run.running))
+        run.kill_all()
 
 
 # ---------------------------------------------------------------------- dry run: who would run where

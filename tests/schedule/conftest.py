@@ -1,7 +1,10 @@
-"""Scheduler test helpers: stand-in jobs (a tiny script or a thread) so most tests need no training."""
+"""Scheduler test helpers: stand-in jobs (a tiny script or a thread) so most tests need no training, and
+the setup of the tests that run a real `autoseg train-all` process."""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,14 +26,15 @@ def train_jobs(n: int, depends_on: tuple[str, ...] = (), durations: list[float] 
             for k in range(n)]
 
 
-def fake_command(paths: Paths, steps: int = 2, step_s: float = 0.05, fail: frozenset[str] = frozenset()):
+def fake_command(paths: Paths, steps: int = 2, step_s: float = 0.05, fail: frozenset[str] = frozenset(),
+                 stop_s: float = 0.0):
     """A LocalExecutor ``command_for``: run fake_job.py in the job's training dir (or its job dir)."""
 
     def command(launch: Launch) -> list[str]:
         tid = launch.job.training_id()
         out = paths.training_dir(tid) if tid is not None else launch.job_paths.folder / "work"
         argv = [sys.executable, str(FAKE_JOB), str(out), str(steps), str(step_s)]
-        return argv + (["fail"] if launch.job.job_id in fail else [])
+        return argv + (["fail"] if launch.job.job_id in fail else []) + ([f"stop={stop_s}"] if stop_s else [])
 
     return command
 
@@ -41,3 +45,33 @@ def sched_paths(tmp_path: Path) -> Paths:
     for root in (paths.raw, paths.preprocessed, paths.results):
         root.mkdir(parents=True)
     return paths
+
+
+# ---------------------------------------------------------------------- a real `autoseg train-all` process
+
+TINY_TRAINING = ("--set", "iterations_per_epoch=2", "--set", "val_iterations=1", "--set", "batch_size=2")
+"""Trainer overrides that keep an epoch to a few steps (add ``--set epochs=N``)."""
+
+
+def train_all_command(paths: Paths, *args: str) -> list[str]:
+    """``autoseg train-all Dataset999_Phantom ARGS`` on ``paths``, run with this interpreter."""
+    return [sys.executable, "-m", "autoseg", "--raw", str(paths.raw), "--preprocessed", str(paths.preprocessed),
+            "--results", str(paths.results), "train-all", DATASET, *args]
+
+
+def single_thread_env() -> dict[str, str]:
+    """The test's environment with one BLAS/OpenMP thread per process (2 shared cores)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def fold_dir(paths: Paths, config: str, fold: int) -> Path:
+    """The results folder of one training of the default variant."""
+    return paths.results / DATASET / config / "default" / f"fold_{fold}"
+
+
+def epochs_logged(fold: Path) -> list[dict]:
+    """The complete lines of a training's ``training_log.jsonl`` (a line being written is skipped)."""
+    path = fold / "training_log.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip().endswith("}")]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import _thread
 import json
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -92,3 +93,103 @@ def test_slurm_jobs_get_distinct_gpus_paths_failures_and_kills(sched_paths) -> N
                 overlaps += 1
     assert overlaps > 0  # the jobs did run side by side
     assert "deliberate failure" in JobPaths.of(sched_paths, bad.job_id).log.read_text(encoding="utf-8")
+
+
+def _ckpt_step(paths, job) -> int:
+    try:
+        return json.loads((paths.training_dir(job.training_id()) / "ckpt.json").read_text(encoding="utf-8"))["step"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _slurm_state(job_id: str) -> str:
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    return out.stdout.strip()
+
+
+def _requeue_after_checkpoint(paths, job, box: dict, how: list[str]) -> None:
+    """Once the job has checkpointed, run ``how + [slurm id]``: preemption (`scontrol requeue`: SIGTERM, then
+    requeue) or the time-limit warning (USR2 to the job: submitit checkpoints and requeues it).
+
+    Slurm holds a requeued job for ~2 minutes (BeginTime); the test lets it start at once.
+    """
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        seen = _node(paths, job)
+        if seen and seen.get("slurm_job_id") and _ckpt_step(paths, job) >= 3:
+            slurm_id = box["slurm_id"] = seen["slurm_job_id"]
+            box["step_at_requeue"] = _ckpt_step(paths, job)
+            box["requeue"] = subprocess.run([*how, slurm_id], capture_output=True, text=True, timeout=30)
+            break
+        time.sleep(0.1)
+    else:
+        return
+    while time.monotonic() < deadline:
+        state = _slurm_state(box["slurm_id"])
+        box.setdefault("states", []).append(state)
+        if state == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={box['slurm_id']}", "StartTime=now"], check=False,
+                           capture_output=True, timeout=30)
+        elif state in ("RUNNING", "") and "PENDING" in box["states"]:
+            return
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("how", [["scontrol", "requeue"], ["scancel", "--signal=USR2"]],
+                         ids=["preempted", "time_limit"])
+def test_requeued_slurm_job_resumes_from_its_checkpoint_and_is_not_a_failure(sched_paths, how) -> None:
+    (job,) = train_jobs(1)
+    box: dict = {}
+    requeuer = threading.Thread(target=_requeue_after_checkpoint, args=(sched_paths, job, box, how), daemon=True)
+    requeuer.start()
+    summary = run_locked(sched_paths, [job],
+                         SlurmExecutor(SlurmOptions(time_min=10), command_for=fake_command(sched_paths, 40, 0.1)),
+                         RunOptions(retries=1, cpus_per_job=1, poll_interval_s=0.2))
+    requeuer.join(10)
+    jp = JobPaths.of(sched_paths, job.job_id)
+    log_text = jp.log.read_text(encoding="utf-8")
+    assert box.get("requeue") is not None, "the job never wrote a checkpoint"
+    assert box["requeue"].returncode == 0, box["requeue"].stderr
+    assert "PENDING" in box["states"], (box["states"], log_text)  # Slurm did put it back in the queue
+    assert summary.ok and summary.counts[JobState.DONE] == 1 and not summary.failures, (summary.one_line(), log_text)
+    with StateStore.open(sched_paths) as store:
+        row = store.get(job.job_id)
+    assert row.state is JobState.DONE and row.exit_code == 0
+    assert row.attempt == 1 and row.external_id == box["slurm_id"], log_text  # the same Slurm job, not a retry
+    assert log_text.count("=== autoseg scheduler") == 1  # submitted once
+    assert "--requeue" in "".join(p.read_text() for p in jp.slurm.rglob("*_submission.sh"))
+    interrupted = int(log_text.split("interrupted at step ")[1].split()[0])
+    resumed = int(log_text.split("resumed from step ")[1].split()[0])
+    assert interrupted == resumed >= box["step_at_requeue"]  # continued from its checkpoint, not restarted
+    assert f"requeues job {box['slurm_id']}" in log_text
+    assert log_text.index("interrupted at step") < log_text.index("restarts=1") < log_text.index("resumed from")
+    node = _node(sched_paths, job)
+    assert node["restarts"] == 1 and node["exit_code"] == 0 and node["slurm_job_id"] == box["slurm_id"]
+    runs = (sched_paths.training_dir(job.training_id()) / "runs.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(runs) == 1 and _ckpt_step(sched_paths, job) == 40  # finished once, all steps
+
+
+def test_interrupted_slurm_job_checkpoints_and_ends_interrupted_not_requeued(sched_paths) -> None:
+    """Ctrl-C of train-all cancels the Slurm job (SIGTERM too): the wrapper must tell it from a requeue."""
+    (job,) = train_jobs(1)
+
+    def press_ctrl_c() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and _ckpt_step(sched_paths, job) < 3:
+            time.sleep(0.1)
+        _thread.interrupt_main()
+
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    summary = run_locked(sched_paths, [job],
+                         SlurmExecutor(SlurmOptions(time_min=10), command_for=fake_command(sched_paths, 400, 0.1)),
+                         RunOptions(retries=1, cpus_per_job=1, poll_interval_s=0.2))
+    assert summary.interrupted and summary.counts[JobState.INTERRUPTED] == 1
+    with StateStore.open(sched_paths) as store:
+        row = store.get(job.job_id)
+    assert row.state is JobState.INTERRUPTED and row.exit_code == 130 and row.attempt == 1
+    node = _node(sched_paths, job)
+    assert node["exit_code"] == 130 and node["requeued"] is False and node["restarts"] == 0
+    log_text = JobPaths.of(sched_paths, job.job_id).log.read_text(encoding="utf-8")
+    assert "interrupted at step" in log_text and "requeues" not in log_text
+    assert _ckpt_step(sched_paths, job) < 400
+    assert _slurm_state(node["slurm_job_id"]) not in ("PENDING", "RUNNING")  # cancelled, not put back in the queue

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,33 +13,23 @@ from autoseg.common.jsonio import load_record
 from autoseg.common.paths import Paths
 from autoseg.schedule.jobs import JobPaths, JobRecord, JobState
 from autoseg.schedule.store import StateStore
-
-REPO = Path(__file__).resolve().parents[2]
-DS = "Dataset999_Phantom"
-TINY = ["--set", "epochs=2", "--set", "iterations_per_epoch=2", "--set", "val_iterations=1", "--set", "batch_size=2"]
-
-
-def _epochs_logged(fold_dir: Path) -> list[dict]:
-    path = fold_dir / "training_log.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip().endswith("}")]
+from tests.schedule.conftest import DATASET as DS
+from tests.schedule.conftest import TINY_TRAINING, epochs_logged, fold_dir, single_thread_env, train_all_command
 
 
 @pytest.mark.slow
 def test_killed_train_all_resumes_real_trainings(phantom_small: Paths, tmp_path: Path) -> None:
     paths = Paths(phantom_small.raw, tmp_path / "pre", tmp_path / "res")
-    cmd = [sys.executable, "-m", "autoseg", "--raw", str(paths.raw), "--preprocessed", str(paths.preprocessed),
-           "--results", str(paths.results), "train-all", DS, "--configs", "3d_fullres", "--folds", "0",
-           "--gpus", "0,1,2,3", "--quiet", *TINY]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    folds = {0: paths.results / DS / "3d_fullres" / "default" / "fold_0"}
+    cmd = train_all_command(paths, "--configs", "3d_fullres", "--folds", "0", "--gpus", "0,1,2,3", "--quiet",
+                            "--set", "epochs=2", *TINY_TRAINING)
+    env = single_thread_env()
+    folds = {0: fold_dir(paths, "3d_fullres", 0)}
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not any(len(_epochs_logged(d)) == 1 for d in folds.values()):
+    while time.monotonic() < deadline and not any(len(epochs_logged(d)) == 1 for d in folds.values()):
         time.sleep(0.1)
-    cut = next(k for k, d in folds.items() if len(_epochs_logged(d)) == 1 and not (d / "checkpoint_final.pt").exists())
-    before = _epochs_logged(folds[cut])[0]
+    cut = next(k for k, d in folds.items() if len(epochs_logged(d)) == 1 and not (d / "checkpoint_final.pt").exists())
+    before = epochs_logged(folds[cut])[0]
     first.send_signal(signal.SIGKILL)
     first.wait()
     cut_job = f"train:{DS}:3d_fullres:default:fold_{cut}"
@@ -60,7 +47,7 @@ def test_killed_train_all_resumes_real_trainings(phantom_small: Paths, tmp_path:
     assert {r.state for r in rows.values()} == {JobState.DONE} and len(rows) == 3
     for name in (f"plan:{DS}", f"preprocess:{DS}"):  # finished before the kill: not rerun
         assert JobPaths.of(paths, name).log.read_text(encoding="utf-8").count("=== autoseg scheduler") == 1
-    logged = _epochs_logged(folds[cut])
+    logged = epochs_logged(folds[cut])
     assert [e["epoch"] for e in logged] == [0, 1] and logged[0] == before  # continued, not restarted
     job_log = JobPaths.of(paths, cut_job).log.read_text(encoding="utf-8")
     assert job_log.count("starting from scratch") == 1 and "attempt 2 started" in job_log
