@@ -26,6 +26,9 @@ class JobKind(str, Enum):
     PLAN = "plan"
     PREPROCESS = "preprocess"
     TRAIN = "train"
+    VALIDATE = "validate"
+    """Complete a finished fold's final validation (``train --continue`` on a finished fold), e.g.
+    to add the softmax maps an ensemble comparison needs to a fold trained without them."""
     FIND_BEST = "find_best"
 
 
@@ -90,8 +93,8 @@ class JobSpec:
         return self.resources.gpus > 0
 
     def training_id(self) -> TrainingId | None:
-        """The training this job runs (train jobs only)."""
-        if self.kind is not JobKind.TRAIN or self.config is None or self.fold is None:
+        """The training this job runs or validates (train and validate jobs)."""
+        if self.kind not in (JobKind.TRAIN, JobKind.VALIDATE) or self.config is None or self.fold is None:
             return None
         return TrainingId(self.dataset, self.config, self.fold, self.variant, self.seed)
 
@@ -115,6 +118,16 @@ class JobSpec:
                 argv += ["--plans", self.plans_file]
             if num_workers is not None:
                 argv += ["--num-workers", str(num_workers)]
+            if self.save_probabilities:
+                argv.append("--save-probabilities")
+            argv.append("--quiet")
+        elif self.kind is JobKind.VALIDATE:
+            # on a finished fold --continue only completes the validation (a no-op when complete),
+            # so the job is idempotent even if its train job already saved the maps
+            argv += ["train", self.dataset, str(self.config), str(self.fold), "--continue",
+                     "--variant", self.variant]
+            if self.seed is not None:
+                argv += ["--seed", str(self.seed)]
             if self.save_probabilities:
                 argv.append("--save-probabilities")
             argv.append("--quiet")
@@ -147,7 +160,7 @@ def make_job_id(kind: JobKind, dataset: str, config: str | None = None, fold: in
     """``train:Dataset004_Hippocampus:3d_fullres:default:fold_0`` (``...:seed_1:fold_0``); plan/
     preprocess/find-best ids name the kind, dataset and variant (derived plans are per variant)."""
     parts = [JobKind(kind).value, dataset]
-    if kind is JobKind.TRAIN:
+    if kind in (JobKind.TRAIN, JobKind.VALIDATE):
         parts += [str(config), variant]
         if seed is not None:
             parts.append(f"seed_{seed}")

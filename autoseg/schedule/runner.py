@@ -569,6 +569,7 @@ def _dataset_jobs(paths: Paths, ds: str, req: TrainAllRequest) -> list[JobSpec]:
             train_deps = (prep.job_id,)
     train_ids: list[str] = []
     complete_configs = []
+    ensembles = len(configs) > 1  # find-best can compare ensembles only with saved softmax maps
     for name in configs:
         conf = plan.configurations[name] if plan else None
         res = Resources(gpus=1, gpu_memory_gb=(conf.estimated_vram_gb or None) if conf else None,
@@ -576,15 +577,40 @@ def _dataset_jobs(paths: Paths, ds: str, req: TrainAllRequest) -> list[JobSpec]:
                                                               req.trainer_overrides) if conf else None)
         for fold in req.folds:
             job = JobSpec.make(JobKind.TRAIN, ds, config=name, fold=fold, variant=req.variant,
-                               trainer_overrides=req.trainer_overrides, depends_on=train_deps, resources=res)
+                               trainer_overrides=req.trainer_overrides, depends_on=train_deps, resources=res,
+                               save_probabilities=ensembles)
             jobs.append(job)
             train_ids.append(job.job_id)
+            if ensembles and _needs_probabilities(paths, job):
+                val = JobSpec.make(JobKind.VALIDATE, ds, config=name, fold=fold, variant=req.variant,
+                                   depends_on=(job.job_id,), save_probabilities=True,
+                                   resources=replace(res, est_duration_s=None))
+                jobs.append(val)
+                train_ids.append(val.job_id)
         if set(range(5)) <= set(req.folds):
             complete_configs.append(name)
     if complete_configs:
         jobs.append(JobSpec.make(JobKind.FIND_BEST, ds, configs=tuple(complete_configs), variant=req.variant,
                                  depends_on=tuple(train_ids)))
     return jobs
+
+
+def _needs_probabilities(paths: Paths, job: JobSpec) -> bool:
+    """A fold finished earlier without the validation softmax maps that ensembling needs.
+
+    Its train job is DONE and will not run again, so a validate job adds the maps.
+    """
+    from autoseg.train.checkpoint import FINAL
+    from autoseg.train.run import validation_complete
+
+    tid = job.training_id()
+    fold_dir = paths.training_dir(tid)
+    if not (fold_dir / FINAL).is_file():
+        return False  # the train job itself will save them
+    try:
+        return not validation_complete(paths, tid, fold_dir, with_probabilities=True)
+    except AutosegError:  # no splits yet: nothing trained from them either
+        return False
 
 
 def run_locked(paths: Paths, jobs: list[JobSpec], executor: Executor,

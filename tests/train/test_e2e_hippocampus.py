@@ -109,7 +109,7 @@ def test_sigkill_then_continue_resumes_epoch_and_optimizer(hippo) -> None:
 
 
 def test_validation_completed_on_continue_and_rerun_with_probabilities(hippo) -> None:
-    """A run killed while validating gets its validation on --continue; --val --npz adds the softmax maps."""
+    """A run killed while validating gets its validation on --continue; --continue --npz adds the softmax maps."""
     from autoseg.common.jsonio import load_record
     from autoseg.dataset.io import read_image
     from autoseg.evaluate.summary import Summary
@@ -134,8 +134,9 @@ def test_validation_completed_on_continue_and_rerun_with_probabilities(hippo) ->
     assert "already finished" in run("--continue").output
     assert not list(val_dir.glob("*.npz"))
 
-    with_probs = run("--validation-only", "--npz")
+    with_probs = run("--continue", "--save-probabilities")  # what train-all's validate job runs
     assert with_probs.exit_code == 0, with_probs.output
+    assert ": validated, 1 epochs" in with_probs.output
     summary = load_record(val_dir / "summary.json", Summary)
     assert summary.cases and 0.0 <= summary.foreground_dice <= 1.0
     for case in summary.cases:
@@ -145,6 +146,9 @@ def test_validation_completed_on_continue_and_rerun_with_probabilities(hippo) ->
         agree = (labels_from_probabilities(probs) == seg).mean()
         assert agree > 0.99  # the maps made the masks (up to float16 rounding of near-ties)
     assert "already finished" in run("--continue", "--save-probabilities").output
+    again = run("--validation-only")  # always re-runs; the new folder replaces the old one whole
+    assert again.exit_code == 0 and ": validated, 1 epochs" in again.output
+    assert (val_dir / "summary.json").is_file() and not list(val_dir.glob("*.npz"))
     assert not (val_dir.parent / ".validation.partial").exists()
 
     refused = CliRunner().invoke(cli, [*_cli_args(paths), "train", DATASET, "3d_fullres", "3", "--validation-only"])
