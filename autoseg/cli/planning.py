@@ -60,6 +60,10 @@ def render_plan(plan: Plan) -> str:
                 ("features", ",".join(map(str, c.features_per_stage)), "features_per_stage"),
                 ("batch dice", str(c.batch_dice), "batch_dice"),
                 ("memory estimate", f"{c.estimated_vram_gb:.2f} GB", "estimated_vram_gb")]
+        if c.previous_stage is not None:
+            rows.append(("previous stage", c.previous_stage, "previous_stage"))
+        if c.next_stage is not None:
+            rows.append(("next stage", c.next_stage, "next_stage"))
         width = max(len(v) for _, v, _ in rows)
         lines += ["", f"{name}  (data: {c.data_identifier})"]
         lines += [f"  {label:<16}{value:<{width}}  {c.reasons.get(key, '')}" for label, value, key in rows]
@@ -71,7 +75,8 @@ def render_plan(plan: Plan) -> str:
 @click.option("--gpu-memory", type=float, default=None, metavar="GB",
               help="Memory budget per training (default: this machine's GPU, else 8 GB like nnU-Net).")
 @click.option("--configs", cls=GreedyMultiOption, multiple=True, metavar="NAME...",
-              help=f"Configurations to plan ({', '.join(CONFIG_NAMES)}; default all that apply).")
+              help=f"Configurations to plan ({', '.join(CONFIG_NAMES)}; default all that apply). Naming "
+                   "3d_lowres or 3d_cascade_fullres plans the cascade even where the rules would not.")
 @click.option("--set", "overrides", multiple=True, metavar="CONFIG.KEY=VALUE",
               help="Override a planned number, e.g. 3d_fullres.patch_size=48,64,48 (repeatable).")
 @click.option("-j", "--num-workers", type=click.IntRange(min=1), default=1, help="Processes reading cases.")
@@ -79,7 +84,7 @@ def render_plan(plan: Plan) -> str:
 @click.pass_context
 def plan_command(ctx: click.Context, dataset: str, gpu_memory: float | None, configs: tuple[str, ...],
                  overrides: tuple[str, ...], num_workers: int, force: bool) -> None:
-    """Verify DATASET, fingerprint it and write its plans.json (2d, 3d_fullres, 3d_lowres)."""
+    """Verify DATASET, fingerprint it and write its plans.json (2d, 3d_fullres, 3d_lowres + 3d_cascade_fullres)."""
     names = tuple(n for c in configs for n in c.split(",") if n) or None
     budget = gpu_memory if gpu_memory is not None else (detected_gpu_memory_gb() or DEFAULT_GPU_MEMORY_GB)
     request = PlanRequest(gpu_memory_gb=budget, configs=names, overrides=tuple(overrides),

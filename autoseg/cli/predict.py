@@ -69,11 +69,14 @@ def parse_fold(text: str) -> int | str:
 @click.option("-j", "--num-workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Threads preparing upcoming cases while the network runs.")
 @click.option("--force", is_flag=True, help="Predict cases that already have an output.")
+@click.option("--prev-stage-predictions", "prev_stage_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="3d_cascade_fullres: existing 3d_lowres predictions (CASE<ending>) instead of "
+                                 "predicting them first.")
 @click.pass_context
 def predict_cmd(ctx: click.Context, dataset: str | None, configs: tuple[str, ...], folds: tuple[str, ...],
                 input_dir: Path, output_dir: Path, best_file: Path | None, variant: str, checkpoint: str,
                 step: float, no_tta: bool, save_probabilities: bool, device: str, batch_size: int,
-                num_workers: int, force: bool) -> None:
+                num_workers: int, force: bool, prev_stage_dir: Path | None) -> None:
     """Segment every case of a folder with trained folds (written in each input's own geometry)."""
     from autoseg.infer.predict import PredictOptions, PredictRequest, run_prediction
 
@@ -83,13 +86,14 @@ def predict_cmd(ctx: click.Context, dataset: str | None, configs: tuple[str, ...
         from autoseg.evaluate.best import predict_with_best
         result = predict_with_best(paths, best_file, input_dir, output_dir, device, save_probabilities, force,
                                    options, dataset=paths.resolve_dataset(dataset) if dataset else None,
-                                   num_workers=num_workers)
+                                   num_workers=num_workers, prev_stage_dir=prev_stage_dir)
     else:
         if dataset is None:
             raise AutosegError("give -d DATASET (or --best FILE)", "-d")
         request = PredictRequest(paths.resolve_dataset(dataset), configs or ("3d_fullres",),
                                  tuple(parse_fold(f) for f in folds) or (0, 1, 2, 3, 4), input_dir, output_dir,
-                                 variant, checkpoint, device, save_probabilities, force, options, num_workers)
+                                 variant, checkpoint, device, save_probabilities, force, options, num_workers,
+                                 prev_stage_dir)
         result = run_prediction(paths, request)
     skipped = f", skipped {len(result.skipped)} already predicted (--force to redo)" if result.skipped else ""
     click.echo(f"predicted {len(result.written)} case(s){skipped} -> {result.output_dir}")

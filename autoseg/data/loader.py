@@ -10,6 +10,11 @@ worker 0 run in-process). Batches are numpy in the workers and become torch tens
 caller's process:
 
     {"data": float32 (B, C, *patch), "target": int64 (B, 1, *patch) or a list of such per DS scale}
+
+A cascade stage (`LoaderSpec.previous_stage`) reads each case's previous-stage segmentation,
+cuts and augments it with the labels, and appends it as K-1 one-hot channels after the image
+channels (degraded in training batches only, `autoseg.data.cascade`), so ``C`` is then the
+image channels plus K-1.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from autoseg.data.augment import (
     downsample_seg_for_ds,
     sample_params,
 )
+from autoseg.data.cascade import apply_degradation, one_hot_foreground, sample_degradation
 from autoseg.data.sampling import (
     OVERSAMPLE_FOREGROUND,
     CaseFiles,
@@ -65,6 +71,11 @@ class LoaderSpec:
     deep_supervision: bool
     oversample_foreground: float = OVERSAMPLE_FOREGROUND
     pin_memory: bool = False
+    previous_stage: tuple[Path, ...] = ()
+    """Cascade only: per case (same order as ``case_ids``) the previous stage's segmentation,
+    int (1, *spatial) on this configuration's preprocessed grid; empty for other configurations."""
+    num_classes: int = 0
+    """Classes K (background included) of the previous stage's one-hot channels; cascade only."""
 
 
 class _BatchSource:
@@ -101,12 +112,18 @@ class _BatchSource:
         for i in range(spec.batch_size):
             index = int(rng.integers(len(self.files)))
             data, seg = load_arrays(self.files[index])
+            previous = load_previous_stage(spec.previous_stage[index], seg.shape) if spec.previous_stage else None
             forced = is_forced_foreground(i, spec.batch_size, spec.oversample_foreground)
             data_patch, seg_patch = sample_patch(rng, data, seg, self._case_foreground(index),
-                                                 setup.initial_patch_size, setup.patch_size, forced)
+                                                 setup.initial_patch_size, setup.patch_size, forced, previous)
             params = sample_params(rng, setup, data.shape[0]) if self.augment else None
             if params is not None:
                 data_patch, seg_patch = apply_augmentation(data_patch, seg_patch, params, setup)
+            if previous is not None:
+                one_hot = one_hot_foreground(seg_patch[1], spec.num_classes)
+                if self.augment:
+                    one_hot = apply_degradation(one_hot, sample_degradation(rng, one_hot.shape[0]))
+                data_patch, seg_patch = np.concatenate([data_patch, one_hot]), seg_patch[:1]
             datas.append(data_patch)
             segs.append(seg_patch.astype(np.int64))
         target = np.stack(segs)
@@ -174,6 +191,18 @@ class BatchLoader:
             pass
 
 
+def load_previous_stage(path: Path, seg_shape: tuple[int, ...]) -> np.ndarray:
+    """A previous-stage segmentation (1, *spatial), memory-mapped, checked against the case's grid."""
+    try:
+        prev = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise AutosegError(f"cannot read the previous stage's segmentation ({e})", where=path) from None
+    if tuple(prev.shape) != tuple(seg_shape):
+        raise AutosegError(f"previous-stage segmentation has shape {tuple(prev.shape)}, the case {tuple(seg_shape)} "
+                           "(exported for another plan? retrain the previous stage)", where=path)
+    return prev
+
+
 def _check_spec(spec: LoaderSpec) -> None:
     """Fail early, naming the file or field, instead of inside a worker process."""
     if not spec.case_ids:
@@ -188,7 +217,16 @@ def _check_spec(spec: LoaderSpec) -> None:
         raise AutosegError("preprocessed data folder not found (run `autoseg preprocess`)", where=spec.data_dir)
     for case_id in spec.case_ids:
         CaseFiles.of(Path(spec.data_dir), case_id).check()
-    load_arrays(CaseFiles.of(Path(spec.data_dir), spec.case_ids[0]))  # readable, (C, z, y, x) + (1, z, y, x)
+    _, seg = load_arrays(CaseFiles.of(Path(spec.data_dir), spec.case_ids[0]))  # readable, (C, z, y, x) + (1, z, y, x)
+    if spec.previous_stage:
+        if len(spec.previous_stage) != len(spec.case_ids) or spec.num_classes < 2:
+            raise AutosegError(f"{len(spec.previous_stage)} previous-stage segmentations for {len(spec.case_ids)} "
+                               f"cases and {spec.num_classes} classes", where="previous_stage")
+        for path in spec.previous_stage:
+            if not Path(path).is_file():
+                raise AutosegError("previous-stage segmentation missing (train the previous stage's folds)",
+                                   where=path)
+        load_previous_stage(spec.previous_stage[0], seg.shape)
     if spec.config.ndim not in (2, 3):
         raise AutosegError(f"patch_size {spec.config.patch_size} must have 2 or 3 axes",
                            where=f"plans.json:configurations.{spec.config.name}")

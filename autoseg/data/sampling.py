@@ -123,11 +123,13 @@ def crop_padded(array: np.ndarray, lower: tuple[int, ...], size: tuple[int, ...]
 
 def sample_patch(rng: np.random.Generator, data: np.ndarray, seg: np.ndarray, foreground: dict[int, np.ndarray],
                  patch: tuple[int, ...], final_patch: tuple[int, ...],
-                 force_foreground: bool) -> tuple[np.ndarray, np.ndarray]:
+                 force_foreground: bool, extra_seg: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cut one (C, *patch) data / (1, *patch) seg window from a case, 2D or 3D by ``len(patch)``.
 
     Forced samples pick a random present class, then a random voxel of it as the centre (2D:
-    its slice). A case without foreground falls back to a uniform window.
+    its slice). A case without foreground falls back to a uniform window. ``extra_seg``
+    (1, *spatial) (the cascade's previous-stage segmentation) is cut at the same window and
+    returned as a second seg channel, so augmentation moves it with the labels.
     """
     classes = sorted(foreground) if force_foreground else []
     voxel = None
@@ -137,7 +139,11 @@ def sample_patch(rng: np.random.Generator, data: np.ndarray, seg: np.ndarray, fo
     if len(patch) == 2:
         z = int(voxel[0]) if voxel is not None else int(rng.integers(data.shape[1]))
         data, seg = data[:, z], seg[:, z]
+        extra_seg = extra_seg[:, z] if extra_seg is not None else None
         voxel = voxel[1:] if voxel is not None else None
     lower = patch_lower_bounds(rng, data.shape[1:], patch, final_patch, voxel)
-    return (crop_padded(data, lower, patch, PAD_VALUE_DATA).astype(np.float32, copy=False),
-            crop_padded(seg, lower, patch, PAD_VALUE_SEG))
+    seg_patch = crop_padded(seg, lower, patch, PAD_VALUE_SEG)
+    if extra_seg is not None:
+        seg_patch = np.concatenate([seg_patch, crop_padded(extra_seg, lower, patch, PAD_VALUE_SEG).astype(
+            seg_patch.dtype)])
+    return crop_padded(data, lower, patch, PAD_VALUE_DATA).astype(np.float32, copy=False), seg_patch

@@ -212,18 +212,20 @@ def load_best(path: Path) -> BestConfig:
 def predict_with_best(paths: Paths, best_file: Path, input_dir: Path, output_dir: Path, device: str = "auto",
                       save_probabilities: bool = False, force: bool = False,
                       options: "PredictOptions | None" = None, show_progress: bool = True,
-                      dataset: str | None = None, num_workers: int = 1) -> "FolderResult":
+                      dataset: str | None = None, num_workers: int = 1,
+                      prev_stage_dir: Path | None = None) -> "FolderResult":
     """Predict a folder with the configurations, folds and postprocessing recorded in best.json.
 
-    ``dataset``, when given (``-d``), must be the one best.json was made for.
+    ``dataset``, when given (``-d``), must be the one best.json was made for. A cascade
+    configuration predicts its previous stage first, or reads it from ``prev_stage_dir``.
     """
-    from autoseg.infer.predict import PredictOptions, fold_dirs_for, load_model, predict_folder
+    from autoseg.infer.predict import PredictOptions, load_configuration, predict_folder
 
     best = load_best(Path(best_file))
     if dataset is not None and dataset != best.dataset:
         raise AutosegError(f"was made for {best.dataset}, not {dataset}", best_file)
-    models = [load_model(fold_dirs_for(paths, best.dataset, c, best.folds, best.variant), device, best.checkpoint)
-              for c in best.configs]
+    models = [load_configuration(paths, best.dataset, c, best.folds, best.variant, device, best.checkpoint,
+                                 prev_stage_dir) for c in best.configs]
     post = None if best.postprocessing.is_noop else partial(apply_postprocessing, rules=best.postprocessing)
     return predict_folder(models, input_dir, output_dir, save_probabilities=save_probabilities, force=force,
                           options=options or PredictOptions(), postprocess=post, show_progress=show_progress,

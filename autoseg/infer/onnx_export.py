@@ -96,7 +96,9 @@ def export_onnx(paths: Paths, dataset: str, config: str, fold: int | str, output
     model = load_model([fold_dir], device="cpu", checkpoint=checkpoint)
     net = model.nets[0].float().eval()
     patch = tuple(int(p) for p in model.config.patch_size)
-    shape = (1, model.plan.num_channels, *patch)
+    # a cascade stage also takes K-1 one-hot channels of its previous stage
+    extra = model.num_classes - 1 if model.config.previous_stage is not None else 0
+    shape = (1, model.plan.num_channels + extra, *patch)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".onnx", dir=output.parent)

@@ -10,6 +10,9 @@ Input folders follow nnU-Net's convention: ``CASE_0000<ending>``, ``CASE_0001<en
 one file per channel. Outputs are ``CASE<ending>``; ``--save-probabilities`` adds
 ``CASE.npz`` (key ``probabilities``, (K, z, y, x) float16) and ``CASE.json`` (a
 `ProbabilityRecord` with the geometry), written last, so they can be ensembled later.
+
+A cascade configuration (3d_cascade_fullres) also needs the previous stage's segmentation as
+input channels; `load_configuration` attaches its source (`autoseg.infer.cascade`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from autoseg.common.errors import AutosegError
 from autoseg.common.jsonio import atomic_write_bytes, load_record, save_record
 from autoseg.common.paths import Paths, TrainingId
 from autoseg.common.progress import progress
-from autoseg.dataset.io import SUPPORTED_ENDINGS, Geometry, file_ending, read_case, write_image
+from autoseg.dataset.io import SUPPORTED_ENDINGS, Geometry, file_ending, read_case, read_image, write_image
+from autoseg.infer.cascade import PreviousStage, seg_to_preprocessed_grid
 from autoseg.infer.sliding_window import DEFAULT_BATCH_SIZE, DEFAULT_STEP, predict_sliding_window
 from autoseg.planning.plans import Configuration, Plan
 
@@ -62,6 +66,8 @@ class LoadedModel:
     device: torch.device
     sources: tuple[str, ...] = ()
     """Checkpoint files the nets came from (for messages and records)."""
+    previous_stage: PreviousStage | None = None
+    """Cascade configurations only: where the previous stage's segmentation comes from."""
 
     @property
     def num_classes(self) -> int:
@@ -180,6 +186,28 @@ def fold_dirs_for(paths: Paths, dataset: str, config: str, folds: Sequence[int |
     return [paths.training_dir(TrainingId(dataset, config, f, variant)) for f in folds]
 
 
+def load_configuration(paths: Paths, dataset: str, config: str, folds: Sequence[int | str],
+                       variant: str = "default", device: str | torch.device = "cpu", checkpoint: str = "final",
+                       prev_stage_dir: Path | None = None) -> LoadedModel:
+    """`load_model` of one configuration's folds; a cascade also gets its previous stage.
+
+    That is ``prev_stage_dir`` (existing label maps in the inputs' geometry) when given, else
+    the previous configuration's model with the same variant, folds and checkpoint.
+    """
+    model = load_model(fold_dirs_for(paths, dataset, config, folds, variant), device, checkpoint)
+    prev = model.config.previous_stage
+    if prev is None:
+        return model
+    if prev_stage_dir is not None:
+        if not Path(prev_stage_dir).is_dir():
+            raise AutosegError("previous-stage predictions folder not found", prev_stage_dir)
+        model.previous_stage = PreviousStage(folder=Path(prev_stage_dir))
+    else:
+        model.previous_stage = PreviousStage(model=load_configuration(paths, dataset, prev, folds, variant, device,
+                                                                      checkpoint))
+    return model
+
+
 def _logits_3d(net: nn.Module, data: torch.Tensor, model: LoadedModel, options: PredictOptions) -> torch.Tensor:
     """Logits (K, *spatial) of a preprocessed (C, *spatial) volume; 2D configs go slice by slice on axis 0."""
     mirror = model.mirror_axes if options.tta else ()
@@ -210,19 +238,73 @@ class PreparedCase:
 
     geometry: Geometry
     inputs: tuple[tuple[np.ndarray, Any], ...]
-    """Per model: preprocessed data (C, *spatial) and its CaseProperties."""
+    """Per model: preprocessed data (C, *spatial) and its CaseProperties. A cascade model's data
+    already holds the previous stage's one-hot channels unless they must be predicted first."""
+    previous: tuple["PreparedCase | None", ...] = ()
+    """Per model: the case prepared for the previous-stage model that must predict it first, or None."""
+
+
+def case_id_of(image_files: Sequence[Path]) -> str:
+    """``CASE`` from ``CASE_0000<ending>`` (nnU-Net's channel naming)."""
+    name = Path(image_files[0]).name
+    stem = name[: -len(file_ending(name))] if file_ending(name) else name
+    m = CHANNEL_FILE_RE.match(stem)
+    return m.group("case") if m else stem
+
+
+def _with_previous_stage(model: LoadedModel, data_pp: np.ndarray, seg_pp: np.ndarray) -> np.ndarray:
+    """Image channels followed by one-hot classes 1..K-1 of the previous stage (the cascade's input)."""
+    from autoseg.data.cascade import one_hot_foreground
+
+    if tuple(seg_pp.shape[-data_pp.ndim + 1:]) != tuple(data_pp.shape[1:]):
+        raise AutosegError(f"previous-stage segmentation has shape {tuple(seg_pp.shape)}, the preprocessed "
+                           f"case {tuple(data_pp.shape[1:])}")
+    return np.concatenate([data_pp, one_hot_foreground(np.asarray(seg_pp).reshape(data_pp.shape[1:]),
+                                                       model.num_classes)])
+
+
+def _previous_stage_input(model: LoadedModel, data: np.ndarray, geometry: Geometry, data_pp: np.ndarray,
+                          props: Any, case_id: str, image_files: Sequence[Path] | None
+                          ) -> tuple[np.ndarray, "PreparedCase | None"]:
+    """A cascade model's input when the segmentation is at hand, or the case prepared for its previous stage."""
+    source = model.previous_stage
+    if source is None:
+        raise AutosegError(f"{model.config.name} needs the segmentation of {model.config.previous_stage} "
+                           "(load it with load_configuration, or give --prev-stage-predictions)",
+                           model.sources[0] if model.sources else None)
+    if source.model is not None:
+        return data_pp, prepare_case([source.model], data=data, geometry=geometry, case_id=case_id)
+    if source.exports is not None:
+        if case_id not in source.exports:
+            raise AutosegError(f"no previous-stage segmentation for case {case_id!r}", model.config.name)
+        return _with_previous_stage(model, data_pp, np.load(source.exports[case_id])), None
+    ending = file_ending(image_files[0]) if image_files else ".nii.gz"
+    path = Path(source.folder) / f"{case_id}{ending}"  # type: ignore[arg-type]
+    if not path.is_file():
+        raise AutosegError(f"previous-stage prediction of case {case_id!r} not found", path)
+    seg, seg_geometry = read_image(path)
+    if not seg_geometry.same_grid(geometry):
+        raise AutosegError("previous-stage prediction is not on the image's grid", path)
+    grid = seg_to_preprocessed_grid(np.asarray(seg), props, model.plan, model.config)
+    return _with_previous_stage(model, data_pp, grid), None
 
 
 def prepare_case(models: Sequence[LoadedModel], image_files: Sequence[Path] | None = None,
-                 data: np.ndarray | None = None, geometry: Geometry | None = None) -> PreparedCase:
-    """Read (unless ``data``/``geometry`` are given) and preprocess one case for every model."""
+                 data: np.ndarray | None = None, geometry: Geometry | None = None,
+                 case_id: str | None = None) -> PreparedCase:
+    """Read (unless ``data``/``geometry`` are given) and preprocess one case for every model.
+
+    ``case_id`` (default: from the first file name) finds a cascade's previous-stage segmentation.
+    """
     from autoseg.preprocess import preprocess_case
 
     if not models:
         raise AutosegError("no model to predict with")
     if data is None or geometry is None:
         data, geometry = read_case(list(image_files or ()))
-    inputs = []
+    if case_id is None:
+        case_id = case_id_of(image_files) if image_files else ""
+    inputs, previous = [], []
     for model in models:
         if model.num_classes != models[0].num_classes or model.plan.labels != models[0].plan.labels:
             raise AutosegError("models of an ensemble must predict the same labels",
@@ -231,8 +313,35 @@ def prepare_case(models: Sequence[LoadedModel], image_files: Sequence[Path] | No
             raise AutosegError(f"case has {data.shape[0]} channel(s), the model expects {model.plan.num_channels}",
                                image_files[0] if image_files else None)
         data_pp, _, props, _ = preprocess_case(data, geometry, None, model.plan, model.config)
+        before = None
+        if model.config.previous_stage is not None:
+            data_pp, before = _previous_stage_input(model, data, geometry, data_pp, props, case_id, image_files)
         inputs.append((data_pp, props))
-    return PreparedCase(geometry, tuple(inputs))
+        previous.append(before)
+    return PreparedCase(geometry, tuple(inputs), tuple(previous))
+
+
+def model_input(model: LoadedModel, case: PreparedCase, index: int,
+                options: PredictOptions = PredictOptions()) -> np.ndarray:
+    """Model ``index``'s network input (C, *spatial): a cascade first predicts its previous stage if needed."""
+    data_pp, props = case.inputs[index]
+    before = case.previous[index] if case.previous else None
+    if before is None:
+        return data_pp
+    source = model.previous_stage.model  # type: ignore[union-attr]
+    seg = labels_from_probabilities(predict_prepared([source], before, options))
+    return _with_previous_stage(model, data_pp, seg_to_preprocessed_grid(seg, props, model.plan, model.config))
+
+
+def model_probabilities(model: LoadedModel, data_pp: np.ndarray,
+                        options: PredictOptions = PredictOptions()) -> np.ndarray:
+    """Softmax (K, *preprocessed spatial) float32 of one model, averaged over its folds."""
+    x = torch.from_numpy(np.ascontiguousarray(data_pp, dtype=np.float32))
+    probs = None
+    for net in model.nets:
+        p = torch.softmax(_logits_3d(net, x, model, options), dim=0)
+        probs = p if probs is None else probs + p
+    return (probs / len(model.nets)).cpu().numpy()
 
 
 def predict_prepared(models: Sequence[LoadedModel], case: PreparedCase,
@@ -241,13 +350,8 @@ def predict_prepared(models: Sequence[LoadedModel], case: PreparedCase,
     from autoseg.preprocess import revert_preprocessing
 
     total: np.ndarray | None = None
-    for model, (data_pp, props) in zip(models, case.inputs):
-        x = torch.from_numpy(np.ascontiguousarray(data_pp, dtype=np.float32))
-        probs = None
-        for net in model.nets:
-            p = torch.softmax(_logits_3d(net, x, model, options), dim=0)
-            probs = p if probs is None else probs + p
-        probs = (probs / len(model.nets)).cpu().numpy()
+    for i, (model, (_, props)) in enumerate(zip(models, case.inputs)):
+        probs = model_probabilities(model, model_input(model, case, i, options), options)
         reverted = revert_preprocessing(probs, props, model.plan, model.config).astype(np.float32, copy=False)
         total = reverted if total is None else total + reverted
     return np.asarray(total) / len(models)
@@ -266,10 +370,10 @@ def labels_from_probabilities(probs: np.ndarray) -> np.ndarray:
 
 
 def predict_case(models: Sequence[LoadedModel], image_files: Sequence[Path],
-                 options: PredictOptions = PredictOptions(), return_probabilities: bool = False
-                 ) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
+                 options: PredictOptions = PredictOptions(), return_probabilities: bool = False,
+                 case_id: str | None = None) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
     """(label map (z, y, x), probabilities (K, z, y, x) or None, the input's geometry) for one case."""
-    case = prepare_case(models, image_files)
+    case = prepare_case(models, image_files, case_id=case_id)
     probs = predict_prepared(models, case, options)
     seg = labels_from_probabilities(probs)
     return seg, (probs if return_probabilities else None), case.geometry
@@ -354,12 +458,12 @@ def _prefetched(models: Sequence[LoadedModel], jobs: Sequence[tuple[str, Sequenc
         pending: deque = deque()
         it = iter(jobs)
         for cid, files in itertools.islice(it, workers + 1):
-            pending.append((cid, pool.submit(prepare_case, models, files)))
+            pending.append((cid, pool.submit(prepare_case, models, files, case_id=cid)))
         while pending:
             cid, fut = pending.popleft()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append((nxt[0], pool.submit(prepare_case, models, nxt[1])))
+                pending.append((nxt[0], pool.submit(prepare_case, models, nxt[1], case_id=nxt[0])))
             try:
                 yield cid, fut.result()
             except BaseException:
@@ -475,14 +579,19 @@ class PredictRequest:
     options: PredictOptions = PredictOptions()
     num_workers: int = 1
     """Threads that read and preprocess upcoming cases while the network runs."""
+    prev_stage_dir: Path | None = None
+    """Cascade configurations: existing previous-stage predictions instead of predicting them."""
 
 
 def run_prediction(paths: Paths, request: PredictRequest, show_progress: bool = True) -> FolderResult:
     """Load the requested configurations and folds, then predict the input folder (an ensemble when several)."""
     if not request.configs:
         raise AutosegError("give at least one configuration", "-c")
-    models = [load_model(fold_dirs_for(paths, request.dataset, c, request.folds, request.variant),
-                         request.device, request.checkpoint) for c in request.configs]
+    models = [load_configuration(paths, request.dataset, c, request.folds, request.variant, request.device,
+                                 request.checkpoint, request.prev_stage_dir) for c in request.configs]
+    if request.prev_stage_dir is not None and not any(m.config.previous_stage for m in models):
+        raise AutosegError(f"none of {', '.join(request.configs)} is a cascade stage (3d_cascade_fullres)",
+                           "--prev-stage-predictions")
     return predict_folder(models, request.input_dir, request.output_dir,
                           save_probabilities=request.save_probabilities, force=request.force,
                           options=request.options, show_progress=show_progress, num_workers=request.num_workers)

@@ -6,6 +6,11 @@ sliding window, TTA, reverting to the original geometry), written to ``out_dir``
 (``fold_k/validation/CASE<ending>``) and evaluated against the raw label, giving
 ``out_dir/summary.json``. With ``save_probabilities`` the softmax maps are kept too
 (``CASE.npz`` + ``CASE.json``), which `find_best` needs to evaluate ensembles.
+
+Cascade: when the plan has a configuration whose previous stage is this one (3d_lowres ->
+3d_cascade_fullres), each validation case's prediction is also exported on that stage's
+preprocessed grid (``out_dir/next_stage/<next config>/CASE.npy``, `autoseg.infer.cascade`).
+A cascade fold validates with ``previous_stage`` (those exports of its validation cases).
 """
 
 from __future__ import annotations
@@ -24,10 +29,14 @@ from autoseg.common.progress import progress
 from autoseg.dataset.io import write_image
 from autoseg.dataset.spec import load_dataset
 from autoseg.evaluate.summary import SUMMARY_FILE, Summary, evaluate_pairs
+from autoseg.infer.cascade import PreviousStage, export_for_next_stage, next_stage_file, next_stages, write_next_stage
 from autoseg.infer.predict import (
     LoadedModel,
     PredictOptions,
-    predict_case,
+    labels_from_probabilities,
+    model_input,
+    model_probabilities,
+    prepare_case,
     resolve_device,
     write_probabilities,
 )
@@ -39,8 +48,14 @@ log = logging.getLogger(__name__)
 def run_validation(net: nn.Module, plan: Plan, config: Configuration, mirror_axes: Sequence[int],
                    case_ids: Sequence[str], paths: Paths, dataset: str, out_dir: Path,
                    device: str | torch.device = "cpu", save_probabilities: bool = False,
-                   options: PredictOptions = PredictOptions(), show_progress: bool = True) -> Summary:
-    """Predict the fold's validation cases from the raw images, evaluate them, write summary.json."""
+                   options: PredictOptions = PredictOptions(), show_progress: bool = True,
+                   previous_stage: PreviousStage | None = None) -> Summary:
+    """Predict the fold's validation cases from the raw images, evaluate them, write summary.json.
+
+    ``previous_stage`` is required for a cascade configuration (its extra input channels).
+    """
+    from autoseg.preprocess import revert_preprocessing
+
     spec = load_dataset(paths.raw_dataset(dataset))
     if not case_ids:
         raise AutosegError("fold has no validation cases", out_dir)
@@ -53,14 +68,22 @@ def run_validation(net: nn.Module, plan: Plan, config: Configuration, mirror_axe
         base.deep_supervision = False
     net.eval()
     model = LoadedModel(nets=[net], plan=plan, config=config, mirror_axes=tuple(mirror_axes),
-                        device=resolve_device(device))
+                        device=resolve_device(device), previous_stage=previous_stage)
+    exports = next_stages(plan, config.name)
     pairs = []
     try:
         for case in progress(cases, total=len(cases), desc="validation", enabled=show_progress, unit="case"):
-            seg, probs, geometry = predict_case([model], case.images, options,
-                                                return_probabilities=save_probabilities)
+            # predict_case's steps, keeping the probabilities on the preprocessed grid for the exports
+            prepared = prepare_case([model], case.images, case_id=case.case_id)
+            props, geometry = prepared.inputs[0][1], prepared.geometry
+            grid_probs = model_probabilities(model, model_input(model, prepared, 0, options), options)
+            probs = revert_preprocessing(grid_probs, props, plan, config).astype("float32", copy=False)
+            seg = labels_from_probabilities(probs)
+            for nxt in exports:
+                write_next_stage(next_stage_file(out_dir, nxt.name, case.case_id),
+                                 export_for_next_stage(grid_probs, props, plan, nxt))
             out = out_dir / f"{case.case_id}{spec.file_ending}"
-            if save_probabilities and probs is not None:
+            if save_probabilities:
                 write_probabilities(out_dir, case.case_id, probs, geometry, spec.labels, spec.file_ending)
             write_image(out, seg, geometry)
             pairs.append((case.case_id, out, case.label))

@@ -30,8 +30,14 @@ from autoseg.planning.plans import Configuration, Plan
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAMES = ("2d", "3d_fullres", "3d_lowres")
+CONFIG_NAMES = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 """The configurations the planner knows, as nnU-Net names them."""
+
+LOWRES_STAGES = ("3d_lowres", "3d_cascade_fullres")
+"""Naming either in ``configs`` forces the two-stage cascade even where the 25 % rule would not plan it."""
+
+CASCADE_PREVIOUS_STAGE = "3d_lowres"
+"""The stage whose predictions 3d_cascade_fullres takes as extra input channels."""
 
 NOT_OVERRIDABLE = ("name", "reasons", "estimated_vram_gb")
 """Configuration fields `--set` cannot change: identity, and values always derived from the others."""
@@ -80,32 +86,51 @@ def plan_configuration(name: str, spacing: tuple[float, ...], median_shape: np.n
 
 
 def _lowres(full: Configuration, median: np.ndarray, n_cases: int, num_classes: int,
-            gpu_memory_gb: float) -> tuple[Configuration | None, str]:
-    """nnU-Net's 3d_lowres search: coarsen the spacing 3 % at a time until the patch covers 25 %."""
+            gpu_memory_gb: float, forced: bool = False) -> tuple[Configuration | None, str]:
+    """nnU-Net's 3d_lowres search: coarsen the spacing 3 % at a time until the patch covers 25 %.
+
+    ``forced`` (the user named the cascade in ``configs``) keeps coarsening until the median
+    image is also at least `rules.LOWRES_MIN_VOXEL_RATIO` x smaller, so small datasets get a
+    real low-resolution stage instead of none.
+    """
     need = rules.lowres_needed(full.patch_size, median)
-    if not need.value:
+    if not need.value and not forced:
         return None, need.reason
     full_spacing = np.asarray(full.spacing)
     spacing = tuple(full.spacing)
     median_voxels = float(np.prod(median, dtype=np.float64))
     patch_voxels = float(np.prod(full.patch_size, dtype=np.float64))
+    full_voxels = median_voxels
     low: Configuration | None = None
-    while patch_voxels / median_voxels < rules.LOWRES_MIN_PATCH_COVERAGE:
+    while (patch_voxels / median_voxels < rules.LOWRES_MIN_PATCH_COVERAGE
+           or (forced and (low is None or full_voxels / median_voxels < rules.LOWRES_MIN_VOXEL_RATIO))):
         spacing = rules.next_lowres_spacing(spacing)
         scaled = full_spacing / np.asarray(spacing) * median
         median_voxels = float(np.prod(scaled, dtype=np.float64))
         low = plan_configuration("3d_lowres", spacing, np.round(scaled), median_voxels * n_cases,
                                  num_classes, gpu_memory_gb)
         patch_voxels = float(np.prod(low.patch_size, dtype=np.float64))
-    ratio = float(np.prod(median, dtype=np.float64)) / median_voxels
+    ratio = full_voxels / median_voxels
     if low is None or ratio < rules.LOWRES_MIN_VOXEL_RATIO:
         return None, (f"{need.reason}, but a low-resolution image would be only {ratio:.2f}x smaller "
                       f"(< {rules.LOWRES_MIN_VOXEL_RATIO:g}x): dropped")
-    reasons = {**low.reasons, "spacing": (f"{need.reason}; spacing grown {rules.LOWRES_SPACING_STEP - 1:.0%} per "
-                                          "step (coarse-enough axes wait) until the patch covers "
-                                          f"{rules.LOWRES_MIN_PATCH_COVERAGE:.0%} of the median image"),
-               "batch_dice": "False for 3d_lowres (nnU-Net)"}
-    return replace(low, batch_dice=False, reasons=reasons), need.reason
+    why = (f"{need.reason}; spacing grown {rules.LOWRES_SPACING_STEP - 1:.0%} per step (coarse-enough axes wait) "
+           f"until the patch covers {rules.LOWRES_MIN_PATCH_COVERAGE:.0%} of the median image")
+    if forced and not need.value:
+        why = (f"forced (cascade named in --configs; {need.reason}); spacing grown "
+               f"{rules.LOWRES_SPACING_STEP - 1:.0%} per step until the median image is "
+               f">= {rules.LOWRES_MIN_VOXEL_RATIO:g}x smaller")
+        need = rules.Decision(True, "forced: the cascade was named in --configs")
+    reasons = {**low.reasons, "spacing": why, "batch_dice": "False for 3d_lowres (nnU-Net)",
+               "next_stage": "3d_cascade_fullres refines this stage's predictions (nnU-Net's cascade)"}
+    return replace(low, batch_dice=False, next_stage="3d_cascade_fullres", reasons=reasons), need.reason
+
+
+def cascade_configuration(full: Configuration) -> Configuration:
+    """3d_cascade_fullres: 3d_fullres plus ``previous_stage``; it shares 3d_fullres' preprocessed data."""
+    return replace(full, name="3d_cascade_fullres", previous_stage=CASCADE_PREVIOUS_STAGE, reasons={
+        **full.reasons, "previous_stage": (f"{CASCADE_PREVIOUS_STAGE}'s segmentation enters as one-hot input "
+                                           "channels (nnU-Net's cascade); data shared with 3d_fullres")})
 
 
 def _check_config_names(configs: typing.Iterable[str] | None) -> tuple[str, ...]:
@@ -147,9 +172,10 @@ def plan_dataset(fingerprint: Fingerprint, gpu_memory_gb: float = memory.REFEREN
     out: dict[str, Configuration] = {}
     if median[0] == 1:
         reasons["3d_fullres"] = reasons["3d_lowres"] = "not planned: the images are 2D (one slice)"
-    elif "3d_fullres" in names or "3d_lowres" in names:
+    elif any(n in names for n in ("3d_fullres", *LOWRES_STAGES)):
         full = plan_configuration("3d_fullres", spacing_t, median, dataset_voxels, num_classes, gpu_memory_gb)
-        low, low_reason = _lowres(full, median, n_cases, num_classes, gpu_memory_gb)
+        forced = configs is not None and any(n in names for n in LOWRES_STAGES)
+        low, low_reason = _lowres(full, median, n_cases, num_classes, gpu_memory_gb, forced)
         reasons["3d_lowres"] = low_reason
         full = replace(full, batch_dice=low is not None, reasons={
             **full.reasons, "spacing": target.reason,
@@ -157,8 +183,14 @@ def plan_dataset(fingerprint: Fingerprint, gpu_memory_gb: float = memory.REFEREN
                            else "False: no 3d_lowres; Dice per sample (nnU-Net)")})
         if "3d_fullres" in names:
             out["3d_fullres"] = full
-        if low is not None and "3d_lowres" in names:
+        if low is not None and (configs is None or forced):
+            # the cascade comes whole: a lowres stage without its next stage is still worth
+            # training (nnU-Net plans both), and the next stage cannot exist without it
             out["3d_lowres"] = low
+            out["3d_cascade_fullres"] = cascade_configuration(full)
+            reasons["3d_cascade_fullres"] = "planned with 3d_lowres: it refines the lowres predictions"
+        elif low is None:
+            reasons["3d_cascade_fullres"] = "not planned: no 3d_lowres"
     if "2d" in names:
         two = plan_configuration("2d", spacing_t[1:], median[1:], dataset_voxels, num_classes, gpu_memory_gb)
         out["2d"] = replace(two, reasons={**two.reasons, "spacing": "in-plane part of the target spacing; "

@@ -12,12 +12,22 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import ClassVar
 
+from autoseg.common.errors import AutosegError
 from autoseg.common.paths import Paths, TrainingId
+from autoseg.planning.plans import Plan
+
+CASCADE_FOLDS: tuple[int, ...] = (0, 1, 2, 3, 4)
+"""A cascade's previous stage is needed on every cross-validation fold: each case's
+previous-stage segmentation comes from the fold that held it out (nnU-Net's 5-fold rule)."""
+
+CASCADE_STAGE_BY_NAME = {"3d_cascade_fullres": "3d_lowres"}
+"""Previous stage by configuration name, for datasets that have no plan yet."""
 
 
 class JobKind(str, Enum):
@@ -245,3 +255,35 @@ class JobRecord:
     started_at: float | None = None
     ended_at: float | None = None
     exit_code: int | None = None
+
+
+def previous_stage_of(plan: Plan | None, config: str | None) -> str | None:
+    """The configuration whose predictions ``config`` takes as input (a cascade), or None."""
+    if config is None:
+        return None
+    if plan is not None and config in plan.configurations:
+        return plan.configurations[config].previous_stage
+    return CASCADE_STAGE_BY_NAME.get(config)
+
+
+def link_cascades(jobs: Sequence[JobSpec], plans: Mapping[str, Plan | None]) -> list[JobSpec]:
+    """Make every cascade training wait for all folds of its previous stage (same dataset, variant, seed).
+
+    The previous stage's train jobs must be in ``jobs``; a missing one is an `AutosegError`
+    naming it (the callers add them: train-all always, sweeps when asked for).
+    """
+    ids = {j.job_id for j in jobs}
+    out: list[JobSpec] = []
+    for job in jobs:
+        prev = previous_stage_of(plans.get(job.dataset), job.config) if job.kind is JobKind.TRAIN else None
+        if prev is None:
+            out.append(job)
+            continue
+        needed = [make_job_id(JobKind.TRAIN, job.dataset, prev, f, job.variant, job.seed) for f in CASCADE_FOLDS]
+        missing = [n for n in needed if n not in ids]
+        if missing:
+            raise AutosegError(f"{job.config} needs {prev} trained on folds "
+                               f"{', '.join(map(str, CASCADE_FOLDS))} first; missing {', '.join(missing)} "
+                               f"(add {prev} and those folds)", where=job.job_id)
+        out.append(replace(job, depends_on=tuple(dict.fromkeys((*job.depends_on, *needed)))))
+    return out

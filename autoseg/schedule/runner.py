@@ -22,7 +22,8 @@ from autoseg.common.errors import AutosegError
 from autoseg.common.jsonio import save_record
 from autoseg.common.paths import Paths
 from autoseg.schedule.executors import EXIT_INTERRUPTED, Executor, JobHandle, Launch, job_environment
-from autoseg.schedule.jobs import JobKind, JobPaths, JobRecord, JobSpec, JobState, Resources
+from autoseg.schedule.jobs import (CASCADE_FOLDS, JobKind, JobPaths, JobRecord, JobSpec, JobState, Resources,
+                                   link_cascades, previous_stage_of)
 from autoseg.schedule.resources import PoolConfig, Slot, SlotPool
 from autoseg.schedule.store import JobRow, StateStore
 
@@ -551,6 +552,12 @@ def build_train_all_jobs(paths: Paths, request: TrainAllRequest) -> list[JobSpec
 def _dataset_jobs(paths: Paths, ds: str, req: TrainAllRequest) -> list[JobSpec]:
     plan = _planned(paths, ds)
     configs = req.configs or (tuple(plan.configurations) if plan else DEFAULT_CONFIGS_UNPLANNED)
+    if plan is not None:
+        for name in configs:
+            plan.configuration(name)  # unknown configuration: an error listing the planned ones
+    # a cascade needs its previous stage on every fold, even when not asked for
+    previous = tuple(dict.fromkeys(p for p in (previous_stage_of(plan, c) for c in configs) if p))
+    configs = tuple(dict.fromkeys((*previous, *configs)))
     jobs: list[JobSpec] = []
     train_deps: tuple[str, ...] = ()
     if plan is None:
@@ -560,8 +567,6 @@ def _dataset_jobs(paths: Paths, ds: str, req: TrainAllRequest) -> list[JobSpec]:
         jobs += [plan_job, prep]
         train_deps = (prep.job_id,)
     else:
-        for name in configs:
-            plan.configuration(name)  # unknown configuration: an error listing the planned ones
         missing = _missing_preprocessing(paths, ds, plan, configs)
         if missing:
             prep = JobSpec.make(JobKind.PREPROCESS, ds, configs=missing)
@@ -575,7 +580,8 @@ def _dataset_jobs(paths: Paths, ds: str, req: TrainAllRequest) -> list[JobSpec]:
         res = Resources(gpus=1, gpu_memory_gb=(conf.estimated_vram_gb or None) if conf else None,
                         est_duration_s=estimate_train_seconds(conf.patch_size, conf.batch_size,
                                                               req.trainer_overrides) if conf else None)
-        for fold in req.folds:
+        folds = tuple(dict.fromkeys((*CASCADE_FOLDS, *req.folds))) if name in previous else req.folds
+        for fold in folds:
             job = JobSpec.make(JobKind.TRAIN, ds, config=name, fold=fold, variant=req.variant,
                                trainer_overrides=req.trainer_overrides, depends_on=train_deps, resources=res,
                                save_probabilities=ensembles)
@@ -587,12 +593,12 @@ def _dataset_jobs(paths: Paths, ds: str, req: TrainAllRequest) -> list[JobSpec]:
                                    resources=replace(res, est_duration_s=None))
                 jobs.append(val)
                 train_ids.append(val.job_id)
-        if set(range(5)) <= set(req.folds):
+        if set(range(5)) <= set(folds):
             complete_configs.append(name)
     if complete_configs:
         jobs.append(JobSpec.make(JobKind.FIND_BEST, ds, configs=tuple(complete_configs), variant=req.variant,
                                  depends_on=tuple(train_ids)))
-    return jobs
+    return link_cascades(jobs, {ds: plan})
 
 
 def _needs_probabilities(paths: Paths, job: JobSpec) -> bool:

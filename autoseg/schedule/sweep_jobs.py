@@ -26,7 +26,7 @@ from autoseg.dataset.spec import load_dataset
 from autoseg.planning.plan import apply_plan_overrides
 from autoseg.planning.plans import Configuration, Plan
 from autoseg.preprocess import list_preprocessed_cases
-from autoseg.schedule.jobs import JobKind, JobSpec, Resources
+from autoseg.schedule.jobs import JobKind, JobSpec, Resources, link_cascades
 from autoseg.schedule.runner import estimate_train_seconds
 from autoseg.schedule.sweep import SweepSpec, Variant, canonical_json
 
@@ -228,4 +228,5 @@ def build_sweep_jobs(spec: SweepSpec, paths: Paths, write_plans: bool = True) ->
                             JobKind.TRAIN, ds, config=c, fold=fold, variant=v.run_name(spec.name), seed=seed,
                             trainer_overrides=spec.trainer_overrides(v), plans_file=plans_files[c],
                             depends_on=deps, resources=resources))
-    return SweepJobs(setup=tuple(setup), jobs=tuple(jobs), unplanned=unplanned)
+    plans = {ds: None if ds in unplanned else load_record(paths.plans_file(ds), Plan) for ds in spec.datasets}
+    return SweepJobs(setup=tuple(setup), jobs=tuple(link_cascades(jobs, plans)), unplanned=unplanned)

@@ -5,6 +5,11 @@ it writes nothing elsewhere, keeps its own ``tmp/`` and ``compile_cache/``, and 
 exclusive ``.lock`` while it trains so that two processes never train the same fold. It
 records what it used (``trainer_config.json``, ``plans.json``, ``dataset.json``), trains
 with `autoseg.train.loop.fit`, and finally predicts and scores the fold's validation cases.
+
+Cascade (a configuration with ``previous_stage``, i.e. 3d_cascade_fullres): every fold of the
+previous stage (same variant and seed) must be trained and validated first; their validation
+exports give each case's previous-stage segmentation, which the loaders append as one-hot
+input channels (C + K - 1 network inputs) and the final validation uses too.
 """
 
 from __future__ import annotations
@@ -122,6 +127,9 @@ def _train_fold_locked(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: 
     if plan is None and not resumable:  # fail on a missing plan before touching the fold dir
         from autoseg.planning.plan import load_plan
         plan = load_plan(paths, tid.dataset)
+    if plan is not None:  # a cascade fold without its previous stage fails before touching the fold dir
+        from autoseg.infer.cascade import previous_stage_exports
+        previous_stage_exports(paths, tid, plan)
     fold_dir.mkdir(parents=True, exist_ok=True)
     lock = fold_lock(fold_dir) if dist.is_main else contextlib.nullcontext()
     ckpt: Checkpoint | None = None
@@ -185,8 +193,11 @@ def _train(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan, ckpt: 
     from autoseg.nets.unet import build_unet, deep_supervision_scales
     from autoseg.splits import fold_cases, load_splits
 
+    from autoseg.infer.cascade import previous_stage_exports
+
     config = plan.configuration(tid.config)
     train_ids, val_ids = fold_cases(load_splits(paths, tid.dataset), tid.fold)
+    exports = previous_stage_exports(paths, tid, plan)  # {} unless a cascade stage
     rng = np.random.default_rng(cfg.seed)
     if ckpt is not None:
         rng.bit_generator.state = ckpt.rng.numpy
@@ -196,7 +207,8 @@ def _train(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan, ckpt: 
     batch = split_batch(cfg.batch_size or config.batch_size, rt.dist)
     num_ds = len(deep_supervision_scales(config)) if cfg.deep_supervision else 1
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    net = build_unet(config, plan.num_channels, plan.num_classes, deep_supervision=cfg.deep_supervision)
+    in_channels = input_channels(plan, tid.config)
+    net = build_unet(config, in_channels, plan.num_classes, deep_supervision=cfg.deep_supervision)
     data_dir = paths.preprocessed_data(tid.dataset, config.data_identifier)
 
     def spec(ids: list[str], seed: int) -> Any:
@@ -204,12 +216,14 @@ def _train(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan, ckpt: 
                           batch_size=batch, num_workers=workers, seed=seed,
                           deep_supervision=cfg.deep_supervision,
                           oversample_foreground=cfg.oversample_foreground,
-                          pin_memory=rt.device.type == "cuda")
+                          pin_memory=rt.device.type == "cuda",
+                          previous_stage=tuple(exports[c] for c in ids) if exports else (),
+                          num_classes=plan.num_classes if exports else 0)
 
     train_loader = make_train_loader(spec(train_ids, base_seed + rt.dist.rank))
     val_loader = make_val_loader(spec(val_ids, base_seed + VAL_LOADER_SEED_OFFSET + rt.dist.rank))
     meta = RunMeta(plan=plan, config_name=tid.config, dataset=tid.dataset, fold=tid.fold,
-                   num_input_channels=plan.num_channels, num_classes=plan.num_classes)
+                   num_input_channels=in_channels, num_classes=plan.num_classes)
     setup = FitSetup(net=net, loss_fn=build_loss(cfg.loss, config.batch_dice, num_ds, rt.dist.enabled),
                      train_batches=train_loader, val_batches=val_loader, cfg=cfg, meta=meta,
                      out_dir=fold_dir, rng=rng)
@@ -222,15 +236,29 @@ def _train(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan, ckpt: 
     validation_dir = None
     if rt.dist.is_main:
         validation_dir = _validate_fold(paths, tid, net, plan, cfg, val_ids, fold_dir, rt.device, not rt.quiet,
-                                        save_probabilities)
+                                        save_probabilities, _previous_stage(exports, val_ids))
     barrier(rt.dist)
     return TrainResult(tid, fold_dir, "trained", result.epochs_completed, result.best_ema_pseudo_dice,
                        result.final_ema_pseudo_dice, validation_dir)
 
 
+def input_channels(plan: Plan, config_name: str) -> int:
+    """Network inputs: the image channels, plus K-1 one-hot channels of the previous stage for a cascade."""
+    extra = plan.num_classes - 1 if plan.configuration(config_name).previous_stage is not None else 0
+    return plan.num_channels + extra
+
+
+def _previous_stage(exports: dict[str, Path], case_ids: list[str]) -> Any:
+    """The CV exports of ``case_ids`` as a validation's previous-stage source (None without a cascade)."""
+    if not exports:
+        return None
+    from autoseg.infer.cascade import PreviousStage
+    return PreviousStage(exports={c: exports[c] for c in case_ids})
+
+
 def _validate_fold(paths: Paths, tid: TrainingId, net: torch.nn.Module, plan: Plan, cfg: TrainerConfig,
                    val_ids: list[str], fold_dir: Path, device: torch.device, show_progress: bool,
-                   save_probabilities: bool = False) -> Path | None:
+                   save_probabilities: bool = False, previous_stage: Any = None) -> Path | None:
     """Sliding-window prediction and metrics of the fold's validation cases (nnU-Net's final validation)."""
     try:
         from autoseg.infer.validate import run_validation
@@ -245,22 +273,29 @@ def _validate_fold(paths: Paths, tid: TrainingId, net: torch.nn.Module, plan: Pl
     net.deep_supervision = False
     net.eval()
     run_validation(net, plan, config, training_mirror_axes(config, cfg.augment), val_ids, paths,
-                   tid.dataset, out_dir, device, save_probabilities=save_probabilities, show_progress=show_progress)
+                   tid.dataset, out_dir, device, save_probabilities=save_probabilities, show_progress=show_progress,
+                   previous_stage=previous_stage)
     return out_dir
 
 
 def validation_complete(paths: Paths, tid: TrainingId, fold_dir: Path, with_probabilities: bool) -> bool:
-    """The fold's validation finished (summary.json is written last), with probabilities if asked."""
+    """The fold's validation finished (summary.json is written last), with probabilities if asked,
+    and with the exports every next stage of the run's plan needs (a cascade's previous stage)."""
     from autoseg.evaluate.summary import SUMMARY_FILE
+    from autoseg.infer.cascade import next_stage_file, next_stages
+    from autoseg.planning.plan import load_plan_file
     from autoseg.splits import fold_cases, load_splits
 
     out_dir = fold_dir / VALIDATION_DIR
     if not (out_dir / SUMMARY_FILE).is_file():
         return False
-    if not with_probabilities:
+    nexts = next_stages(load_plan_file(fold_dir / PLANS_COPY), tid.config) if (fold_dir / PLANS_COPY).is_file() else []
+    if not with_probabilities and not nexts:
         return True
     _, val_ids = fold_cases(load_splits(paths, tid.dataset), tid.fold)
-    return all((out_dir / f"{cid}.json").is_file() for cid in val_ids)  # the sidecar follows its npz
+    if not all(next_stage_file(out_dir, n.name, c).is_file() for n in nexts for c in val_ids):
+        return False
+    return not with_probabilities or all((out_dir / f"{cid}.json").is_file() for cid in val_ids)  # sidecar after npz
 
 
 def _validation_only(paths: Paths, tid: TrainingId, rt: Runtime, save_probabilities: bool) -> TrainResult:
@@ -288,14 +323,18 @@ def _validate_finished(paths: Paths, tid: TrainingId, fold_dir: Path, rt: Runtim
     from autoseg.infer.validate import run_validation
     from autoseg.splits import fold_cases, load_splits
 
+    from autoseg.infer.cascade import previous_stage_exports
+
     ckpt = load_checkpoint(fold_dir / ckpt_files.FINAL)
     model = load_model([fold_dir], rt.device, checkpoint="final")
     _, val_ids = fold_cases(load_splits(paths, tid.dataset), tid.fold)
+    previous = _previous_stage(previous_stage_exports(paths, tid, model.plan), val_ids)
     final_dir = fold_dir / VALIDATION_DIR
     staging = fold_dir / f".{VALIDATION_DIR}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     run_validation(model.nets[0], model.plan, model.config, model.mirror_axes, val_ids, paths, tid.dataset,
-                   staging, rt.device, save_probabilities=save_probabilities, show_progress=not rt.quiet)
+                   staging, rt.device, save_probabilities=save_probabilities, show_progress=not rt.quiet,
+                   previous_stage=previous)
     old = fold_dir / f".{VALIDATION_DIR}.old"
     shutil.rmtree(old, ignore_errors=True)
     if final_dir.exists():

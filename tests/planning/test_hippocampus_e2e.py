@@ -62,7 +62,7 @@ def test_cli_configs_take_several_values_and_typos_fail_early(hippocampus_full_c
     typo = _plan(paths, DATASET, "--configs", "3d_fulres")
     assert typo.exit_code == 2
     assert typo.stderr.strip() == ("error: --configs: unknown configuration '3d_fulres'; did you mean "
-                                   "'3d_fullres'? (known: 2d, 3d_fullres, 3d_lowres)")
+                                   "'3d_fullres'? (known: 2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres)")
     bad_key = _plan(paths, DATASET, "--set", "3d_fullres.batchsize=2")
     assert bad_key.exit_code == 2 and "did you mean 'batch_size'" in bad_key.stderr
     missing = _plan(paths, "Dataset123_Nothing")
