@@ -95,7 +95,7 @@ def test_sigkilled_scheduler_then_rerun_resumes(sched_paths) -> None:
         assert store.get(second.job_id).state is JobState.RUNNING  # what a SIGKILLed scheduler leaves behind
     time.sleep(0.5)  # the orphan got SIGINT (parent-death signal), saved its checkpoint, exited 130
     assert "interrupted at step" in JobPaths.of(sched_paths, second.job_id).log.read_text(encoding="utf-8")
-    rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, encoding="utf-8", timeout=120)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert len(_runs(sched_paths, first)) == 1  # not rerun
     assert "resumed from step" in JobPaths.of(sched_paths, second.job_id).log.read_text(encoding="utf-8")

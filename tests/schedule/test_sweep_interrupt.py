@@ -121,7 +121,7 @@ def test_ctrl_c_interrupts_the_sweep_and_a_rerun_resumes_only_what_is_missing(ph
     assert sorted(j.split(":")[0] for j in setup_before) == ["plan", "preprocess"]
 
     second_started = time.time()
-    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=WAIT_S)
+    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, encoding="utf-8", timeout=WAIT_S)
     assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
     assert "2 of 2 runs finished" in second.stdout
 

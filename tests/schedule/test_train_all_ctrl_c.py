@@ -115,7 +115,7 @@ def test_one_ctrl_c_checkpoints_and_stops_the_trainings_and_a_rerun_resumes_them
         before[k] = epochs_logged(folder)
         assert 1 <= len(before[k]) < EPOCHS
 
-    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=WAIT_S)
+    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, encoding="utf-8", timeout=WAIT_S)
     assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
     assert second.stdout.strip().startswith("2 jobs: 2 done")  # preprocessing is complete: not a job any more
     rows = _rows(paths)
@@ -147,7 +147,8 @@ def test_a_second_ctrl_c_kills_the_jobs_at_once(sched_paths) -> None:
     """Stand-in jobs that take 60 s to "save" after SIGINT: the second Ctrl-C must not wait for them."""
     root = sched_paths.results.parent
     cmd = [sys.executable, "-m", "tests.schedule.driver", str(root), "2", "1000", "0.05", "0,1", "60"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            encoding="utf-8")
     try:
         deadline = time.monotonic() + 60
         pids: dict[str, int] = {}

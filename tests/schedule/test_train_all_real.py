@@ -40,7 +40,7 @@ def test_killed_train_all_resumes_real_trainings(phantom_small: Paths, tmp_path:
             break
         time.sleep(0.1)
 
-    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, encoding="utf-8", timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     with StateStore.open(paths) as store:
         rows = {r.job_id: r for r in store.rows()}

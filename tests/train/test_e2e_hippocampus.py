@@ -163,7 +163,7 @@ def test_torchrun_two_cpu_processes_train_one_model(hippo) -> None:
             "--quiet", "--set", "epochs=2", *[x for s in TINY for x in ("--set", s)]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "autoseg", *_cli_args(paths), *args], env=env, capture_output=True, text=True,
+                           "-m", "autoseg", *_cli_args(paths), *args], env=env, capture_output=True, text=True, encoding="utf-8",
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count(": trained, 2 epochs") == 1  # one result line: rank 0's
