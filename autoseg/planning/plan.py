@@ -23,7 +23,7 @@ import numpy as np
 from autoseg.common.errors import AutosegError, ConfigError
 from autoseg.common.jsonio import load_record, record_to_dict, save_record
 from autoseg.common.paths import Paths
-from autoseg.dataset.spec import DatasetSpec, class_labels, load_dataset
+from autoseg.dataset.spec import DatasetSpec, class_labels
 from autoseg.fingerprint import Fingerprint, load_or_extract_fingerprint
 from autoseg.planning import memory, rules
 from autoseg.planning.plans import Configuration, Plan
@@ -489,13 +489,11 @@ class PlanOutcome:
     """False when an identical plans.json was already there."""
 
 
-def verify_raw_dataset(root: Path, num_workers: int = 1) -> DatasetSpec:
-    """Full verification when `autoseg.dataset.verify` is available, else the structural checks."""
-    try:
-        from autoseg.dataset.verify import verify_dataset
-    except ImportError:  # the verifier is optional; load_dataset still checks the layout
-        return load_dataset(root)
-    return verify_dataset(root, num_workers=num_workers)
+def verify_raw_dataset(root: Path, num_workers: int = 1, show_progress: bool = True) -> DatasetSpec:
+    """Full verification (every image read): planning on a broken dataset would mislead."""
+    from autoseg.dataset.verify import verify_dataset
+
+    return verify_dataset(root, num_workers=num_workers, show_progress=show_progress)
 
 
 def plan_and_save(paths: Paths, dataset: str, request: PlanRequest = PlanRequest()) -> PlanOutcome:
@@ -507,7 +505,7 @@ def plan_and_save(paths: Paths, dataset: str, request: PlanRequest = PlanRequest
     _check_config_names(request.configs)
     check_override_syntax(request.overrides)  # fail on a typo before reading any image
     name = paths.resolve_dataset(dataset)
-    spec = verify_raw_dataset(paths.raw_dataset(name), request.num_workers)
+    spec = verify_raw_dataset(paths.raw_dataset(name), request.num_workers, request.progress_bar)
     fp = load_or_extract_fingerprint(paths, name, request.num_workers, request.force, spec=spec,
                                      progress_bar=request.progress_bar)
     plan = plan_dataset(fp, request.gpu_memory_gb, request.configs, request.overrides)

@@ -39,9 +39,23 @@ from autoseg.planning.plans import Plan
 from autoseg.train import checkpoint as ckpt_files
 from autoseg.train.checkpoint import Checkpoint, load_checkpoint
 from autoseg.train.config import TrainerConfig, default_num_workers
-from autoseg.train.ddp import (DistContext, all_ranks_ok, barrier, init_distributed, shutdown_distributed,
-                               split_batch)
-from autoseg.train.loop import LOG_FILE, PROGRESS_PNG, FitSetup, RunMeta, Runtime, fit, resolve_runtime
+from autoseg.train.ddp import (
+    DistContext,
+    all_ranks_ok,
+    barrier,
+    init_distributed,
+    shutdown_distributed,
+    split_batch,
+)
+from autoseg.train.loop import (
+    LOG_FILE,
+    PROGRESS_PNG,
+    FitSetup,
+    RunMeta,
+    Runtime,
+    fit,
+    resolve_runtime,
+)
 from autoseg.train.losses import build_loss
 
 log = logging.getLogger(__name__)
@@ -190,10 +204,9 @@ def _train(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan, ckpt: 
            fold_dir: Path, workers: int, rt: Runtime, save_probabilities: bool) -> TrainResult:
     """Build the network, loss and loaders, run `fit`, then validate the fold (rank 0)."""
     from autoseg.data.loader import LoaderSpec, make_train_loader, make_val_loader
+    from autoseg.infer.cascade import previous_stage_exports
     from autoseg.nets.unet import build_unet, deep_supervision_scales
     from autoseg.splits import fold_cases, load_splits
-
-    from autoseg.infer.cascade import previous_stage_exports
 
     config = plan.configuration(tid.config)
     train_ids, val_ids = fold_cases(load_splits(paths, tid.dataset), tid.fold)
@@ -258,15 +271,10 @@ def _previous_stage(exports: dict[str, Path], case_ids: list[str]) -> Any:
 
 def _validate_fold(paths: Paths, tid: TrainingId, net: torch.nn.Module, plan: Plan, cfg: TrainerConfig,
                    val_ids: list[str], fold_dir: Path, device: torch.device, show_progress: bool,
-                   save_probabilities: bool = False, previous_stage: Any = None) -> Path | None:
+                   save_probabilities: bool = False, previous_stage: Any = None) -> Path:
     """Sliding-window prediction and metrics of the fold's validation cases (nnU-Net's final validation)."""
-    try:
-        from autoseg.infer.validate import run_validation
-    except ImportError:
-        log.warning("autoseg.infer.validate is not available in this installation; "
-                    "skipping the final validation of %s", tid)
-        return None
     from autoseg.data.augment import training_mirror_axes
+    from autoseg.infer.validate import run_validation
 
     config = plan.configuration(tid.config)
     out_dir = fold_dir / VALIDATION_DIR
@@ -319,11 +327,10 @@ def _validate_finished(paths: Paths, tid: TrainingId, fold_dir: Path, rt: Runtim
 
     The previous validation folder is replaced only once the new one is complete.
     """
+    from autoseg.infer.cascade import previous_stage_exports
     from autoseg.infer.predict import load_model
     from autoseg.infer.validate import run_validation
     from autoseg.splits import fold_cases, load_splits
-
-    from autoseg.infer.cascade import previous_stage_exports
 
     ckpt = load_checkpoint(fold_dir / ckpt_files.FINAL)
     model = load_model([fold_dir], rt.device, checkpoint="final")

@@ -11,11 +11,15 @@ from autoseg.common.paths import Paths
 from autoseg.data.augment import AugmentConfig
 from autoseg.data.loader import LoaderSpec, make_train_loader, make_val_loader
 from autoseg.nets.unet import build_unet
-from tests.helpers import hippocampus_available, hippocampus_case_ids, link_hippocampus_subset
+from autoseg.planning.plan import PlanRequest, plan_and_save
+from autoseg.preprocess import preprocess_dataset
+from tests.helpers import (
+    hippocampus_available,
+    hippocampus_case_ids,
+    link_hippocampus_subset,
+)
 
 pytestmark = pytest.mark.skipif(not hippocampus_available(), reason="../shared/datasets/msd_hippocampus not present")
-plan_module = pytest.importorskip("autoseg.planning.plan")
-preprocess_module = pytest.importorskip("autoseg.preprocess")
 
 DATASET = "Dataset004_Hippocampus"
 
@@ -26,9 +30,9 @@ def hippo_preprocessed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
     paths = Paths.under(tmp_path_factory.mktemp("data_hippo"))
     ids = tuple(hippocampus_case_ids(3))
     link_hippocampus_subset(paths.raw, list(ids))
-    plan = plan_module.plan_and_save(paths, DATASET, plan_module.PlanRequest(configs=("3d_fullres",),
+    plan = plan_and_save(paths, DATASET, PlanRequest(configs=("3d_fullres",),
                                                                              progress_bar=False)).plan
-    folders = preprocess_module.preprocess_dataset(paths, DATASET, ["3d_fullres"], plan=plan)
+    folders = preprocess_dataset(paths, DATASET, ["3d_fullres"], plan=plan)
     return folders["3d_fullres"], ids, plan
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 from click.testing import CliRunner
 
 import autoseg.cli
@@ -13,11 +12,15 @@ from autoseg.common.jsonio import save_record
 from autoseg.common.paths import Paths
 from autoseg.dataset.io import read_image
 from autoseg.dataset.spec import load_dataset
-from autoseg.preprocess import list_preprocessed_cases, load_dataset_plan, load_preprocessed_case, revert_preprocessing
+from autoseg.planning.plan import PlanRequest, plan_and_save
+from autoseg.preprocess import (
+    list_preprocessed_cases,
+    load_dataset_plan,
+    load_preprocessed_case,
+    revert_preprocessing,
+)
 from autoseg.splits import load_splits
 from tests.preprocess.conftest import own_roots
-
-planning = pytest.importorskip("autoseg.planning.plan")
 
 
 def _invoke(paths: Paths, *args: str):
@@ -26,7 +29,7 @@ def _invoke(paths: Paths, *args: str):
 
 
 def _plan(paths: Paths, dataset: str) -> None:
-    planning.plan_and_save(paths, dataset, planning.PlanRequest(progress_bar=False))
+    plan_and_save(paths, dataset, PlanRequest(progress_bar=False))
 
 
 def test_cli_on_the_phantom(phantom_small: Paths, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from autoseg.common.paths import Paths, TrainingId
 from autoseg.planning.plan import PlanRequest, apply_plan_overrides, plan_and_save
 from autoseg.preprocess import preprocess_dataset
 from autoseg.train.checkpoint import load_checkpoint
-from autoseg.train.config import apply_overrides, TrainerConfig
+from autoseg.train.config import TrainerConfig, apply_overrides
 from autoseg.train.run import train_fold
 
 DATASET = "Dataset004_Hippocampus"
@@ -31,7 +31,6 @@ SMALL_PATCH = "3d_fullres.patch_size=24,32,24"
 TINY = ["iterations_per_epoch=4", "val_iterations=2", "batch_size=2", "num_workers=0", "augment.mirror=false"]
 REPO = Path(__file__).resolve().parents[2]
 
-pytest.importorskip("autoseg.data.loader", reason="the data loader (autoseg.data.loader) is not in this tree yet")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,34 @@
+"""`autoseg demo`, the README's main command, with a one-epoch schedule: every stage runs for real."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from autoseg.cli import cli
+from autoseg.common.jsonio import load_record
+from autoseg.evaluate.summary import Summary
+
+QUICK = ["--set", "epochs=1", "--set", "iterations_per_epoch=2", "--set", "val_iterations=1", "-j", "1", "--quiet"]
+
+
+def test_demo_generates_plans_trains_predicts_and_evaluates(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    first = CliRunner().invoke(cli, ["demo", "--workdir", str(workdir), "--device", "cpu", *QUICK])
+    assert first.exit_code == 0, first.output
+    assert "held-out evaluation (4 cases" in first.output and "Dice" in first.output
+    raw = workdir / "raw" / "Dataset999_Phantom"
+    assert len(list((raw / "imagesTr").glob("*.nii.gz"))) == 24 and len(list((raw / "imagesTs").iterdir())) == 4
+    fold = workdir / "results" / "Dataset999_Phantom" / "3d_fullres" / "default" / "fold_all"
+    assert (fold / "checkpoint_final.pt").is_file() and (fold / "progress.png").is_file()
+    assert len(load_record(fold / "validation" / "summary.json", Summary).cases) == 24  # fold "all" validates all
+    predictions = workdir / "results" / "Dataset999_Phantom" / "demo_predictions"
+    summary = load_record(predictions / "summary.json", Summary)
+    assert len(summary.cases) == 4 and 0.0 <= summary.foreground_dice <= 1.0
+
+    again = CliRunner().invoke(cli, ["demo", "--workdir", str(workdir), "--device", "cpu", *QUICK])
+    assert again.exit_code == 0, again.output  # reuses dataset, plan, data and the finished model
+    assert load_record(fold / "validation" / "summary.json", Summary) == load_record(
+        fold / "validation" / "summary.json", Summary)
+    assert load_record(predictions / "summary.json", Summary).foreground_dice == summary.foreground_dice
