@@ -11,7 +11,7 @@ from autoseg.cli.planning import GreedyMultiOption
 from autoseg.report.tables import render_status, render_table
 from autoseg.schedule.executors import SlurmOptions
 from autoseg.schedule.resources import parse_folds, parse_gpus
-from autoseg.schedule.runner import TrainAllRequest
+from autoseg.schedule.graph import TrainAllRequest
 from autoseg.schedule.status import collect_status
 from autoseg.schedule.train_all import TrainAllOptions, observer_rows, preview, train_all
 

@@ -27,7 +27,7 @@ from autoseg.planning.plan import apply_plan_overrides
 from autoseg.planning.plans import Configuration, Plan
 from autoseg.preprocess import list_preprocessed_cases
 from autoseg.schedule.jobs import JobKind, JobSpec, Resources, link_cascades
-from autoseg.schedule.runner import estimate_train_seconds
+from autoseg.schedule.graph import estimate_train_seconds
 from autoseg.schedule.sweep import SweepSpec, Variant, canonical_json
 
 SWEEP_FILENAME = "sweep.json"

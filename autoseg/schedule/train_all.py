@@ -11,8 +11,8 @@ from autoseg.schedule.executors import Executor, LocalExecutor, SlurmExecutor, S
 from autoseg.schedule.jobs import JobSpec
 from autoseg.schedule.resources import PoolConfig, machine_cores, query_gpu_memory_gb
 from autoseg.schedule.lock import RunLock
-from autoseg.schedule.runner import (Assignment, RunOptions, RunSummary, TrainAllRequest, build_train_all_jobs,
-                                     run_jobs, simulate_schedule)
+from autoseg.schedule.graph import TrainAllRequest, build_train_all_jobs
+from autoseg.schedule.runner import Assignment, RunOptions, RunSummary, run_jobs, simulate_schedule
 from autoseg.schedule.store import JobRow, StateStore
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from autoseg.dataset.phantom import PhantomRecipe, make_phantom_dataset
 from autoseg.planning.plan import PlanRequest, plan_and_save
 from autoseg.preprocess import preprocess_dataset
 from autoseg.schedule.jobs import JobKind
-from autoseg.schedule.runner import TrainAllRequest, build_train_all_jobs
+from autoseg.schedule.graph import TrainAllRequest, build_train_all_jobs
 from autoseg.splits import fold_cases, load_splits
 from tests.schedule.conftest import DATASET, fold_dir
 
