@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from autoseg.common.paths import Paths
 
 HIPPOCAMPUS_MSD = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "msd_hippocampus"
 """The real MSD Task04 cases, read in place from ../shared (never copied into the repo)."""
@@ -42,3 +46,15 @@ def link_hippocampus_subset(raw_root: Path, case_ids: list[str],
             "numTraining": len(case_ids), "file_ending": ".nii.gz"}
     (out / "dataset.json").write_text(json.dumps(meta, indent=2))
     return out
+
+
+def run_cli_ok(paths: Paths, *args: str) -> str:
+    """``autoseg --raw .. --preprocessed .. --results .. ARGS`` in-process; asserts exit 0, returns the output."""
+    from click.testing import CliRunner
+
+    from autoseg.cli import cli
+
+    roots = ["--raw", str(paths.raw), "--preprocessed", str(paths.preprocessed), "--results", str(paths.results)]
+    result = CliRunner().invoke(cli, [*roots, *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output

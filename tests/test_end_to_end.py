@@ -7,31 +7,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from click.testing import CliRunner
-
-from autoseg.cli import cli
 from autoseg.common.jsonio import load_record
 from autoseg.common.paths import Paths
 from autoseg.dataset.io import read_image
 from autoseg.evaluate.summary import Summary
+from tests.helpers import run_cli_ok
 
 DATASET = "Dataset004_Hippocampus"
 TINY = ["epochs=2", "iterations_per_epoch=3", "val_iterations=1", "batch_size=2", "num_workers=0"]
 
 
-def _run(paths: Paths, *args: str) -> str:
-    roots = ["--raw", str(paths.raw), "--preprocessed", str(paths.preprocessed), "--results", str(paths.results)]
-    result = CliRunner().invoke(cli, [*roots, *args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
-
 
 def test_plan_preprocess_train_validate_evaluate(hippocampus_small: Paths, tmp_path: Path) -> None:
     paths = Paths(raw=hippocampus_small.raw, preprocessed=tmp_path / "pp", results=tmp_path / "res")
     # a smaller patch keeps the CPU steps short; everything else is the planned network
-    _run(paths, "plan", "4", "--configs", "3d_fullres", "--set", "3d_fullres.patch_size=24,32,24")
-    _run(paths, "preprocess", "4", "--configs", "3d_fullres")
-    _run(paths, "train", "4", "3d_fullres", "0", "--quiet", "--device", "cpu",
+    run_cli_ok(paths, "plan", "4", "--configs", "3d_fullres", "--set", "3d_fullres.patch_size=24,32,24")
+    run_cli_ok(paths, "preprocess", "4", "--configs", "3d_fullres")
+    run_cli_ok(paths, "train", "4", "3d_fullres", "0", "--quiet", "--device", "cpu",
          *[a for kv in TINY for a in ("--set", kv)])
 
     fold = paths.results / DATASET / "3d_fullres" / "default" / "fold_0"
@@ -50,7 +42,7 @@ def test_plan_preprocess_train_validate_evaluate(hippocampus_small: Paths, tmp_p
         assert pg.same_grid(rg) and pred.shape == rg.shape
 
     out = tmp_path / "evaluate_summary.json"
-    _run(paths, "evaluate", "--pred", str(validation), "--ref", str(paths.raw / DATASET / "labelsTr"),
+    run_cli_ok(paths, "evaluate", "--pred", str(validation), "--ref", str(paths.raw / DATASET / "labelsTr"),
          "-d", "4", "--allow-missing", "-o", str(out))
     again = load_record(out, Summary)
     assert again.foreground_mean.dice == val_summary.foreground_mean.dice

@@ -9,9 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from click.testing import CliRunner
 
-from autoseg.cli import cli
 from autoseg.common.jsonio import load_record
 from autoseg.common.paths import Paths
 from autoseg.dataset.io import read_image
@@ -19,16 +17,11 @@ from autoseg.dataset.phantom import IGNORE_LABEL, PhantomRecipe, make_phantom_da
 from autoseg.evaluate.summary import Summary
 from autoseg.train.checkpoint import load_checkpoint
 from autoseg.train.loop import tp_fp_fn
+from tests.helpers import run_cli_ok
 
 DATASET = "Dataset997_SparsePhantom"
 TINY = ["epochs=1", "iterations_per_epoch=2", "val_iterations=1", "batch_size=2", "num_workers=0"]
 
-
-def _run(paths: Paths, *args: str) -> str:
-    roots = ["--raw", str(paths.raw), "--preprocessed", str(paths.preprocessed), "--results", str(paths.results)]
-    result = CliRunner().invoke(cli, [*roots, *args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 def test_pseudo_dice_counts_leave_out_ignore_voxels() -> None:
@@ -44,16 +37,16 @@ def test_sparse_phantom_plans_trains_validates_and_predicts(tmp_path: Path) -> N
     paths = Paths.under(tmp_path / "data")
     make_phantom_dataset(paths.raw, PhantomRecipe(num_training=8, num_test=2, shape=(12, 32, 32), shape_jitter=2,
                                                   annotate_every_nth_slice=2), dataset_name=DATASET)
-    _run(paths, "plan", DATASET, "--configs", "3d_fullres", "--set", "3d_fullres.patch_size=8,32,32")
+    run_cli_ok(paths, "plan", DATASET, "--configs", "3d_fullres", "--set", "3d_fullres.patch_size=8,32,32")
     plan = json.loads((paths.preprocessed / DATASET / "plans.json").read_text(encoding="utf-8"))
     assert plan["labels"]["ignore"] == IGNORE_LABEL
-    _run(paths, "preprocess", DATASET, "--configs", "3d_fullres")
+    run_cli_ok(paths, "preprocess", DATASET, "--configs", "3d_fullres")
     seg = np.load(paths.preprocessed / DATASET / "3d_fullres" / "phantom_000_seg.npy")
     assert set(np.unique(seg).tolist()) == {0, 1, 2, IGNORE_LABEL}
     with np.load(paths.preprocessed / DATASET / "3d_fullres" / "phantom_000_fg.npz") as fg:
         assert sorted(fg.files) == ["class_1", "class_2"]
 
-    _run(paths, "train", DATASET, "3d_fullres", "0", "--quiet", "--device", "cpu",
+    run_cli_ok(paths, "train", DATASET, "3d_fullres", "0", "--quiet", "--device", "cpu",
          *[a for kv in TINY for a in ("--set", kv)])
     fold = paths.results / DATASET / "3d_fullres" / "default" / "fold_0"
     ckpt = load_checkpoint(fold / "checkpoint_final.pt")
@@ -71,7 +64,7 @@ def test_sparse_phantom_plans_trains_validates_and_predicts(tmp_path: Path) -> N
         assert sorted(case.metrics) == [1, 2]
 
     out = tmp_path / "predictions"
-    _run(paths, "predict", "-d", DATASET, "-c", "3d_fullres", "-f", "0", "-i", str(paths.raw / DATASET / "imagesTs"),
+    run_cli_ok(paths, "predict", "-d", DATASET, "-c", "3d_fullres", "-f", "0", "-i", str(paths.raw / DATASET / "imagesTs"),
          "-o", str(out), "--device", "cpu", "--no-tta", "--save-probabilities")
     for f in sorted(out.glob("*.nii.gz")):
         pred, _ = read_image(f)
@@ -80,7 +73,7 @@ def test_sparse_phantom_plans_trains_validates_and_predicts(tmp_path: Path) -> N
             assert z["probabilities"].shape[0] == 3
     assert len(list(out.glob("*.nii.gz"))) == 2
 
-    _run(paths, "find-best", DATASET)
+    run_cli_ok(paths, "find-best", DATASET)
     best = json.loads((paths.results / DATASET / "best.json").read_text(encoding="utf-8"))
     assert best["configs"] == ["3d_fullres"]
     assert sorted(best["class_dice_postprocessed"]) == ["1", "2"]  # scored on annotated classes only
