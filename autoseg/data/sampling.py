@@ -97,8 +97,9 @@ def patch_lower_bounds(rng: np.random.Generator, shape: tuple[int, ...], patch: 
     lower_bounds = []
     for d, (n, p, f) in enumerate(zip(shape, patch, final_patch)):
         need = max(p - f, p - n)
-        lo = -(need // 2)
-        hi = n + need - need // 2 - p
+        # odd margins: one more voxel on the low side, as nnU-Net's get_bbox ((-need) // 2)
+        lo = -((need + 1) // 2)
+        hi = n + need // 2 + need % 2 - p
         if center_voxel is not None:
             lower_bounds.append(max(lo, int(center_voxel[d]) - p // 2))
         else:
