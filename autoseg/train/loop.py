@@ -209,6 +209,7 @@ def _epoch_record(epoch: int, cfg: TrainerConfig, lr: float, train: dict[str, fl
         "mean_pseudo_dice": _finite_or_none(_nanmean(dice)),
         "ema_pseudo_dice": _ema(previous, dice, cfg.ema_alpha), "lr": lr, "epoch_time_s": seconds,
         "iterations_per_s": train["iterations_per_s"], "data_wait_fraction": train["data_wait_fraction"],
+        "train_cpu_s": train["train_cpu_s"],
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -219,7 +220,7 @@ def _train_epoch(model: nn.Module, setup: FitSetup, optimizer: torch.optim.Optim
     """One epoch of SGD steps; None when a stop was requested (after finishing the current step)."""
     cfg = setup.cfg
     model.train()
-    losses, wait_s, t_start = [], 0.0, time.perf_counter()
+    losses, wait_s, t_start, cpu_start = [], 0.0, time.perf_counter(), time.process_time()
     bar = progress(range(cfg.iterations_per_epoch), total=cfg.iterations_per_epoch,
                    desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=not rt.quiet and rt.dist.is_main)
     for _ in bar:
@@ -243,7 +244,7 @@ def _train_epoch(model: nn.Module, setup: FitSetup, optimizer: torch.optim.Optim
     elapsed = time.perf_counter() - t_start
     mean_loss = all_reduce_sum(torch.stack(losses).mean().float().reshape(1), rt.dist) / rt.dist.world_size
     return {"loss": float(mean_loss), "iterations_per_s": len(losses) / elapsed,
-            "data_wait_fraction": wait_s / elapsed}
+            "data_wait_fraction": wait_s / elapsed, "train_cpu_s": time.process_time() - cpu_start}
 
 
 @torch.no_grad()
