@@ -28,6 +28,10 @@ PAD_VALUE_DATA = 0.0
 PAD_VALUE_SEG = 0
 """Padding is background (nnU-Net pads with -1 and maps it to 0 after augmentation; the result is the same)."""
 
+PRIOR_MAX_CASES = 25
+"""Cases whose labels `class_voxel_counts` reads (spread over the list): enough for a class prior,
+cheap on datasets of large volumes."""
+
 
 @dataclass(frozen=True)
 class CaseFiles:
@@ -148,3 +152,24 @@ def sample_patch(rng: np.random.Generator, data: np.ndarray, seg: np.ndarray, fo
         seg_patch = np.concatenate([seg_patch, crop_padded(extra_seg, lower, patch, PAD_VALUE_SEG).astype(
             seg_patch.dtype)])
     return crop_padded(data, lower, patch, PAD_VALUE_DATA).astype(np.float32, copy=False), seg_patch
+
+
+def class_voxel_counts(data_dir: Path, case_ids: list[str] | tuple[str, ...], num_classes: int,
+                       max_cases: int = PRIOR_MAX_CASES) -> np.ndarray:
+    """Voxels of each class ``0..num_classes-1`` in up to ``max_cases`` cases' labels, evenly spread.
+
+    The ignore label (``num_classes``) and any negative fill are not counted. Used to start the
+    segmentation heads at the label prior (`autoseg.nets.unet.init_heads_to_prior`).
+    """
+    if not case_ids:
+        raise AutosegError("no training cases to count labels in", where=data_dir)
+    picks = np.unique(np.linspace(0, len(case_ids) - 1, min(max_cases, len(case_ids))).round().astype(int))
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for i in picks:
+        files = CaseFiles.of(data_dir, case_ids[i])
+        if not files.seg.is_file():
+            raise AutosegError("preprocessed file missing (run `autoseg preprocess`)", where=files.seg)
+        seg = np.asarray(np.load(files.seg, mmap_mode="r")).ravel()
+        seg = seg[(seg >= 0) & (seg < num_classes)]
+        counts += np.bincount(seg.astype(np.int64), minlength=num_classes)[:num_classes]
+    return counts

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -103,6 +104,33 @@ def _he_init(module: nn.Module) -> None:
         nn.init.kaiming_normal_(module.weight, a=LEAKY_RELU_SLOPE)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+PRIOR_FLOOR = 1e-3
+"""Smallest class share a head's bias starts from: a class absent from the counted cases still
+gets a finite bias (log 0 would leave it unlearnable)."""
+
+
+def init_heads_to_prior(net: DynamicUNet, class_voxels: np.ndarray) -> np.ndarray:
+    """Set every segmentation head's bias to log(class share) so the untrained softmax is the prior.
+
+    With nnU-Net's init (He weights, zero bias) each class gets a random image-wide logit offset
+    (the head sums positive post-LeakyReLU features), so the untrained network may predict a
+    foreground class on half the patch; Dice + CE with SGD momentum 0.99 then drives that class
+    down everywhere and it can stay at Dice 0 for hundreds of iterations (seed-dependent, in
+    nnU-Net too: docs/parity.md). Starting at the label prior (the RetinaNet prior-bias init)
+    removes that phase; the He weights stay, so the heads still break symmetry and pass gradient.
+    ``class_voxels`` holds one voxel count per class; returns the shares used.
+    """
+    counts = np.asarray(class_voxels, dtype=np.float64)
+    if counts.shape != (net.num_classes,) or counts.sum() <= 0 or (counts < 0).any():
+        raise ValueError(f"need {net.num_classes} non-negative voxel counts with a positive sum, got {counts}")
+    share = np.maximum(counts / counts.sum(), PRIOR_FLOOR)
+    share /= share.sum()
+    with torch.no_grad():
+        for head in net.heads:
+            head.bias.copy_(torch.as_tensor(np.log(share), dtype=head.bias.dtype))
+    return share
 
 
 def _check_topology(config: Configuration) -> None:

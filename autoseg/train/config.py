@@ -29,6 +29,10 @@ OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 """``auto``: bf16 autocast on CUDA, full precision on CPU; ``fp16`` adds a GradScaler."""
 
+HEAD_INITS = ("prior", "he")
+"""How the 1x1 segmentation heads start: ``prior`` (He weights, bias = log of each class's voxel
+share, see `autoseg.nets.unet.init_heads_to_prior`) or ``he`` (nnU-Net: He weights, zero bias)."""
+
 COMPILE_MODES = ("auto", "true", "false")
 """``auto``: torch.compile on CUDA (worth it there), off on CPU (compile time dominates)."""
 
@@ -77,6 +81,9 @@ class TrainerConfig:
     """Mixed precision: auto (bf16 on CUDA, off on CPU), bf16, fp16 (with a GradScaler), off."""
     compile: str = "auto"
     """torch.compile the network: auto (on with CUDA, off on CPU), true, false."""
+    head_init: str = "prior"
+    """Initial segmentation heads, one of `HEAD_INITS`; ``prior`` learns every class from the start
+    where nnU-Net's ``he`` depends on the seed (docs/parity.md)."""
     seed: int = 0
     """Seeds weights init and the data loaders (rank r of a DDP run uses seed + r)."""
     num_workers: int | None = None
@@ -105,6 +112,7 @@ class TrainerConfig:
             (self.batch_size is None or self.batch_size >= 1, "batch_size", "must be >= 1 or none"),
             (self.loss in LOSSES, "loss", f"must be one of {sorted(LOSSES)}"),
             (self.amp in AMP_MODES, "amp", f"must be one of {list(AMP_MODES)}"),
+            (self.head_init in HEAD_INITS, "head_init", f"must be one of {list(HEAD_INITS)}"),
             (self.compile in COMPILE_MODES, "compile", f"must be one of {list(COMPILE_MODES)}"),
             (self.num_workers is None or self.num_workers >= 0, "num_workers", "must be >= 0 or none"),
             (0 <= self.oversample_foreground <= 1, "oversample_foreground", "must be in [0, 1]"),

@@ -205,7 +205,8 @@ def _train(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan, ckpt: 
     """Build the network, loss and loaders, run `fit`, then validate the fold (rank 0)."""
     from autoseg.data.loader import LoaderSpec, make_train_loader, make_val_loader
     from autoseg.infer.cascade import previous_stage_exports
-    from autoseg.nets.unet import build_unet, deep_supervision_scales
+    from autoseg.data.sampling import class_voxel_counts
+    from autoseg.nets.unet import build_unet, deep_supervision_scales, init_heads_to_prior
     from autoseg.splits import fold_cases, load_splits
 
     config = plan.configuration(tid.config)
@@ -223,6 +224,9 @@ def _train(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan, ckpt: 
     in_channels = input_channels(plan, tid.config)
     net = build_unet(config, in_channels, plan.num_classes, deep_supervision=cfg.deep_supervision)
     data_dir = paths.preprocessed_data(tid.dataset, config.data_identifier)
+    if cfg.head_init == "prior" and ckpt is None:  # a resumed run loads its trained heads
+        share = init_heads_to_prior(net, class_voxel_counts(data_dir, train_ids, plan.num_classes))
+        log.info("segmentation heads start at the label prior %s", np.round(share, 4).tolist())
 
     def spec(ids: list[str], seed: int) -> Any:
         return LoaderSpec(data_dir=data_dir, case_ids=tuple(ids), config=config, augment=cfg.augment,

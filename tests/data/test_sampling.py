@@ -10,6 +10,7 @@ import pytest
 from autoseg.common.errors import AutosegError
 from autoseg.data.sampling import (
     CaseFiles,
+    class_voxel_counts,
     crop_padded,
     is_forced_foreground,
     load_arrays,
@@ -73,3 +74,20 @@ def test_missing_files_are_named(tmp_path: Path) -> None:
     with pytest.raises(AutosegError, match="preprocessed file missing") as e:
         CaseFiles.of(tmp_path, "nope").check()
     assert e.value.where == str(tmp_path / "nope.npy")
+
+
+def test_class_voxel_counts_skip_ignore_and_fill_and_spread_over_cases(tmp_path: Path) -> None:
+    ids = [f"c{i}" for i in range(6)]
+    for i, case in enumerate(ids):  # case i: i+1 voxels of class 1, 2 of class 2, one ignore (3), one -1
+        seg = np.zeros((1, 4, 5, 6), dtype=np.int8)
+        flat = seg.reshape(-1)
+        flat[:i + 1] = 1
+        flat[10:12] = 2
+        flat[20], flat[21] = 3, -1
+        np.save(tmp_path / f"{case}_seg.npy", seg)
+    every = class_voxel_counts(tmp_path, ids, num_classes=3)
+    assert every.tolist() == [6 * 120 - 21 - 12 - 12, 21, 12]
+    picked = class_voxel_counts(tmp_path, ids, num_classes=3, max_cases=2)  # first and last case
+    assert picked.tolist() == [2 * 120 - 7 - 4 - 4, 1 + 6, 4]
+    with pytest.raises(AutosegError, match="preprocessed file missing"):
+        class_voxel_counts(tmp_path, ["c0", "nope"], num_classes=3)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from autoseg.common.errors import AutosegError
-from autoseg.nets.unet import LEAKY_RELU_SLOPE, build_unet, deep_supervision_scales
+from autoseg.nets.unet import LEAKY_RELU_SLOPE, PRIOR_FLOOR, build_unet, deep_supervision_scales, init_heads_to_prior
 from autoseg.planning.plans import Configuration
 
 torch.set_num_threads(1)
@@ -97,3 +98,27 @@ def test_inconsistent_topology_is_a_user_error_naming_the_configuration() -> Non
         build_unet(make_config((32, 32), ((1, 1), (2, 2)), (4,)), 1, 2)
     with pytest.raises(AutosegError, match="all ones"):
         build_unet(make_config((32, 32), ((2, 2), (2, 2)), (4, 8)), 1, 2)
+
+
+def test_prior_heads_start_the_softmax_at_the_label_shares() -> None:
+    torch.manual_seed(0)
+    net = build_unet(CONFIG_3D_ANISO, in_channels=1, num_classes=3)
+    he = torch.softmax(net(torch.randn(2, 1, *CONFIG_3D_ANISO.patch_size))[0], 1).mean((0, 2, 3, 4))
+    share = init_heads_to_prior(net, np.array([9400, 400, 200]))
+    np.testing.assert_allclose(share, [0.94, 0.04, 0.02])
+    for head in net.heads:
+        np.testing.assert_allclose(head.bias.detach().numpy(), np.log(share), rtol=1e-6)
+        assert head.weight.abs().sum() > 0  # He weights kept: symmetry broken, gradient flows
+    with torch.no_grad():
+        prior = torch.softmax(net(torch.randn(2, 1, *CONFIG_3D_ANISO.patch_size))[0], 1).mean((0, 2, 3, 4))
+    assert prior[0] > 0.8 > he.max()  # background dominates from the start, as in the labels
+    assert prior[1:].max() < 0.1
+
+
+def test_prior_heads_floor_absent_classes_and_reject_bad_counts() -> None:
+    net = build_unet(CONFIG_2D, in_channels=1, num_classes=3)
+    share = init_heads_to_prior(net, np.array([1000, 0, 10]))
+    assert share[1] >= PRIOR_FLOOR * 0.99 and np.isfinite(net.heads[0].bias.detach().numpy()).all()
+    for bad in (np.array([1, 2]), np.array([0, 0, 0]), np.array([5, -1, 3])):
+        with pytest.raises(ValueError, match="voxel counts"):
+            init_heads_to_prior(net, bad)

@@ -15,6 +15,7 @@ def test_defaults_are_nnunets() -> None:
     assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.grad_clip) == (0.01, 0.99, 3e-5, 12.0)
     assert (cfg.optimizer, cfg.lr_schedule, cfg.loss, cfg.oversample_foreground) == ("sgd", "poly", "dice_ce", 0.33)
     assert cfg.batch_size is None and cfg.deep_supervision and cfg.augment.mirror
+    assert cfg.head_init == "prior"  # the one deliberate deviation: nnU-Net's is "he" (docs/parity.md)
 
 
 def test_overrides_parse_by_type() -> None:
@@ -39,6 +40,7 @@ def test_overrides_parse_by_type() -> None:
     ("augment.scale_range=1,2,3", "augment.scale_range", "expected 2"),
     ("epochs", "epochs", "KEY=VALUE"),
     ("epochs=0", "epochs", "must be >= 1"),
+    ("head_init=zero", "head_init", "must be one of"),
 ])
 def test_bad_overrides_name_the_key(item: str, where: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as info:

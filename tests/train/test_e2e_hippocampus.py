@@ -69,6 +69,33 @@ def test_training_loss_falls_and_the_fold_is_complete(hippo) -> None:
     assert (result.validation_dir / "summary.json").is_file()
 
 
+def test_fresh_run_starts_the_heads_at_the_label_prior(hippo) -> None:
+    """One step at a negligible lr: the saved heads are still the init, whose bias is log(share)."""
+    import numpy as np
+
+    from autoseg.data.sampling import class_voxel_counts
+    from autoseg.planning.plan import load_plan_file
+    from autoseg.splits import fold_cases, load_splits
+
+    paths, plan_file = hippo
+    plan = load_plan_file(plan_file)
+    biases = {}
+    for head_init in ("prior", "he"):
+        cfg = apply_overrides(TrainerConfig(), ["epochs=1", *TINY, "lr=1e-12", f"head_init={head_init}"])
+        tid = TrainingId(DATASET, "3d_fullres", 0, variant=f"init_{head_init}")
+        result = train_fold(paths, tid, cfg, plan, device="cpu", quiet=True)
+        state = load_checkpoint(result.fold_dir / "checkpoint_final.pt").model_state
+        biases[head_init] = [state[k].numpy() for k in sorted(state) if k.startswith("heads.") and k.endswith("bias")]
+    train_ids, _ = fold_cases(load_splits(paths, DATASET), 0)
+    counts = class_voxel_counts(paths.preprocessed_data(DATASET, "3d_fullres"), train_ids, plan.num_classes)
+    share = counts / counts.sum()
+    assert share[0] > 0.8 and (share[1:] > 0.005).all()  # Hippocampus: small anterior/posterior
+    for bias in biases["prior"]:
+        np.testing.assert_allclose(bias, np.log(share), atol=1e-4)
+    for bias in biases["he"]:  # nnU-Net's init: zero bias
+        np.testing.assert_allclose(bias, 0.0, atol=1e-6)
+
+
 def test_sigkill_then_continue_resumes_epoch_and_optimizer(hippo) -> None:
     paths, plan_file = hippo
     args = ["train", DATASET, "3d_fullres", "2", "--plans", str(plan_file), "--device", "cpu", "--quiet",
