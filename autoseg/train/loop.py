@@ -4,7 +4,9 @@ Per epoch: set the poly learning rate, run ``iterations_per_epoch`` SGD steps (A
 gradient clipping), run ``val_iterations`` validation batches collecting TP/FP/FN of the
 argmax prediction per foreground class (nnU-Net's online "pseudo-Dice"; voxels with the
 ignore label in the target are left out, as in the loss), update its moving
-average, append one line to ``training_log.jsonl``, redraw ``progress.png`` and write
+average, append one line to ``training_log.jsonl`` (losses, pseudo-Dice, lr, wall time, and
+``train_cpu_s``: this process's CPU seconds in the training phase, the figure the parity harness
+compares with nnU-Net's per iteration), redraw ``progress.png`` and write
 checkpoints. A stop request (SIGINT/SIGTERM, set by the caller on ``stop``) ends the current
 iteration, saves ``checkpoint_latest.pt`` and raises `TrainingInterrupted`.
 """

@@ -235,6 +235,8 @@ def main() -> None:
     ap.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[3] / "shared")
     ap.add_argument("--results-md", type=Path, default=Path(__file__).resolve().parents[1] / "RESULTS.md")
     ap.add_argument("--force", action="store_true", help="re-measure runs already measured")
+    ap.add_argument("--report-only", action="store_true",
+                    help="measure nothing: tabulate the runs of this grid already measured in WORKDIR")
     ap.add_argument("--command", default=" ".join(sys.argv), help=argparse.SUPPRESS)
     a = ap.parse_args()
     bad = [i for i in a.iterations if i % a.iterations_per_epoch]
@@ -244,6 +246,17 @@ def main() -> None:
     if not source.is_dir():
         sys.exit(f"parity harness: {source}: dataset folder not found")
     w = Work(a.workdir, a.dataset)
+    if a.report_only:  # e.g. one table for grids measured by separate (possibly concurrent) invocations
+        done = [w.runs / f"{c}_{i}_s{sd}_{fw}.json" for c in a.config for i in a.iterations for sd in a.seeds
+                for fw in ("nnunet", "autoseg")]
+        results = [json.loads(f.read_text()) for f in done if f.is_file()]
+        if not results:
+            sys.exit(f"parity harness: no measured runs of this grid in {w.runs}")
+        png = a.results_md.parent / f"parity_{a.dataset}.png"
+        plot(results, png)
+        write_results(a.results_md, a.dataset, table(results, a, a.command) + f"\n\n![learning curves]({png.name})")
+        print(table(results, a, a.command))
+        return
     prepare(w, source, a.config, a.nnunet_bin)
     results = []
     for config in a.config:
