@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from autoseg.common.errors import AutosegError, DatasetErrors
+from autoseg.common.errors import AutosegError, ConfigErrors, DatasetErrors
 from autoseg.common.paths import Paths
 
 EXIT_USER_ERROR = 2
@@ -70,7 +70,7 @@ def paths_from(ctx: click.Context) -> Paths:
 
 def print_error(err: AutosegError) -> None:
     """One line per problem, ``error: <where>: <problem>``, on stderr."""
-    problems = err.errors if isinstance(err, DatasetErrors) else [err]
+    problems = err.errors if isinstance(err, DatasetErrors | ConfigErrors) else [err]
     for p in problems:
         click.echo(f"error: {p}", err=True)
 

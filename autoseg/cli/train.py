@@ -39,7 +39,10 @@ def dist_from_env() -> DistContext:
 @click.option("--continue", "resume", is_flag=True, help="Resume from checkpoint_latest.pt (fresh start if none).")
 @click.option("--force", is_flag=True, help="Delete this fold's previous outputs and start over.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a TrainerConfig key, e.g. --set epochs=50 --set augment.mirror=false.")
+              help="Override a TrainerConfig key (every key: docs/training.md). Common ones, with defaults: "
+                   "epochs (1000), iterations_per_epoch (250), val_iterations (50), batch_size (the plan's), "
+                   "lr (0.01), augment.mirror (true), final_validation (full; no_mirroring or off for a quick "
+                   "trial).")
 @click.option("--variant", default="default", show_default=True, help="Results sub-folder for an ablation.")
 @click.option("--seed", type=int, default=None, help="Seed (adds a seed_<N> folder; overrides --set seed).")
 @click.option("--plans", "plans_file", type=click.Path(dir_okay=False, path_type=Path), default=None,

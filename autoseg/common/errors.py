@@ -41,3 +41,19 @@ class DatasetErrors(DatasetError):
 
 class ConfigError(AutosegError):
     """A bad `--set key=value`, sweep file entry or plan override."""
+
+
+class ConfigErrors(ConfigError):
+    """Several problems in one config file at once (a sweep file shows all of them, not just the first).
+
+    ``where`` and ``message`` are the first problem's, so code that reads one error still works.
+    """
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        if not errors:
+            raise ValueError("ConfigErrors needs at least one error")
+        self.errors = list(errors)
+        super().__init__(errors[0].message, errors[0].where)
+
+    def __str__(self) -> str:
+        return "\n".join(str(e) for e in getattr(self, "errors", ())) or super().__str__()

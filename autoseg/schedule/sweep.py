@@ -15,8 +15,10 @@ A sweep file (see ``docs/sweeps.md``)::
       big_patch: {plan.3d_fullres.patch_size: [48, 64, 48]}
 
 is parsed and fully validated by `load_sweep` before anything runs (unknown keys, types,
-empty grid axes, duplicate variants, unknown datasets: one `ConfigError` naming the file and
-the key). Trainer keys are checked by applying them to a `TrainerConfig`; ``plan.<config>.<field>``
+empty grid axes, duplicate variants, unknown datasets: every problem found, one line each
+naming the file and the key). YAML is read with YAML 1.2 floats (``1e-3`` is a number, which
+PyYAML's YAML 1.1 reads as a string) and YAML 1.1 booleans (``on``/``off``/``yes``/``no``);
+on/off knobs take booleans, ``0`` and ``1`` (``compile: false``, ``amp: off``). Trainer keys are checked by applying them to a `TrainerConfig`; ``plan.<config>.<field>``
 keys against `Configuration`'s fields.
 
 This module is the sweep *file*: `SweepSpec`, `Variant`, parsing, validation and naming. What a
@@ -26,6 +28,7 @@ spec becomes on disk and as jobs (derived plans, the job graph, ``sweep.json``) 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -35,20 +38,20 @@ import logging
 import re
 import types
 import typing
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
 
-from autoseg.common.errors import AutosegError, ConfigError
+from autoseg.common.errors import AutosegError, ConfigError, ConfigErrors
 from autoseg.common.jsonio import from_jsonable, load_record, to_jsonable
 from autoseg.common.paths import DATASET_NAME_RE, Paths
 from autoseg.planning.plan import apply_plan_overrides
 from autoseg.planning.plans import Configuration, Plan
-from autoseg.train.config import TrainerConfig, apply_overrides
+from autoseg.train.config import SWITCH_WORDS, TrainerConfig, apply_overrides
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +224,8 @@ def _yaml_type_ok(value: Any, tp: Any) -> bool:
         if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
             return len(args) == len(value) and all(_yaml_type_ok(v, a) for v, a in zip(value, args))
         return not args or all(_yaml_type_ok(v, args[0]) for v in value)
-    if tp is bool:
-        return isinstance(value, bool)
+    if tp is bool:  # YAML 1.1 reads on/off/yes/no as booleans; 0 and 1 are on/off too
+        return isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if tp is float:
@@ -326,12 +329,36 @@ def _canonical_plan_value(pk: _PlanKey, value: Any, where: str) -> tuple[str, st
 
 
 @dataclass
+class _Problems:
+    """The problems found so far in one sweep file: each check runs under `collect`, so one bad
+    key does not hide the next; `raise_all` reports them together (one line each)."""
+
+    found: list[ConfigError] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def collect(self) -> Iterator[None]:
+        try:
+            yield
+        except ConfigErrors as e:
+            self.found.extend(e.errors)
+        except ConfigError as e:
+            self.found.append(e)
+
+    def raise_all(self) -> None:
+        if len(self.found) == 1:
+            raise self.found[0]
+        if self.found:
+            raise ConfigErrors(self.found)
+
+
+@dataclass
 class _Ctx:
     """What validating one sweep file needs to carry around (local to one `parse_sweep` call)."""
 
     source: str
     configs: tuple[str, ...]
     base_cfg: TrainerConfig
+    problems: _Problems = field(default_factory=_Problems)
 
     def where(self, key: str) -> str:
         return f"{self.source}:{key}"
@@ -354,7 +381,8 @@ def _check_trainer_value(ctx: _Ctx, key: str, value: Any, where: str) -> Any:
         raise ConfigError(f"expected a value, got a mapping {dict(value)!r}", where)
     cfg = _apply_trainer(ctx.base_cfg, [f"{key}={format_value(value)}"], where)
     tp = _trainer_field_type(cfg, key)
-    if tp is not None and not _yaml_type_ok(value, tp):
+    switch = key in SWITCH_WORDS and (isinstance(value, bool) or value in (0, 1))  # compile: false, amp: off
+    if tp is not None and not switch and not _yaml_type_ok(value, tp):
         raise ConfigError(f"expected {_type_name(tp)}, got {value!r}", where)
     return _get_dotted(cfg, key)
 
@@ -365,13 +393,14 @@ def _split_overrides(ctx: _Ctx, body: Mapping[str, Any], where_prefix: str
     trainer, plan = [], []
     for key, value in flatten(body).items():
         where = ctx.where(f"{where_prefix}{key}")
-        if key.startswith(PLAN_PREFIX):
-            pk = _parse_plan_key(key, ctx.configs, where)
-            _canonical_plan_value(pk, value, where)
-            plan.append((pk, value))
-        else:
-            _check_trainer_value(ctx, key, value, where)
-            trainer.append((key, value))
+        with ctx.problems.collect():
+            if key.startswith(PLAN_PREFIX):
+                pk = _parse_plan_key(key, ctx.configs, where)
+                _canonical_plan_value(pk, value, where)
+                plan.append((pk, value))
+            else:
+                _check_trainer_value(ctx, key, value, where)
+                trainer.append((key, value))
     return trainer, plan
 
 
@@ -388,58 +417,73 @@ def _require_list(data: Mapping[str, Any], key: str, source: str, default: tuple
     return value
 
 
-def _parse_header(data: Mapping[str, Any], source: str) -> tuple[str, str, list, list, list, list]:
+def _parse_header(data: Mapping[str, Any], source: str, problems: _Problems
+                  ) -> tuple[str, str, list, list, list, list]:
+    """The top-level keys; each problem goes to ``problems`` (its key then gets an empty value)."""
     for key in data:
         if key not in TOP_LEVEL_KEYS:
-            raise ConfigError(f"unknown key{_did_you_mean(str(key), TOP_LEVEL_KEYS)}; "
-                              f"allowed: {', '.join(TOP_LEVEL_KEYS)}", f"{source}:{key}")
+            problems.found.append(ConfigError(f"unknown key{_did_you_mean(str(key), TOP_LEVEL_KEYS)}; "
+                                              f"allowed: {', '.join(TOP_LEVEL_KEYS)}", f"{source}:{key}"))
     for key in REQUIRED_KEYS:
         if key not in data:
-            raise ConfigError("missing (required)", f"{source}:{key}")
-    name = data["name"]
-    if not isinstance(name, str) or not SWEEP_NAME_RE.match(name):
-        raise ConfigError(f"expected a name of letters, digits, '_', '.', '-', got {name!r}", f"{source}:name")
-    description = data.get("description", "")
-    if not isinstance(description, str):
-        raise ConfigError(f"expected text, got {description!r}", f"{source}:description")
-    datasets = _require_list(data, "datasets", source)
-    configs = _require_list(data, "configs", source)
-    for c in configs:
-        if not isinstance(c, str) or not NAME_RE.match(c):
-            raise ConfigError(f"expected configuration names like 3d_fullres, got {c!r}", f"{source}:configs")
-    folds = _require_list(data, "folds", source, DEFAULT_FOLDS)
-    for f in folds:
-        if not ((isinstance(f, int) and not isinstance(f, bool) and f >= 0) or f == "all"):
-            raise ConfigError(f"folds are integers >= 0 or 'all', got {f!r}", f"{source}:folds")
-    seeds = _require_list(data, "seeds", source, DEFAULT_SEEDS)
-    for s in seeds:
-        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
-            raise ConfigError(f"seeds are integers >= 0, got {s!r}", f"{source}:seeds")
+            problems.found.append(ConfigError("missing (required)", f"{source}:{key}"))
+    name, description = str(data.get("name", "")), ""
+    datasets: list = []
+    configs: list = []
+    folds: list = []
+    seeds: list = []
+    with problems.collect():
+        if "name" in data and (not isinstance(data["name"], str) or not SWEEP_NAME_RE.match(data["name"])):
+            raise ConfigError(f"expected a name of letters, digits, '_', '.', '-', got {data['name']!r}",
+                              f"{source}:name")
+    with problems.collect():
+        description = data.get("description", "")
+        if not isinstance(description, str):
+            raise ConfigError(f"expected text, got {description!r}", f"{source}:description")
+    with problems.collect():
+        datasets = _require_list(data, "datasets", source) if "datasets" in data else []
+    with problems.collect():
+        configs = _require_list(data, "configs", source) if "configs" in data else []
+        for c in configs:
+            if not isinstance(c, str) or not NAME_RE.match(c):
+                raise ConfigError(f"expected configuration names like 3d_fullres, got {c!r}", f"{source}:configs")
+    with problems.collect():
+        folds = _require_list(data, "folds", source, DEFAULT_FOLDS)
+        for f in folds:
+            if not ((isinstance(f, int) and not isinstance(f, bool) and f >= 0) or f == "all"):
+                raise ConfigError(f"folds are integers >= 0 or 'all', got {f!r}", f"{source}:folds")
+    with problems.collect():
+        seeds = _require_list(data, "seeds", source, DEFAULT_SEEDS)
+        for s in seeds:
+            if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+                raise ConfigError(f"seeds are integers >= 0, got {s!r}", f"{source}:seeds")
     return name, description, datasets, configs, folds, seeds
 
 
-def _resolve_datasets(datasets: list, paths: Paths | None, source: str) -> tuple[str, ...]:
-    """Full dataset names; each must exist in the raw or preprocessed root."""
-    where = f"{source}:datasets"
+def _resolve_datasets(datasets: list, paths: Paths | None, source: str, problems: _Problems) -> tuple[str, ...]:
+    """Full dataset names; each must exist in the raw or preprocessed root (each bad one a problem)."""
     out = []
     for ds in datasets:
-        if not isinstance(ds, (str, int)) or isinstance(ds, bool):
-            raise ConfigError(f"expected dataset names, got {ds!r}", where)
-        if paths is None:
-            if not DATASET_NAME_RE.match(str(ds)):
-                raise ConfigError(f"expected a DatasetXXX_Name, got {ds!r}", where)
-            out.append(str(ds))
-            continue
-        try:
-            full = paths.resolve_dataset(ds)
-        except AutosegError as e:
-            raise ConfigError(f"unknown dataset {ds!r}: {e.message}", where) from None
-        if not (paths.raw_dataset(full).is_dir() or paths.plans_file(full).is_file()):
-            known = paths.list_raw_datasets()
-            raise ConfigError(f"unknown dataset {full!r}: not in {paths.raw}"
-                              f"{_did_you_mean(full, known)}", where)
-        out.append(full)
+        with problems.collect():
+            out.append(_resolve_dataset(ds, paths, f"{source}:datasets"))
     return tuple(out)
+
+
+def _resolve_dataset(ds: Any, paths: Paths | None, where: str) -> str:
+    if not isinstance(ds, (str, int)) or isinstance(ds, bool):
+        raise ConfigError(f"expected dataset names, got {ds!r}", where)
+    if paths is None:
+        if not DATASET_NAME_RE.match(str(ds)):
+            raise ConfigError(f"expected a DatasetXXX_Name, got {ds!r}", where)
+        return str(ds)
+    try:
+        full = paths.resolve_dataset(ds)
+    except AutosegError as e:
+        raise ConfigError(f"unknown dataset {ds!r}: {e.message}", where) from None
+    if not (paths.raw_dataset(full).is_dir() or paths.plans_file(full).is_file()):
+        known = paths.list_raw_datasets()
+        raise ConfigError(f"unknown dataset {full!r}: not in {paths.raw}{_did_you_mean(full, known)}", where)
+    return full
 
 
 def _grid_points(ctx: _Ctx, grid: Any) -> list[_Point]:
@@ -450,14 +494,28 @@ def _grid_points(ctx: _Ctx, grid: Any) -> list[_Point]:
         raise ConfigError("expected a mapping of key: [values]", ctx.where("grid"))
     axes: list[list[tuple[str, Any, bool]]] = []
     for key, values in flatten(grid).items():
-        where = ctx.where(f"grid.{key}")
-        if not isinstance(values, list):
-            raise ConfigError(f"expected a list of values, got {values!r}", where)
-        if not values:
-            raise ConfigError("empty grid axis (give at least one value)", where)
-        seen: dict[str, Any] = {}
-        axis = []
-        for value in values:
+        with ctx.problems.collect():
+            axes.append(_grid_axis(ctx, key, values))
+    points = []
+    for combo in itertools.product(*axes):
+        trainer = tuple((k, v) for k, v, is_plan in combo if not is_plan)
+        plan = tuple((_parse_plan_key(k, ctx.configs, ctx.where(f"grid.{k}")), v)
+                     for k, v, is_plan in combo if is_plan)
+        points.append(_Point(trainer, plan, ctx.where("grid")))
+    return points
+
+
+def _grid_axis(ctx: _Ctx, key: str, values: Any) -> list[tuple[str, Any, bool]]:
+    """One grid axis as ``(key, value, is_plan_key)``; a bad value is a problem, the others are still checked."""
+    where = ctx.where(f"grid.{key}")
+    if not isinstance(values, list):
+        raise ConfigError(f"expected a list of values, got {values!r}", where)
+    if not values:
+        raise ConfigError("empty grid axis (give at least one value)", where)
+    seen: dict[str, Any] = {}
+    axis = []
+    for value in values:
+        with ctx.problems.collect():
             if key.startswith(PLAN_PREFIX):
                 pk = _parse_plan_key(key, ctx.configs, where)
                 ident, _ = _canonical_plan_value(pk, value, where)
@@ -468,14 +526,7 @@ def _grid_points(ctx: _Ctx, grid: Any) -> list[_Point]:
             if ident in seen:
                 raise ConfigError(f"values {seen[ident]!r} and {value!r} are the same setting", where)
             seen[ident] = value
-        axes.append(axis)
-    points = []
-    for combo in itertools.product(*axes):
-        trainer = tuple((k, v) for k, v, is_plan in combo if not is_plan)
-        plan = tuple((_parse_plan_key(k, ctx.configs, ctx.where(f"grid.{k}")), v)
-                     for k, v, is_plan in combo if is_plan)
-        points.append(_Point(trainer, plan, ctx.where("grid")))
-    return points
+    return axis
 
 
 def _named_points(ctx: _Ctx, variants: Any) -> list[tuple[str, _Point]]:
@@ -486,13 +537,14 @@ def _named_points(ctx: _Ctx, variants: Any) -> list[tuple[str, _Point]]:
     out = []
     for name, body in variants.items():
         where = ctx.where(f"variants.{name}")
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise ConfigError("variant names use letters, digits and _ . = , + - only", where)
-        body = {} if body is None else body
-        if not isinstance(body, Mapping):
-            raise ConfigError(f"expected a mapping of overrides, got {body!r}", where)
-        trainer, plan = _split_overrides(ctx, body, f"variants.{name}.")
-        out.append((name, _Point(tuple(trainer), tuple(plan), where)))
+        with ctx.problems.collect():
+            if not isinstance(name, str) or not NAME_RE.match(name):
+                raise ConfigError("variant names use letters, digits and _ . = , + - only", where)
+            body = {} if body is None else body
+            if not isinstance(body, Mapping):
+                raise ConfigError(f"expected a mapping of overrides, got {body!r}", where)
+            trainer, plan = _split_overrides(ctx, body, f"variants.{name}.")
+            out.append((name, _Point(tuple(trainer), tuple(plan), where)))
     return out
 
 
@@ -508,7 +560,9 @@ def _grid_variant(ctx: _Ctx, point: _Point) -> Variant:
     for key, value in point.trainer:
         changed = _get_dotted(_apply_trainer(ctx.base_cfg, [f"{key}={format_value(value)}"], point.where), key)
         if canonical_json(changed) != canonical_json(_get_dotted(ctx.base_cfg, key)):
-            parts.append(f"{key}={name_value(value)}")
+            # on/off knobs are named by the setting (amp=off, augment.mirror=false), not by how YAML spelled it
+            shown = changed if key in SWITCH_WORDS or isinstance(changed, bool) else value
+            parts.append(f"{key}={name_value(shown)}")
             trainer.append(f"{key}={format_value(value)}")
     plan = []
     for pk, value in point.plan:
@@ -549,20 +603,30 @@ def parse_sweep(data: Any, source: str | Path, paths: Paths | None = None) -> Sw
     source = str(source)
     if not isinstance(data, Mapping):
         raise ConfigError("a sweep file is a YAML mapping (name:, datasets:, configs:, grid:, ...)", source)
-    name, description, datasets, configs, folds, seeds = _parse_header(data, source)
-    resolved = _resolve_datasets(datasets, paths, source)
-    ctx = _Ctx(source=source, configs=tuple(configs), base_cfg=_default_trainer_config())
+    problems = _Problems()
+    name, description, datasets, configs, folds, seeds = _parse_header(data, source, problems)
+    resolved = _resolve_datasets(datasets, paths, source, problems)
+    ctx = _Ctx(source=source, configs=tuple(configs), base_cfg=_default_trainer_config(), problems=problems)
     base = data.get("base") or {}
-    if not isinstance(base, Mapping):
-        raise ConfigError(f"expected a mapping of overrides, got {base!r}", ctx.where("base"))
-    base_trainer, base_plan = _split_overrides(ctx, base, "base.")
+    base_trainer: list[tuple[str, Any]] = []
+    base_plan: list[tuple[_PlanKey, Any]] = []
+    with problems.collect():
+        if not isinstance(base, Mapping):
+            raise ConfigError(f"expected a mapping of overrides, got {base!r}", ctx.where("base"))
+        base_trainer, base_plan = _split_overrides(ctx, base, "base.")
     base_trainer_strings = tuple(f"{k}={format_value(v)}" for k, v in base_trainer)
-    ctx.base_cfg = _apply_trainer(ctx.base_cfg, base_trainer_strings, ctx.where("base"))
+    with problems.collect():  # each key is valid alone; together they may not be (a cross-field check)
+        ctx.base_cfg = _apply_trainer(ctx.base_cfg, base_trainer_strings, ctx.where("base"))
     base_plan_strings = tuple(_canonical_plan_value(pk, v, ctx.where(f"base.{pk.text}"))[1]
                               for pk, v in base_plan)
 
-    grid = _grid_points(ctx, data.get("grid"))
-    named = _named_points(ctx, data.get("variants"))
+    grid: list[_Point] = []
+    named: list[tuple[str, _Point]] = []
+    with problems.collect():
+        grid = _grid_points(ctx, data.get("grid"))
+    with problems.collect():
+        named = _named_points(ctx, data.get("variants"))
+    problems.raise_all()  # every problem of the file so far, one line each
     if not grid and not named:
         raise ConfigError("a sweep needs a 'grid:' or 'variants:' (or both)", source)
     variants = [_grid_variant(ctx, p) for p in grid] + [_named_variant(n, p) for n, p in named]
@@ -613,6 +677,19 @@ def _check_against_plans(spec: SweepSpec, paths: Paths, wheres: dict[str, str]) 
                 raise ConfigError(f"{ds}: {e.message}", wheres[v.name]) from None
 
 
+class _SweepLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus YAML 1.2's exponent floats without a dot (``1e-3``, ``5E-4``).
+
+    PyYAML follows YAML 1.1, whose float pattern needs a dot, so ``lr: [1e-3]`` came out as the
+    string ``'1e-3'``; every other YAML reader (and the user) sees a number.
+    """
+
+
+_SweepLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
 def load_sweep(file: str | Path, paths: Paths | None = None) -> SweepSpec:
     """Read and validate a sweep YAML file (see `parse_sweep`)."""
     file = Path(file)
@@ -623,7 +700,7 @@ def load_sweep(file: str | Path, paths: Paths | None = None) -> SweepSpec:
     except OSError as e:
         raise ConfigError(f"cannot read ({e.strerror})", file) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_SweepLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""

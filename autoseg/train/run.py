@@ -38,7 +38,7 @@ from autoseg.common.paths import Paths, TrainingId
 from autoseg.planning.plans import Plan
 from autoseg.train import checkpoint as ckpt_files
 from autoseg.train.checkpoint import Checkpoint, load_checkpoint
-from autoseg.train.config import TrainerConfig, default_num_workers
+from autoseg.train.config import TrainerConfig, changed_keys, default_num_workers, format_changes
 from autoseg.train.ddp import (
     DistContext,
     all_ranks_ok,
@@ -117,11 +117,14 @@ def train_fold(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan | N
     if validation_only and (resume or force):
         raise AutosegError("--validation-only cannot be combined with --continue or --force",
                            where=paths.training_dir(tid))
+    if save_probabilities and cfg.final_validation == "off" and not validation_only:
+        raise AutosegError("--save-probabilities needs the final validation; drop --set final_validation=off",
+                           where="final_validation")
     init_distributed(dist, rt.device.type)
     clean = False
     try:
         if validation_only:
-            result = _validation_only(paths, tid, rt, save_probabilities)
+            result = _validation_only(paths, tid, rt, save_probabilities, cfg.final_validation != "no_mirroring")
         else:
             result = _train_fold_locked(paths, tid, cfg, plan, rt, resume, force, num_workers,
                                         save_probabilities)
@@ -160,9 +163,12 @@ def _train_fold_locked(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: 
         if ckpt is None and not dist.is_main and resume and (fold_dir / ckpt_files.LATEST).is_file():
             ckpt = load_checkpoint(fold_dir / ckpt_files.LATEST)
         if ckpt is not None and resume and (fold_dir / ckpt_files.FINAL).is_file():
-            if dist.is_main and not validation_complete(paths, tid, fold_dir, save_probabilities):
+            finished_cfg = _config_for_resume(ckpt, cfg, finished=True)
+            wanted = save_probabilities or finished_cfg.final_validation != "off"
+            if dist.is_main and wanted and not validation_complete(paths, tid, fold_dir, save_probabilities):
                 log.info("%s is trained but its validation is incomplete; validating", tid)
-                return _validate_finished(paths, tid, fold_dir, rt, save_probabilities)
+                return _validate_finished(paths, tid, fold_dir, rt, save_probabilities,
+                                          finished_cfg.final_validation != "no_mirroring")
             log.info("%s is finished (%s exists); nothing to do", tid, ckpt_files.FINAL)
             return TrainResult(tid, fold_dir, "already_finished", ckpt.epoch, ckpt.best_ema_pseudo_dice,
                                ckpt.history[-1]["ema_pseudo_dice"] if ckpt.history else None,
@@ -251,7 +257,9 @@ def _train(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan, ckpt: 
         train_loader.close()
         val_loader.close()
     validation_dir = None
-    if rt.dist.is_main:
+    if rt.dist.is_main and cfg.final_validation == "off":
+        log.info("%s: final validation skipped (final_validation=off); `--validation-only` runs it later", tid)
+    elif rt.dist.is_main:
         validation_dir = _validate_fold(paths, tid, net, plan, cfg, val_ids, fold_dir, rt.device, not rt.quiet,
                                         save_probabilities, _previous_stage(exports, val_ids))
     barrier(rt.dist)
@@ -276,7 +284,8 @@ def _previous_stage(exports: dict[str, Path], case_ids: list[str]) -> Any:
 def _validate_fold(paths: Paths, tid: TrainingId, net: torch.nn.Module, plan: Plan, cfg: TrainerConfig,
                    val_ids: list[str], fold_dir: Path, device: torch.device, show_progress: bool,
                    save_probabilities: bool = False, previous_stage: Any = None) -> Path:
-    """Sliding-window prediction and metrics of the fold's validation cases (nnU-Net's final validation)."""
+    """Sliding-window prediction and metrics of the fold's validation cases (nnU-Net's final validation);
+    ``final_validation=no_mirroring`` leaves out the test-time mirroring."""
     from autoseg.data.augment import training_mirror_axes
     from autoseg.infer.validate import run_validation
 
@@ -284,7 +293,8 @@ def _validate_fold(paths: Paths, tid: TrainingId, net: torch.nn.Module, plan: Pl
     out_dir = fold_dir / VALIDATION_DIR
     net.deep_supervision = False
     net.eval()
-    run_validation(net, plan, config, training_mirror_axes(config, cfg.augment), val_ids, paths,
+    mirror_axes = () if cfg.final_validation == "no_mirroring" else training_mirror_axes(config, cfg.augment)
+    run_validation(net, plan, config, mirror_axes, val_ids, paths,
                    tid.dataset, out_dir, device, save_probabilities=save_probabilities, show_progress=show_progress,
                    previous_stage=previous_stage)
     return out_dir
@@ -310,7 +320,8 @@ def validation_complete(paths: Paths, tid: TrainingId, fold_dir: Path, with_prob
     return not with_probabilities or all((out_dir / f"{cid}.json").is_file() for cid in val_ids)  # sidecar after npz
 
 
-def _validation_only(paths: Paths, tid: TrainingId, rt: Runtime, save_probabilities: bool) -> TrainResult:
+def _validation_only(paths: Paths, tid: TrainingId, rt: Runtime, save_probabilities: bool,
+                     mirroring: bool = True) -> TrainResult:
     """Re-run the final validation of a trained fold under its lock (rank 0; other ranks wait)."""
     fold_dir = paths.training_dir(tid)
     if not (fold_dir / ckpt_files.FINAL).is_file():
@@ -320,14 +331,15 @@ def _validation_only(paths: Paths, tid: TrainingId, rt: Runtime, save_probabilit
         barrier(rt.dist)
         return TrainResult(tid, fold_dir, "validated", 0, None, None)
     with fold_lock(fold_dir), _isolated_dirs(fold_dir):
-        result = _validate_finished(paths, tid, fold_dir, rt, save_probabilities)
+        result = _validate_finished(paths, tid, fold_dir, rt, save_probabilities, mirroring)
     barrier(rt.dist)
     return result
 
 
 def _validate_finished(paths: Paths, tid: TrainingId, fold_dir: Path, rt: Runtime,
-                       save_probabilities: bool) -> TrainResult:
-    """Validate with ``checkpoint_final.pt``'s network (the same code path as the end of training).
+                       save_probabilities: bool, mirroring: bool = True) -> TrainResult:
+    """Validate with ``checkpoint_final.pt``'s network (the same code path as the end of training),
+    with the model's test-time mirroring unless ``mirroring`` is False (``final_validation=no_mirroring``).
 
     The previous validation folder is replaced only once the new one is complete.
     """
@@ -343,7 +355,8 @@ def _validate_finished(paths: Paths, tid: TrainingId, fold_dir: Path, rt: Runtim
     final_dir = fold_dir / VALIDATION_DIR
     staging = fold_dir / f".{VALIDATION_DIR}.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    run_validation(model.nets[0], model.plan, model.config, model.mirror_axes, val_ids, paths, tid.dataset,
+    run_validation(model.nets[0], model.plan, model.config, model.mirror_axes if mirroring else (), val_ids,
+                   paths, tid.dataset,
                    staging, rt.device, save_probabilities=save_probabilities, show_progress=not rt.quiet,
                    previous_stage=previous)
     old = fold_dir / f".{VALIDATION_DIR}.old"
@@ -381,16 +394,28 @@ def _prepare_fold_dir(fold_dir: Path, resume: bool, force: bool, dist: DistConte
     return None
 
 
-def _config_for_resume(ckpt: Checkpoint, given: TrainerConfig) -> TrainerConfig:
-    """A resumed run keeps the config it started with; differences (other than workers) are reported."""
+RESUME_MAY_CHANGE = ("num_workers", "final_validation")
+"""Keys a resumed (or finished) run takes from the command line: they do not change what is trained."""
+
+
+def _config_for_resume(ckpt: Checkpoint, given: TrainerConfig, finished: bool = False) -> TrainerConfig:
+    """A resumed run keeps the config it started with; keys given differently are named in one warning.
+
+    Only keys set away from their defaults count as given (`changed_keys`), so a plain
+    ``--continue`` warns about nothing. A ``finished`` run would silently stand for a setting it
+    was not trained with, so the warning says how to get the new one.
+    """
     saved = ckpt.trainer_config
-    ignore = {"num_workers"}
-    mine, theirs = given.flat_dict(), saved.flat_dict()
-    diffs = [k for k in theirs if k not in ignore and mine.get(k) != theirs[k]]
-    if diffs:
+    changes = changed_keys(given, saved, ignore=RESUME_MAY_CHANGE)
+    if changes and finished:
+        log.warning("this fold finished with the checkpoint's trainer config; ignoring changed keys: %s "
+                    "(to train with them use --force to start over, or a new --variant)", format_changes(changes))
+    elif changes:
         log.warning("continuing with the checkpoint's trainer config; ignoring changed keys: %s",
-                    ", ".join(f"{k}={mine.get(k)!r} (was {theirs[k]!r})" for k in diffs))
-    return dataclasses.replace(saved, num_workers=given.num_workers)
+                    format_changes(changes))
+    final_validation = saved.final_validation if given.final_validation == TrainerConfig().final_validation \
+        else given.final_validation
+    return dataclasses.replace(saved, num_workers=given.num_workers, final_validation=final_validation)
 
 
 def _record_inputs(paths: Paths, dataset: str, fold_dir: Path, cfg: TrainerConfig, plan: Plan) -> None:

@@ -128,7 +128,7 @@ def test_unknown_trainer_key_suggests(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("key,values,expected", [
     ("lr", ["fast"], "number"),
-    ("augment.mirror", [1], "bool"),
+    ("augment.mirror", [2], "bool"),  # 0 and 1 are on/off, 2 is neither
     ("epochs", [1.5], "int"),
     ("lr", ["0.01"], "float"),
     ("augment.scale_range", [[0.7]], "tuple"),
@@ -255,3 +255,39 @@ def test_variant_folders_are_safe_for_the_trainer(tmp_path: Path) -> None:
 def test_variants_sharing_a_folder_are_refused(tmp_path: Path) -> None:
     err = _error(tmp_path, minimal_sweep(variants={"lr-0.003": {"lr": 0.005}}))
     assert err.where.endswith(":variants.lr-0.003") and "folder" in err.message
+
+
+# --------------------------------------------------------------------------- YAML's own spellings
+
+
+def _yaml_file(tmp_path: Path, body: str) -> Path:
+    file = tmp_path / "typed.yaml"
+    file.write_text("name: typed\ndatasets: [Dataset004_Hippocampus]\nconfigs: [3d_fullres]\n" + body)
+    return file
+
+
+def test_yaml_booleans_numbers_and_on_off_words_are_accepted(tmp_path: Path) -> None:
+    """``compile: false`` and ``amp: off`` are YAML booleans, ``1e-3`` is a YAML 1.2 float (PyYAML: a string)."""
+    file = _yaml_file(tmp_path, "base: {compile: false, deep_supervision: 0}\n"
+                                "grid:\n  amp: [auto, off]\n  lr: [1e-3, 0.01]\n  augment.mirror: [on, no]\n")
+    spec = load_sweep(file)
+    names = {v.name for v in spec.variants}
+    assert "amp=off,lr=0.001,augment.mirror=false" in names
+    assert spec.base_trainer_overrides == ("compile=false", "deep_supervision=0")
+    off = spec.variant("amp=off,lr=0.001,augment.mirror=false")
+    from autoseg.train.config import TrainerConfig, apply_overrides
+    cfg = apply_overrides(TrainerConfig(), spec.trainer_overrides(off))
+    assert (cfg.compile, cfg.amp, cfg.lr, cfg.augment.mirror, cfg.deep_supervision) == ("false", "off", 0.001,
+                                                                                       False, False)
+
+
+def test_every_problem_of_a_file_is_reported(tmp_path: Path) -> None:
+    file = _yaml_file(tmp_path, "folds: [0, -1]\nbase: {epoch: 3}\n"
+                                "grid:\n  lr: [fast, 0.01]\n  augment.mirrror: [true]\n"
+                                "variants:\n  x: {optimizer: adam}\n")
+    with pytest.raises(ConfigError) as info:
+        load_sweep(file)
+    lines = str(info.value).splitlines()
+    keys = [line.split(": ")[0] for line in lines]
+    assert keys == [f"{file}:{k}" for k in ("folds", "base.epoch", "grid.lr", "grid.augment.mirrror", "variants.x.optimizer")]
+    assert info.value.where == f"{file}:folds"  # the first, for callers that read one error

@@ -62,3 +62,37 @@ def test_default_workers_share_the_cpus() -> None:
     assert default_num_workers(64) == 12
     assert default_num_workers(16, processes=4) == 3
     assert default_num_workers(1) == 0
+
+
+@pytest.mark.parametrize("item, key, value", [
+    ("compile=no", "compile", "false"), ("compile=on", "compile", "true"), ("compile=0", "compile", "false"),
+    ("amp=off", "amp", "off"), ("amp=false", "amp", "off"), ("amp=yes", "amp", "auto"), ("amp=bf16", "amp", "bf16"),
+    ("deep_supervision=off", "deep_supervision", False), ("augment.mirror=on", "augment.mirror", True),
+])
+def test_on_off_knobs_take_every_on_off_word(item: str, key: str, value: object) -> None:
+    cfg = apply_overrides(TrainerConfig(), [item])
+    assert cfg.flat_dict()[key] == value
+
+
+def test_on_off_modes_from_python_booleans() -> None:
+    """What YAML hands over for ``compile: false`` / ``amp: off``."""
+    cfg = TrainerConfig(compile=False, amp=False)  # type: ignore[arg-type]
+    assert (cfg.compile, cfg.amp) == ("false", "off")
+
+
+def test_final_validation_modes() -> None:
+    assert TrainerConfig().final_validation == "full"
+    assert apply_overrides(TrainerConfig(), ["final_validation=off"]).final_validation == "off"
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(TrainerConfig(), ["final_validation=quick"])
+    assert info.value.where == "final_validation" and "no_mirroring" in info.value.message
+
+
+def test_changed_keys_lists_only_what_was_asked_for() -> None:
+    from autoseg.train.config import changed_keys, format_changes
+
+    used = apply_overrides(TrainerConfig(), ["epochs=2", "lr=0.003"])
+    assert changed_keys(TrainerConfig(), used) == []  # nothing given: nothing to report
+    given = apply_overrides(TrainerConfig(), ["epochs=4", "lr=0.003", "num_workers=3"])
+    changes = changed_keys(given, used, ignore=("num_workers",))
+    assert changes == [("epochs", 2, 4)] and format_changes(changes) == "epochs 2 -> 4"
