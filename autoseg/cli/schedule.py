@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -17,6 +18,13 @@ from autoseg.schedule.train_all import TrainAllOptions, observer_rows, preview, 
 
 EXIT_JOBS_FAILED = 1
 EXIT_INTERRUPTED = 130
+FAKE_GPUS_ENV = "AUTOSEG_FAKE_GPUS"
+"""``AUTOSEG_FAKE_GPUS=1``: take ``--gpus`` as given without CUDA (tests, rehearsing a GPU schedule)."""
+
+
+def fake_gpus_from_env() -> bool:
+    """Whether ``$AUTOSEG_FAKE_GPUS`` says the ``--gpus`` ids are stand-ins (1/true/yes/on)."""
+    return os.environ.get(FAKE_GPUS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 class LiveTable:
@@ -45,6 +53,8 @@ class LiveTable:
 @click.option("--jobs-per-gpu", type=click.IntRange(min=1), default=None, help="Pack N jobs per GPU.")
 @click.option("--gpu-memory", type=float, default=None, metavar="GB", help="GPU memory for planning and packing.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="TrainerConfig override for every training.")
+@click.option("--variant", default="default", show_default=True,
+              help="Results sub-folder of every training (train with a changed --set next to the old results).")
 @click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True)
 @click.option("--slurm-partition", default=None)
@@ -58,15 +68,16 @@ class LiveTable:
 @click.pass_context
 def train_all_cmd(ctx: click.Context, datasets: tuple[str, ...], configs: tuple[str, ...], folds: str,
                   gpus: str | None, jobs_per_gpu: int | None, gpu_memory: float | None, overrides: tuple[str, ...],
-                  retries: int, executor: str, slurm_partition: str | None, slurm_time: int,
+                  variant: str, retries: int, executor: str, slurm_partition: str | None, slurm_time: int,
                   slurm_mem: float | None, slurm_cpus: int, dry_run: bool, cpu_slots: int, quiet: bool) -> None:
     """Plan, preprocess and train every DATASET x config x fold in parallel, one job per GPU; resumable."""
     paths = paths_from(ctx)
     request = TrainAllRequest(datasets=datasets, configs=configs, folds=parse_folds(folds),
-                              trainer_overrides=overrides, gpu_memory_gb=gpu_memory)
+                              trainer_overrides=overrides, gpu_memory_gb=gpu_memory, variant=variant)
     options = TrainAllOptions(request=request, gpus=parse_gpus(gpus) if gpus is not None else None,
                               jobs_per_gpu=jobs_per_gpu, cpu_slots=cpu_slots, retries=retries, executor=executor,
-                              slurm=SlurmOptions(slurm_partition, slurm_time, slurm_mem), slurm_cpus_per_job=slurm_cpus)
+                              slurm=SlurmOptions(slurm_partition, slurm_time, slurm_mem), slurm_cpus_per_job=slurm_cpus,
+                              fake_gpus=fake_gpus_from_env())
     if dry_run:
         jobs, placed = preview(paths, options)
         where = {a.job_id: a for a in placed or []}

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from autoseg.cli.app import cli, paths_from
-from autoseg.cli.schedule import EXIT_INTERRUPTED, EXIT_JOBS_FAILED, LiveTable
+from autoseg.cli.schedule import EXIT_INTERRUPTED, EXIT_JOBS_FAILED, LiveTable, fake_gpus_from_env
 from autoseg.report.sweep_report import build_sweep_report, format_markdown, write_sweep_report
 from autoseg.schedule.resources import PoolConfig, parse_gpus
 from autoseg.schedule.runner import RunOptions, simulate_schedule
@@ -20,7 +20,7 @@ from autoseg.schedule.train_all import TrainAllOptions, make_executor, pool_conf
 def _run_options(gpus: str | None, jobs_per_gpu: int | None, executor: str, retries: int) -> TrainAllOptions:
     """The scheduler's own "how to run" options (GPU detection, packing, executors), as train-all uses them."""
     return TrainAllOptions(gpus=parse_gpus(gpus) if gpus is not None else None, jobs_per_gpu=jobs_per_gpu,
-                           retries=retries, executor=executor)
+                           retries=retries, executor=executor, fake_gpus=fake_gpus_from_env())
 
 
 def _render_plan(spec: SweepSpec, jobs: SweepJobs, options: TrainAllOptions) -> None:
@@ -58,8 +58,8 @@ def sweep_command(ctx: click.Context, file: Path, gpus: str | None, jobs_per_gpu
                   executor_name: str, retries: int, dry_run: bool) -> None:
     """Run an ablation sweep FILE (YAML): variants x seeds x folds through the scheduler."""
     paths = paths_from(ctx)
+    opts = _run_options(gpus, jobs_per_gpu, executor_name, retries)  # bad --gpus: refused before the file is read
     spec = load_sweep(file, paths)
-    opts = _run_options(gpus, jobs_per_gpu, executor_name, retries)
     if dry_run:
         _render_plan(spec, build_sweep_jobs(spec, paths, write_plans=False), opts)
         return

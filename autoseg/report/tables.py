@@ -72,11 +72,12 @@ def status_rows(statuses: Sequence[JobStatus]) -> list[list[object]]:
 
 
 def render_status(statuses: Sequence[JobStatus], log_width: int = 60) -> str:
-    """The ``autoseg status`` table, with a one-line count per state under it."""
+    """The ``autoseg status`` table, a one-line count per state under it, then why each failed job failed."""
     if not statuses:
         return "no jobs recorded under this results root"
     table = render_table(STATUS_HEADERS, status_rows(statuses), max_width={8: log_width})
     counts: dict[str, int] = {}
     for s in statuses:
         counts[s.state.value] = counts.get(s.state.value, 0) + 1
-    return table + "\n" + ", ".join(f"{n} {k}" for k, n in counts.items())
+    reasons = [f"{s.job_id} failed: {s.message}" for s in statuses if s.state.value == "failed" and s.message]
+    return "\n".join([table, ", ".join(f"{n} {k}" for k, n in counts.items()), *reasons])

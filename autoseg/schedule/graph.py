@@ -6,11 +6,15 @@ Pure graph building over what is on disk; `autoseg.schedule.runner.run_jobs` run
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass, replace
 
 from autoseg.common.errors import AutosegError
 from autoseg.common.paths import Paths
 from autoseg.schedule.jobs import CASCADE_FOLDS, JobKind, JobSpec, Resources, link_cascades, previous_stage_of
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONFIGS_UNPLANNED = ("2d", "3d_fullres")
 """Configurations trained when a dataset is not planned yet and none are named (3d_lowres exists
@@ -18,6 +22,9 @@ only for large images, which is unknown before planning)."""
 
 REFERENCE_VOXELS_PER_S = 6e6
 """Rough training throughput (patch voxels x batch per second) used only to order jobs longest-first."""
+
+VARIANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*")
+"""A variant is a folder name (as `autoseg train --variant` checks it)."""
 
 DEFAULT_EPOCHS = 1000
 DEFAULT_ITERATIONS_PER_EPOCH = 250
@@ -87,6 +94,9 @@ class TrainAllRequest:
 
 def build_train_all_jobs(paths: Paths, request: TrainAllRequest) -> list[JobSpec]:
     """Plan -> preprocess -> train per config x fold -> find-best, per dataset; finished stages omitted."""
+    if not VARIANT_RE.fullmatch(request.variant):
+        raise AutosegError(f"variant name {request.variant!r} must use letters, digits, '.', '_' or '-' only",
+                           "--variant")
     names = [paths.resolve_dataset(d) for d in request.datasets] or paths.list_raw_datasets()
     if not names:
         raise AutosegError("no datasets found (DatasetXXX_Name folders)", paths.raw)
@@ -96,7 +106,54 @@ def build_train_all_jobs(paths: Paths, request: TrainAllRequest) -> list[JobSpec
     return jobs
 
 
+def fold_count(paths: Paths, dataset: str) -> tuple[int, str] | None:
+    """How many cross-validation folds ``dataset`` has (or will get at preprocessing), and from where.
+
+    The splits file when there is one; else the 5 folds (fewer with fewer cases) that
+    preprocessing will make. None when that cannot be told yet (no raw dataset, unreadable one:
+    the plan job reports that).
+    """
+    from autoseg.common.errors import DatasetError
+    from autoseg.dataset.spec import load_dataset
+    from autoseg.splits import DEFAULT_N_FOLDS, load_splits, user_splits_file
+
+    for file in (user_splits_file(paths, dataset), paths.splits_file(dataset)):
+        if file.is_file():
+            return load_splits(paths, dataset).n_folds, str(file)
+    if not paths.raw_dataset(dataset).is_dir():
+        return None
+    try:
+        cases = len(load_dataset(paths.raw_dataset(dataset)).cases)
+    except DatasetError:
+        return None
+    n = min(DEFAULT_N_FOLDS, cases)
+    return n, f"preprocessing will split its {cases} cases into {n} folds"
+
+
+def check_folds(paths: Paths, dataset: str, folds: tuple[int | str, ...]) -> None:
+    """Every numbered fold exists for ``dataset``: an unknown one fails now, not as a failed job."""
+    known = fold_count(paths, dataset)
+    if known is None:
+        return
+    n, source = known
+    missing = [str(f) for f in folds if f != "all" and int(f) >= n]
+    if missing:
+        raise AutosegError(f"{dataset} has folds 0-{n - 1} and 'all' ({source}); no fold {', '.join(missing)}",
+                           "--folds")
+
+
+def _final_validation_off(overrides: tuple[str, ...]) -> bool:
+    """Whether ``--set`` turns the final validation off (then nothing is validated or compared).
+
+    Parsing the overrides here also makes a bad ``--set`` fail before any job starts.
+    """
+    from autoseg.train.config import TrainerConfig, apply_overrides
+
+    return apply_overrides(TrainerConfig(), overrides).final_validation == "off"
+
+
 def _dataset_jobs(paths: Paths, ds: str, req: TrainAllRequest) -> list[JobSpec]:
+    check_folds(paths, ds, req.folds)
     plan = _planned(paths, ds)
     configs = req.configs or (tuple(plan.configurations) if plan else DEFAULT_CONFIGS_UNPLANNED)
     if plan is not None:
@@ -121,7 +178,8 @@ def _dataset_jobs(paths: Paths, ds: str, req: TrainAllRequest) -> list[JobSpec]:
             train_deps = (prep.job_id,)
     train_ids: list[str] = []
     complete_configs = []
-    ensembles = len(configs) > 1  # find-best can compare ensembles only with saved softmax maps
+    validated = not _final_validation_off(req.trainer_overrides)
+    ensembles = validated and len(configs) > 1  # find-best can compare ensembles only with saved softmax maps
     for name in configs:
         conf = plan.configurations[name] if plan else None
         res = Resources(gpus=1, gpu_memory_gb=(conf.estimated_vram_gb or None) if conf else None,
@@ -140,7 +198,7 @@ def _dataset_jobs(paths: Paths, ds: str, req: TrainAllRequest) -> list[JobSpec]:
                                    resources=replace(res, est_duration_s=None))
                 jobs.append(val)
                 train_ids.append(val.job_id)
-        if set(range(5)) <= set(folds):
+        if validated and set(range(5)) <= set(folds):
             complete_configs.append(name)
     if complete_configs:
         jobs.append(JobSpec.make(JobKind.FIND_BEST, ds, configs=tuple(complete_configs), variant=req.variant,
@@ -164,3 +222,38 @@ def _needs_probabilities(paths: Paths, job: JobSpec) -> bool:
         return not validation_complete(paths, tid, fold_dir, with_probabilities=True)
     except AutosegError:  # no splits yet: nothing trained from them either
         return False
+
+
+def warn_changed_finished(paths: Paths, jobs: list[JobSpec]) -> list[str]:
+    """Warn (one line per distinct change) about finished trainings whose ``--set`` now differs.
+
+    A finished fold is not trained again (its job is done), so ``train-all --set epochs=4`` after
+    ``epochs=2`` would otherwise report success for models trained with 2 epochs. Returns the lines.
+    """
+    from autoseg.common.jsonio import load_record
+    from autoseg.train.checkpoint import FINAL
+    from autoseg.train.config import TrainerConfig, apply_overrides, changed_keys, format_changes
+    from autoseg.train.run import RESUME_MAY_CHANGE, TRAINER_CONFIG_FILE
+
+    changed: dict[str, list[str]] = {}
+    for job in jobs:
+        tid = job.training_id()
+        if job.kind is not JobKind.TRAIN or tid is None:
+            continue
+        fold_dir = paths.training_dir(tid)
+        if not (fold_dir / FINAL).is_file() or not (fold_dir / TRAINER_CONFIG_FILE).is_file():
+            continue
+        used = load_record(fold_dir / TRAINER_CONFIG_FILE, TrainerConfig)
+        given = apply_overrides(TrainerConfig(), job.trainer_overrides)
+        given = replace(given, seed=tid.seed) if tid.seed is not None else given
+        changes = changed_keys(given, used, ignore=RESUME_MAY_CHANGE)
+        if changes:
+            changed.setdefault(format_changes(changes), []).append(job.job_id)
+    lines = []
+    for changes, ids in changed.items():
+        more = f" and {len(ids) - 1} more" if len(ids) > 1 else ""
+        lines.append(f"{len(ids)} finished training(s) ({ids[0]}{more}) keep the trainer config they were trained "
+                     f"with; ignoring changed keys: {changes} (to train with them: `autoseg train ... --force` "
+                     "per fold, or a new --variant)")
+        log.warning("%s", lines[-1])
+    return lines

@@ -28,6 +28,9 @@ GPU_MEMORY_HEADROOM_GB = 1.0
 NNUNET_FOLDS = 5
 """nnU-Net's cross-validation: five folds, 0..4."""
 
+GPU_ID_RE = re.compile(r"^(?:\d+|(?:GPU|MIG)-[0-9A-Za-z][0-9A-Za-z/-]*)$")
+"""What ``CUDA_VISIBLE_DEVICES`` accepts: device indices (0, 1, ...) or GPU-/MIG- UUIDs."""
+
 
 def machine_cores() -> tuple[int, ...]:
     """The CPU cores this process may use (its affinity mask, which respects cgroups/taskset)."""
@@ -38,10 +41,18 @@ def machine_cores() -> tuple[int, ...]:
 
 
 def parse_gpus(text: str | None) -> tuple[str, ...]:
-    """``"0,1,2,3"`` -> ("0", "1", "2", "3"); ids are opaque strings (UUIDs work too)."""
+    """``"0,1,2,3"`` -> ("0", "1", "2", "3"); indices or ``GPU-``/``MIG-`` UUIDs, as CUDA_VISIBLE_DEVICES takes.
+
+    Anything else (``a``, ``-1``) would reach the children as a CUDA_VISIBLE_DEVICES that hides
+    every GPU, so they would train on the CPU: refused here.
+    """
     if not text:
         return ()
     ids = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [i for i in ids if not GPU_ID_RE.match(i)]
+    if bad:
+        raise AutosegError(f"{', '.join(repr(b) for b in bad)} is not a GPU id (use device indices like 0,1 "
+                           "or GPU-/MIG- UUIDs as nvidia-smi -L prints them)", "--gpus")
     if len(set(ids)) != len(ids):
         raise AutosegError(f"a GPU id appears twice in {text!r}", "--gpus")
     return ids
@@ -67,6 +78,23 @@ def parse_folds(text: str) -> tuple[int | str, ...]:
     if not folds:
         raise AutosegError("no folds given", "--folds")
     return tuple(dict.fromkeys(folds))
+
+
+def check_gpus_exist(gpus: tuple[str, ...], cuda_available: bool, device_count: int) -> None:
+    """The given device indices exist on this machine (UUIDs cannot be checked without NVML; CUDA does).
+
+    Without this a machine without CUDA "trains on GPU 0 and 1" on its CPU while every table
+    says GPU 0 and 1.
+    """
+    if not gpus:
+        return
+    if not cuda_available:
+        raise AutosegError(f"no CUDA device on this machine, so GPU(s) {', '.join(gpus)} cannot be used "
+                           "(leave out --gpus to train on CPU slots)", "--gpus")
+    missing = [g for g in gpus if g.isdigit() and int(g) >= device_count]
+    if missing:
+        raise AutosegError(f"GPU(s) {', '.join(missing)} not found: CUDA sees {device_count} device(s), "
+                           f"0-{device_count - 1}", "--gpus")
 
 
 def query_gpu_memory_gb(gpus: tuple[str, ...]) -> float | None:

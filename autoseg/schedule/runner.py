@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import heapq
 import logging
+import os
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from autoseg.common.errors import AutosegError
 from autoseg.common.jsonio import save_record
@@ -30,6 +32,20 @@ log = logging.getLogger(__name__)
 
 UNKNOWN_DURATION_S = 60.0
 """Duration assumed for ordering when a job has no estimate (plan/preprocess/find-best)."""
+
+EXIT_USER_ERROR = 2
+"""What an autoseg command exits with on a problem the user must fix (a broken dataset, a bad
+option; `autoseg.cli.app.EXIT_USER_ERROR`, click's usage errors too): a retry would fail the same
+way, so such a job fails at once with the command's own ``error:`` line(s)."""
+
+USER_ERROR_TAIL_BYTES = 64 * 1024
+"""How much of the end of a job's log is searched for its ``error:`` lines."""
+
+ATTEMPT_HEADER = "=== autoseg scheduler: "
+"""How each attempt's part of a job log begins (written by the executors' log header)."""
+
+MAX_MESSAGE_CHARS = 500
+"""A failure message longer than this (many dataset problems) is cut; the log has it all."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +72,8 @@ class Failure:
     exit_code: int | None
     attempts: int
     log_path: str
+    message: str | None = None
+    """The job's own ``error:`` line(s) when it failed with a user error."""
 
 
 @dataclass(frozen=True)
@@ -80,10 +98,28 @@ class RunSummary:
         if self.failures:
             f = self.failures[0]
             more = f" (+{len(self.failures) - 1} more, see `autoseg status`)" if len(self.failures) > 1 else ""
-            text += f"; failed: {f.job_id} (exit {f.exit_code} after {f.attempts} attempt(s)), log: {f.log_path}{more}"
+            why = f": {f.message}" if f.message else ""
+            text += (f"; failed: {f.job_id} (exit {f.exit_code} after {f.attempts} attempt(s){why}), "
+                     f"log: {f.log_path}{more}")
         if self.interrupted:
             text += "; interrupted: run the same command again to resume"
         return text
+
+
+def user_error_message(log_path: Path) -> str | None:
+    """The ``error: ...`` lines the last attempt printed (the CLI's one-line user errors), joined by ``; ``."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - USER_ERROR_TAIL_BYTES))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    last_attempt = text.rsplit(ATTEMPT_HEADER, 1)[-1]
+    errors = [line[len("error: "):].strip() for line in last_attempt.splitlines() if line.startswith("error: ")]
+    if not errors:
+        return None
+    message = "; ".join(errors)
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS - 3] + "..."
 
 
 def check_graph(jobs: list[JobSpec], done_elsewhere: set[str] = frozenset()) -> None:  # type: ignore[assignment]
@@ -262,7 +298,8 @@ class _Run:
         save_record(jp.record, record)
         self.store.update(job.job_id, state=JobState.RUNNING, attempt=attempt, gpu=gpu, cpus=cpus,
                           executor=self.executor.name, external_id=handle.external_id, host=self.host,
-                          started_at=record.started_at, ended_at=None, exit_code=None, log_path=str(jp.log))
+                          started_at=record.started_at, ended_at=None, exit_code=None, log_path=str(jp.log),
+                          message=None)
         self.state[job.job_id] = JobState.RUNNING
         self.running[job.job_id] = _Running(handle, slot, record)
         log.info("started %s (attempt %d, GPU %s, %d CPUs)", job.job_id, attempt, gpu, cpus)
@@ -281,10 +318,16 @@ class _Run:
         job = self.by_id[job_id]
         if run.slot is not None and self.pool is not None:
             self.pool.release(run.slot, job)
+        message = None
         if rc == 0:
             state = JobState.DONE
         elif self.interrupting or (run.interrupt_sent and rc == EXIT_INTERRUPTED):
             state = JobState.INTERRUPTED
+        elif rc == EXIT_USER_ERROR:  # the same input fails the same way: no retry
+            state = JobState.FAILED
+            message = user_error_message(JobPaths.of(self.paths, job_id).log)
+            log.error("%s failed: %s (exit %d, not retried); log: %s", job_id, message or "a user error", rc,
+                      JobPaths.of(self.paths, job_id).log)
         elif self.tries[job_id] <= self.options.retries:
             state = JobState.PENDING
             log.warning("%s failed (exit %d); retrying with --continue (attempt %d of %d)", job_id, rc,
@@ -295,7 +338,7 @@ class _Run:
         ended = time.time()
         save_record(JobPaths.of(self.paths, job_id).record,
                     replace(run.record, state=state, ended_at=ended, exit_code=rc))
-        self.store.update(job_id, state=state, ended_at=ended, exit_code=rc)
+        self.store.update(job_id, state=state, ended_at=ended, exit_code=rc, message=message)
         self.state[job_id] = state
         if state is JobState.PENDING:
             self._recall_chained(job_id, blocked=False)
@@ -342,7 +385,7 @@ class _Run:
             counts[row.state] += 1
             if row.state is JobState.FAILED:
                 failures.append(Failure(job.job_id, row.exit_code, row.attempt,
-                                        row.log_path or str(JobPaths.of(self.paths, job.job_id).log)))
+                                        row.log_path or str(JobPaths.of(self.paths, job.job_id).log), row.message))
             elif row.state is JobState.BLOCKED:
                 blocked.append(job.job_id)
         return RunSummary(counts=counts, failures=tuple(failures), blocked=tuple(blocked),

@@ -42,6 +42,8 @@ class JobStatus:
     elapsed_s: float | None
     log_path: str
     external_id: str | None
+    message: str | None = None
+    """Why a failed job failed, in its own words (a user error's ``error:`` line)."""
 
 
 def read_training_progress(training_dir: Path) -> TrainingProgress | None:
@@ -77,7 +79,7 @@ def job_status(paths: Paths, row: JobRow, now: float | None = None) -> JobStatus
         elapsed = (row.ended_at if row.ended_at and row.state is not JobState.RUNNING else now) - row.started_at
     return JobStatus(job_id=row.job_id, state=row.state, gpu=row.gpu, attempt=row.attempt, progress=progress,
                      elapsed_s=elapsed, log_path=row.log_path or str(JobPaths.of(paths, row.job_id).log),
-                     external_id=row.external_id)
+                     external_id=row.external_id, message=row.message)
 
 
 def collect_status(paths: Paths) -> list[JobStatus]:

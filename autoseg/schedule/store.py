@@ -25,7 +25,10 @@ BUSY_TIMEOUT_MS = 10_000
 """How long a writer waits for another's lock before failing (status reads never block writers in WAL)."""
 
 _COLUMNS = ("job_id", "spec", "state", "attempt", "gpu", "cpus", "executor", "external_id", "host",
-            "started_at", "ended_at", "exit_code", "log_path", "updated_at")
+            "started_at", "ended_at", "exit_code", "log_path", "message", "updated_at")
+ADDED_COLUMNS = {"message": "TEXT"}
+"""Columns newer than the first table layout: added to an older database on first write access,
+read as NULL from one opened read-only (``autoseg status`` of an older root)."""
 _SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
@@ -33,7 +36,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     state TEXT NOT NULL,
     attempt INTEGER NOT NULL DEFAULT 0,
     gpu TEXT, cpus INTEGER, executor TEXT, external_id TEXT, host TEXT,
-    started_at REAL, ended_at REAL, exit_code INTEGER, log_path TEXT,
+    started_at REAL, ended_at REAL, exit_code INTEGER, log_path TEXT, message TEXT,
     updated_at REAL NOT NULL
 )"""
 
@@ -55,6 +58,8 @@ class JobRow:
     exit_code: int | None
     log_path: str | None
     updated_at: float
+    message: str | None = None
+    """Why the job failed, when it said so: the ``error: ...`` line(s) of a user error (exit 2)."""
 
     @property
     def job_id(self) -> str:
@@ -85,6 +90,13 @@ class StateStore:
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute(_SCHEMA_SQL)
         self._conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        present = {r[1] for r in self._conn.execute("PRAGMA table_info(jobs)").fetchall()}
+        if not readonly:
+            for name, sql_type in ADDED_COLUMNS.items():
+                if name not in present:
+                    self._conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {sql_type}")
+                    present.add(name)
+        self._select = ", ".join(c if c in present or c not in ADDED_COLUMNS else f"NULL AS {c}" for c in _COLUMNS)
 
     @classmethod
     def open(cls, paths: Paths, readonly: bool = False) -> "StateStore":
@@ -126,13 +138,13 @@ class StateStore:
 
     # ------------------------------------------------------------------ reads
     def get(self, job_id: str) -> JobRow | None:
-        cur = self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE job_id = ?", (job_id,))
+        cur = self._conn.execute(f"SELECT {self._select} FROM jobs WHERE job_id = ?", (job_id,))
         row = cur.fetchone()
         return None if row is None else self._row(row)
 
     def rows(self) -> list[JobRow]:
         """Every job, in insertion order."""
-        cur = self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs ORDER BY rowid")
+        cur = self._conn.execute(f"SELECT {self._select} FROM jobs ORDER BY rowid")
         return [self._row(r) for r in cur.fetchall()]
 
     # ------------------------------------------------------------------ helpers

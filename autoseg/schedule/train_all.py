@@ -9,9 +9,9 @@ from autoseg.common.errors import AutosegError
 from autoseg.common.paths import Paths
 from autoseg.schedule.executors import Executor, LocalExecutor, SlurmExecutor, SlurmOptions
 from autoseg.schedule.jobs import JobSpec
-from autoseg.schedule.resources import PoolConfig, machine_cores, query_gpu_memory_gb
+from autoseg.schedule.resources import PoolConfig, check_gpus_exist, machine_cores, query_gpu_memory_gb
 from autoseg.schedule.lock import RunLock
-from autoseg.schedule.graph import TrainAllRequest, build_train_all_jobs
+from autoseg.schedule.graph import TrainAllRequest, build_train_all_jobs, warn_changed_finished
 from autoseg.schedule.runner import Assignment, RunOptions, RunSummary, run_jobs, simulate_schedule
 from autoseg.schedule.store import JobRow, StateStore
 
@@ -33,6 +33,10 @@ class TrainAllOptions:
     executor: str = "local"
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
     slurm_cpus_per_job: int = 8
+    fake_gpus: bool = False
+    """Take ``gpus`` as given without asking CUDA (tests, rehearsing a GPU schedule on a CPU
+    machine: the children then run on the CPU with CUDA_VISIBLE_DEVICES set); the CLI sets it
+    from ``AUTOSEG_FAKE_GPUS=1``."""
 
 
 def detected_gpus() -> tuple[str, ...]:
@@ -44,6 +48,11 @@ def detected_gpus() -> tuple[str, ...]:
 
 def pool_config(options: TrainAllOptions) -> PoolConfig:
     """The local slot pool: GPUs, packing (explicit, or by the plan's memory estimates), CPU slots."""
+    if options.gpus is not None and not options.fake_gpus:
+        import torch
+
+        available = torch.cuda.is_available()
+        check_gpus_exist(options.gpus, available, torch.cuda.device_count() if available else 0)
     gpus = options.gpus if options.gpus is not None else detected_gpus()
     if not gpus:
         log.warning("no GPUs given or found: trainings run on CPU slots (pass --gpus to pin GPUs)")
@@ -66,6 +75,7 @@ def train_all(paths: Paths, options: TrainAllOptions, observer=None) -> RunSumma
     """Take the results root's lock, build the job graph and run it to the end."""
     with RunLock(paths):
         jobs = build_train_all_jobs(paths, options.request)
+        warn_changed_finished(paths, jobs)
         run_options = RunOptions(retries=options.retries, pool=pool_config(options) if options.executor == "local"
                                  else PoolConfig(), cpus_per_job=options.slurm_cpus_per_job, observer=observer)
         with StateStore.open(paths) as store:
@@ -75,6 +85,7 @@ def train_all(paths: Paths, options: TrainAllOptions, observer=None) -> RunSumma
 def preview(paths: Paths, options: TrainAllOptions) -> tuple[list[JobSpec], list[Assignment] | None]:
     """The job graph and, for local runs, where each job would go (``--dry-run``; nothing is started)."""
     jobs = build_train_all_jobs(paths, options.request)
+    warn_changed_finished(paths, jobs)
     if options.executor != "local":
         return jobs, None
     return jobs, simulate_schedule(jobs, pool_config(options))

@@ -39,6 +39,13 @@ def fake_command(paths: Paths, steps: int = 2, step_s: float = 0.05, fail: froze
     return command
 
 
+@pytest.fixture(autouse=True)
+def fake_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scheduler tests hand out GPU ids on machines without them: ``--gpus`` is taken as given
+    (``AUTOSEG_FAKE_GPUS``), also by the ``autoseg`` processes they start. Tests of the GPU check unset it."""
+    monkeypatch.setenv("AUTOSEG_FAKE_GPUS", "1")
+
+
 @pytest.fixture
 def sched_paths(tmp_path: Path) -> Paths:
     paths = Paths.under(tmp_path / "data")

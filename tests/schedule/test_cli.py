@@ -20,7 +20,7 @@ def _cli(paths, *args: str):
 
 
 def test_dry_run_shows_graph_and_gpus(sched_paths) -> None:
-    make_phantom_dataset(sched_paths.raw, PhantomRecipe(num_training=4, num_test=0, shape=(8, 16, 16)))
+    make_phantom_dataset(sched_paths.raw, PhantomRecipe(num_training=5, num_test=0, shape=(8, 16, 16)))
     result = _cli(sched_paths, "train-all", "--configs", "3d_fullres", "--folds", "0-4", "--gpus", "0,1",
                   "--dry-run")
     assert result.exit_code == 0, result.output
@@ -45,11 +45,14 @@ def test_broken_dataset_fails_with_one_line_summary(sched_paths) -> None:
     summary = [line for line in result.stderr.splitlines() if line.startswith("3 jobs")]
     assert len(summary) == 1
     assert "1 failed" in summary[0] and "2 blocked" in summary[0] and "failed: plan:" + DATASET in summary[0]
-    assert "log: " in summary[0] and "after 2 attempt(s)" in summary[0]
+    # a user error (exit 2) is not retried, and the summary says what the plan job said
+    assert "log: " in summary[0] and "(exit 2 after 1 attempt(s): " in summary[0] and "dataset.json" in summary[0]
     status = _cli(sched_paths, "status")
     assert status.exit_code == 0
-    rows = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()[2:-1]}
+    lines = status.stdout.splitlines()
+    rows = {line.split()[0]: line.split()[1] for line in lines[2:-2]}
     assert rows["plan:" + DATASET] == "failed" and rows[f"train:{DATASET}:3d_fullres:default:fold_0"] == "blocked"
+    assert lines[-1].startswith(f"plan:{DATASET} failed: ") and "dataset.json" in lines[-1]
 
 
 def test_status_shows_training_progress(sched_paths) -> None:
