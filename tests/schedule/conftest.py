@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,11 +40,14 @@ def fake_command(paths: Paths, steps: int = 2, step_s: float = 0.05, fail: froze
     return command
 
 
-@pytest.fixture(autouse=True)
-def fake_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(autouse=True, scope="package")
+def fake_gpus() -> Iterator[None]:
     """The scheduler tests hand out GPU ids on machines without them: ``--gpus`` is taken as given
-    (``AUTOSEG_FAKE_GPUS``), also by the ``autoseg`` processes they start. Tests of the GPU check unset it."""
-    monkeypatch.setenv("AUTOSEG_FAKE_GPUS", "1")
+    (``AUTOSEG_FAKE_GPUS``), also by the ``autoseg`` processes they start. Package-scoped so that
+    module-scoped fixtures running a sweep see it too; tests of the GPU check unset it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AUTOSEG_FAKE_GPUS", "1")
+        yield
 
 
 @pytest.fixture
