@@ -42,6 +42,11 @@ class AutosegGroup(click.Group):
         except AutosegError as e:
             print_error(e)
             ctx.exit(EXIT_USER_ERROR)
+        except EOFError as e:
+            # click reads an EOFError as Ctrl-D and prints only "Aborted!"; here it can only come
+            # from a file that ends early (click's own prompts turn Ctrl-D into click.Abort)
+            click.echo(f"error: a file ended before its end-of-data marker ({e or 'EOFError'})", err=True)
+            ctx.exit(EXIT_USER_ERROR)
 
 
 @click.group(cls=AutosegGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -36,6 +36,7 @@ from autoseg.common.errors import AutosegError, DatasetError
 from autoseg.common.jsonio import atomic_write_json, read_json
 from autoseg.common.paths import DATASET_NAME_RE, dataset_name
 from autoseg.common.progress import progress
+from autoseg.dataset.io import read_sitk_image
 from autoseg.dataset.spec import load_dataset
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,7 @@ def _image_info(path: Path) -> tuple[int, int]:
 
 def _split_4d(job: _CaseJob, img_dir: Path, n_channels: int) -> None:
     """One 3D file per channel (4th axis), keeping the geometry of the first three axes."""
-    img = sitk.ReadImage(str(job.image))
+    img = read_sitk_image(job.image)
     arr = sitk.GetArrayFromImage(img)  # (c, z, y, x)
     if arr.shape[0] != n_channels:
         raise DatasetError(f"image has {arr.shape[0]} channels on its 4th axis but dataset.json "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,11 +96,121 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
         return _read_natural_2d(path)
     if ending not in SITK_ENDINGS:
         raise DatasetError(f"unsupported file ending {ending!r} (supported: {', '.join(SUPPORTED_ENDINGS)})", path)
+    return _from_sitk(read_sitk_image(path), path)
+
+
+def read_sitk_image(path: str | Path) -> sitk.Image:
+    """`sitk.ReadImage` with every failure a one-line `DatasetError`, and incomplete NIfTI refused.
+
+    ITK's NIfTI reader fills the voxels missing from a truncated .nii / .nii.gz with zeros
+    and reports success, so a half-written or half-downloaded file would be trained on or
+    predicted; `check_nifti_complete` catches that first. (MetaImage and NRRD readers raise.)
+    """
+    path = Path(path)
+    if file_ending(path) in (".nii", ".nii.gz"):
+        check_nifti_complete(path)
     try:
-        img = sitk.ReadImage(str(path))
+        return sitk.ReadImage(str(path))
     except RuntimeError as e:
-        raise DatasetError(f"unreadable image ({str(e).strip().splitlines()[-1][:120]})", path) from None
-    return _from_sitk(img, path)
+        raise DatasetError(f"unreadable image ({itk_reason(e)})", path) from None
+
+
+def itk_reason(err: RuntimeError) -> str:
+    """The telling line of an ITK exception (its last one, unless that is a stale errno 'Reason:')."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()] or ["unknown ITK error"]
+    line = lines[-1]
+    if line.startswith("Reason:") and len(lines) > 1:  # MetaImage: errno left over, not the cause
+        line = lines[-2].split("): ", 1)[-1]
+    return line[:120]
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+READ_CHUNK_BYTES = 1 << 20
+"""Compressed bytes read, and decompressed bytes produced, per step (bounded memory for any ratio)."""
+
+
+@dataclass(frozen=True)
+class NiftiHeader:
+    """The NIfTI-1/2 header fields that locate the voxel data (fixed offsets of the standard)."""
+
+    byte_order: str
+    datatype: int
+    vox_offset: int
+    data_bytes: int
+    """prod(dim[1..dim[0]]) * bitpix / 8; 0 when the header gives no usable size."""
+
+
+def parse_nifti_header(raw: bytes) -> NiftiHeader | None:
+    """The header of the (decompressed) first bytes of a NIfTI file; None when it is not one."""
+    for order in "<>":
+        size = int(np.frombuffer(raw, f"{order}i4", 1, 0)[0]) if len(raw) >= 4 else 0
+        if size in (348, 540) and len(raw) >= size:
+            break
+    else:
+        return None
+    if size == 348:  # NIfTI-1: dim int16[8] @40, datatype @70, bitpix @72, vox_offset float32 @108
+        dims = np.frombuffer(raw, f"{order}i2", 8, 40).astype(np.int64)
+        datatype, bitpix = (int(v) for v in np.frombuffer(raw, f"{order}i2", 2, 70))
+        offset = int(np.frombuffer(raw, f"{order}f4", 1, 108)[0])
+    else:  # NIfTI-2: datatype int16 @12, bitpix @14, dim int64[8] @16, vox_offset int64 @168
+        datatype, bitpix = (int(v) for v in np.frombuffer(raw, f"{order}i2", 2, 12))
+        dims = np.frombuffer(raw, f"{order}i8", 8, 16)
+        offset = int(np.frombuffer(raw, f"{order}i8", 1, 168)[0])
+    n = int(dims[0])
+    shape = [int(d) for d in dims[1:1 + n]] if 1 <= n <= 7 else []
+    usable = shape and all(d > 0 for d in shape) and bitpix > 0 and bitpix % 8 == 0
+    data_bytes = int(np.prod(shape, dtype=object)) * (bitpix // 8) if usable else 0
+    return NiftiHeader(order, datatype, max(offset, size), data_bytes)
+
+
+def check_nifti_complete(path: Path) -> None:
+    """Raise `DatasetError` unless the file holds all the bytes its NIfTI header announces.
+
+    Expected size = vox_offset + prod(dim) * bitpix / 8. A plain file is measured by its size; a
+    gzip stream is decompressed in chunks and counted (the gzip trailer's size field cannot be
+    trusted: in a cut file those 4 bytes are arbitrary compressed data). Decompressing also
+    checks the CRC, so corrupt data is refused here too. A file that is not NIfTI at all is
+    left to ITK, whose message says why.
+    """
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == GZIP_MAGIC
+    try:
+        head, actual, complete = _gunzip_count(path) if gzipped else (_read_head(path), path.stat().st_size, True)
+    except zlib.error as e:
+        raise DatasetError(f"corrupt gzip data ({e})", path) from None
+    header = parse_nifti_header(head)
+    if header is None:
+        if not complete:
+            raise DatasetError(f"truncated image: gzip stream ends after {actual} bytes", path)
+        return
+    expected = header.vox_offset + header.data_bytes
+    if not complete or (header.data_bytes and actual < expected):
+        raise DatasetError(f"truncated image: {actual} of {expected} bytes", path)
+
+
+def _read_head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(540)
+
+
+def _gunzip_count(path: Path) -> tuple[bytes, int, bool]:
+    """(first 540 decompressed bytes, decompressed size, whether every gzip member ended properly)."""
+    head, total = b"", 0
+    inflater = zlib.decompressobj(wbits=31)  # 31: gzip wrapper, so zlib checks CRC32 and ISIZE
+    with open(path, "rb") as f:
+        while chunk := f.read(READ_CHUNK_BYTES):
+            while chunk:
+                if inflater.eof:  # a further gzip member; zero padding after the last one is ignored
+                    if not chunk.strip(b"\0"):
+                        break
+                    inflater = zlib.decompressobj(wbits=31)
+                out = inflater.decompress(chunk, READ_CHUNK_BYTES)
+                if len(head) < 540:
+                    head += out[:540 - len(head)]
+                total += len(out)
+                chunk = inflater.unused_data if inflater.eof else inflater.unconsumed_tail
+    return head, total, inflater.eof
 
 
 def _from_sitk(img: sitk.Image, path: Path) -> tuple[np.ndarray, Geometry]:
@@ -134,7 +245,7 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, Geometry]:
     try:
         img = reader.Execute()
     except RuntimeError as e:
-        raise DatasetError(f"unreadable DICOM series ({str(e).strip().splitlines()[-1][:120]})", folder) from None
+        raise DatasetError(f"unreadable DICOM series ({itk_reason(e)})", folder) from None
     return _from_sitk(img, folder)
 
 

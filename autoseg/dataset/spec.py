@@ -19,6 +19,7 @@ stage (spec, fingerprint, plan, evaluation).
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from pathlib import Path
 from autoseg.common.errors import AutosegError, DatasetError
 from autoseg.common.jsonio import read_json
 from autoseg.dataset.io import SUPPORTED_ENDINGS
+
+log = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
 """dataset.json keys nnU-Net v2 requires; we require the same ones."""
@@ -207,18 +210,44 @@ COMPANION_DATA_ENDINGS = (".raw", ".zraw", ".raw.gz")
 """Data files that sit next to .mhd / .nhdr headers; not images of their own."""
 
 
+MAX_STRAY_NAMES = 3
+"""Ignored file names a warning lists before it gives only their count."""
+
+
+def _is_stray(f: Path, ending: str) -> bool:
+    """Not a case file: nnU-Net v2 lists only files ending in ``file_ending`` and ignores the rest.
+
+    Hidden files (``.DS_Store``, macOS ``._*`` forks) and the data files next to .mhd/.nhdr
+    headers are skipped without a word; anything else (``case_001.nii.gz.bak``, ``README.txt``)
+    is stray and gets named in one warning.
+    """
+    return not f.name.startswith(".") and not f.name.endswith(ending) and not f.name.lower().endswith(
+        COMPANION_DATA_ENDINGS)
+
+
+def warn_stray_files(stray: list[Path], root: Path, ending: str) -> None:
+    """One warning line naming a few ignored files (relative to ``root``) and how many there are."""
+    if not stray:
+        return
+    names = [str(f.relative_to(root)) if f.is_relative_to(root) else str(f) for f in stray]
+    more = f" and {len(names) - MAX_STRAY_NAMES} more" if len(names) > MAX_STRAY_NAMES else ""
+    log.warning("%s: ignoring %d file(s) not ending in %r (as nnU-Net does): %s%s", root, len(names), ending,
+                ", ".join(names[:MAX_STRAY_NAMES]), more)
+
+
 def _group_channels(folder: Path, ending: str, n_channels: int,
-                    problems: ProblemCollector) -> dict[str, list[Path | None]]:
-    """Map case id -> channel files found in an images folder (None where a channel is missing)."""
+                    problems: ProblemCollector, stray: list[Path]) -> dict[str, list[Path | None]]:
+    """Map case id -> channel files found in an images folder (None where a channel is missing).
+
+    Files that are not case files are appended to ``stray`` (see `_is_stray`).
+    """
     cases: dict[str, list[Path | None]] = {}
     if not folder.is_dir():
         return cases
     for f in sorted(folder.iterdir()):
-        if f.name.startswith("."):  # hidden files, macOS "._*" resource forks
-            continue
-        if not f.name.endswith(ending):
-            if not f.name.lower().endswith(COMPANION_DATA_ENDINGS):
-                problems.add(f"file does not end in the dataset's file_ending {ending!r}", f)
+        if not f.name.endswith(ending) or f.name.startswith("."):
+            if _is_stray(f, ending):
+                stray.append(f)
             continue
         stem = f.name[: -len(ending)]
         m = CHANNEL_SUFFIX_RE.match(stem)
@@ -253,14 +282,13 @@ def _pair_cases(groups: dict[str, list[Path | None]], images_dir: Path, labels_d
     return tuple(out)
 
 
-def _check_label_folder(labels_dir: Path, ending: str, known: set[str], problems: ProblemCollector) -> None:
-    """Every file in labelsTr/ has the dataset's ending and a matching case in imagesTr/."""
+def _check_label_folder(labels_dir: Path, ending: str, known: set[str], problems: ProblemCollector,
+                        stray: list[Path]) -> None:
+    """Every label file (one ending in file_ending) has a matching case in imagesTr/; others go to ``stray``."""
     for f in sorted(labels_dir.iterdir()):
-        if f.name.startswith("."):
-            continue
-        if not f.name.endswith(ending):
-            if not f.name.lower().endswith(COMPANION_DATA_ENDINGS):
-                problems.add(f"file does not end in the dataset's file_ending {ending!r}", f)
+        if not f.name.endswith(ending) or f.name.startswith("."):
+            if _is_stray(f, ending):
+                stray.append(f)
         elif f.name[: -len(ending)] not in known:
             problems.add("label file has no matching image in imagesTr/", f)
 
@@ -286,7 +314,8 @@ def scan_dataset(root: str | Path, problems: ProblemCollector) -> DatasetSpec | 
         problems.add("missing imagesTr/ folder", images_dir)
     if not labels_dir.is_dir():
         problems.add("missing labelsTr/ folder", labels_dir)
-    groups = _group_channels(images_dir, ending, n_ch, problems)
+    stray: list[Path] = []
+    groups = _group_channels(images_dir, ending, n_ch, problems, stray)
     cases = _pair_cases(groups, images_dir, labels_dir, ending, problems)
     if images_dir.is_dir() and not groups:
         problems.add(f"no training cases (*_0000{ending}) in imagesTr/", images_dir)
@@ -294,9 +323,11 @@ def scan_dataset(root: str | Path, problems: ProblemCollector) -> DatasetSpec | 
         problems.add(f"numTraining is {meta['numTraining']} but imagesTr/ holds {len(groups)} case(s)",
                      root / "dataset.json")
     if labels_dir.is_dir():
-        _check_label_folder(labels_dir, ending, set(groups), problems)
+        _check_label_folder(labels_dir, ending, set(groups), problems, stray)
     test_dir = root / "imagesTs"
-    test_cases = _pair_cases(_group_channels(test_dir, ending, n_ch, problems), test_dir, None, ending, problems)
+    test_cases = _pair_cases(_group_channels(test_dir, ending, n_ch, problems, stray), test_dir, None, ending,
+                             problems)
+    warn_stray_files(stray, root, ending)
     labels = meta["labels"] if isinstance(meta["labels"], dict) else {}
     return DatasetSpec(name=root.name, root=root, channel_names=channel_names,
                        labels={str(k): v for k, v in labels.items() if isinstance(v, int) and not isinstance(v, bool)},

@@ -13,7 +13,10 @@ and label and checks:
 - label values are integers (float labels with integral values are fine, as in two real
   Hippocampus cases) and are declared in dataset.json's ``labels`` (an ``"ignore"`` label
   counts as declared; its value rule is checked with the other declarations);
-- all cases have the same dimensionality (2D or 3D).
+- all cases have the same dimensionality (2D or 3D);
+- some training label holds foreground (a dataset of background-only labels cannot be trained).
+
+Files that do not end in ``file_ending`` are ignored with one warning, as nnU-Net ignores them.
 
 Problems are `DatasetError`s with ``where=`` the file; all of them are raised together as
 one `DatasetErrors`.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import gzip
 import logging
 import multiprocessing
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +36,7 @@ import numpy as np
 
 from autoseg.common.errors import DatasetError, DatasetErrors
 from autoseg.common.progress import progress
-from autoseg.dataset.io import Geometry, read_image
+from autoseg.dataset.io import GZIP_MAGIC, Geometry, parse_nifti_header, read_image
 from autoseg.dataset.spec import CaseFiles, DatasetSpec, ProblemCollector, scan_dataset
 
 log = logging.getLogger(__name__)
@@ -90,6 +94,10 @@ def verify_dataset(root: str | Path, num_workers: int = 1, show_progress: bool =
     if undeclared_files > MAX_UNDECLARED_REPORTS:
         problems.add(f"{undeclared_files - MAX_UNDECLARED_REPORTS} more label file(s) hold values not declared "
                      "in dataset.json 'labels'", root / "labelsTr")
+    if not _any_foreground(checks[:len(spec.cases)], spec.ignore_label):
+        problems.add("no training label contains any foreground class (every voxel is background"
+                     + (" or ignore" if spec.ignore_label is not None else "") + "); nothing to train on",
+                     root / "labelsTr")
     if len(dims) > 1:
         minority = min(dims, key=lambda d: len(dims[d]))
         problems.add(f"cases mix 2D and 3D images; {len(dims[minority])} case(s) are {minority}D, "
@@ -102,6 +110,17 @@ def verify_dataset(root: str | Path, num_workers: int = 1, show_progress: bool =
         log.warning("%s: declared label value(s) %s occur in no training label", spec.name, missing)
     log.info("%s: %d training case(s), %d test case(s) verified", spec.name, len(spec.cases), len(spec.test_cases))
     return spec
+
+
+def _any_foreground(training: list[CaseCheck], ignore: int | None) -> bool:
+    """Whether some readable training label holds a value other than background 0 and the ignore label.
+
+    Labels that could not be read (no values) are already reported and do not count; when none
+    could be read, there is nothing to judge. Some cases without foreground are fine (nnU-Net
+    samples foreground from the others); none at all cannot be trained.
+    """
+    read = [c for c in training if c.label_values]
+    return not read or any(v not in (0, ignore) for c in read for v in c.label_values)
 
 
 def _check_all(cases: list[CaseFiles], num_workers: int, show_progress: bool) -> list[CaseCheck]:
@@ -123,10 +142,10 @@ def check_case(case: CaseFiles) -> CaseCheck:
     for f in case.images:
         try:
             arr, geom = read_image(f)
+            nonfinite = count_nonfinite(f, arr)
         except DatasetError as e:
             problems.append((e.message, str(f)))
             continue
-        nonfinite = count_nonfinite(f, arr)
         if nonfinite:
             problems.append((f"image holds {nonfinite} NaN/Inf voxel(s)", str(f)))
         if ref is None:
@@ -159,26 +178,19 @@ def count_nonfinite(path: Path, arr: np.ndarray) -> int:
     name = path.name.lower()
     if not (name.endswith(".nii") or name.endswith(".nii.gz")):
         return 0
-    opener = gzip.open if name.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    for order in "<>":
-        size = int(np.frombuffer(raw, f"{order}i4", 1, 0)[0]) if len(raw) >= 4 else 0
-        if size in (348, 540):
-            break
-    else:
+    try:  # read_image has checked the file is complete; a file changed since then is still one line
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == GZIP_MAGIC
+        with (gzip.open if gzipped else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DatasetError(f"unreadable image ({type(e).__name__}: {e})", path) from None
+    header = parse_nifti_header(raw)
+    if header is None or header.datatype not in NIFTI_FLOAT_DTYPES:
         return 0
-    if size == 348:  # NIfTI-1: datatype int16 @70, vox_offset float32 @108
-        datatype = int(np.frombuffer(raw, f"{order}i2", 1, 70)[0])
-        offset = int(np.frombuffer(raw, f"{order}f4", 1, 108)[0])
-    else:  # NIfTI-2: datatype int16 @12, vox_offset int64 @168
-        datatype = int(np.frombuffer(raw, f"{order}i2", 1, 12)[0])
-        offset = int(np.frombuffer(raw, f"{order}i8", 1, 168)[0])
-    if datatype not in NIFTI_FLOAT_DTYPES:
-        return 0
-    dtype = np.dtype(f"{order}{NIFTI_FLOAT_DTYPES[datatype]}")
-    count = min(arr.size, (len(raw) - offset) // dtype.itemsize)
-    return int(np.count_nonzero(~np.isfinite(np.frombuffer(raw, dtype, count, offset))))
+    dtype = np.dtype(f"{header.byte_order}{NIFTI_FLOAT_DTYPES[header.datatype]}")
+    count = max(0, min(arr.size, (len(raw) - header.vox_offset) // dtype.itemsize))
+    return int(np.count_nonzero(~np.isfinite(np.frombuffer(raw, dtype, count, header.vox_offset))))
 
 
 def _check_label(label: Path, ref: Geometry | None, ref_file: Path | None,
@@ -186,6 +198,7 @@ def _check_label(label: Path, ref: Geometry | None, ref_file: Path | None,
     """Label readable, on the image's grid, integer-valued; returns its distinct values."""
     try:
         arr, geom = read_image(label)
+        nonfinite = count_nonfinite(label, arr)
     except DatasetError as e:
         problems.append((e.message, str(label)))
         return ()
@@ -193,7 +206,6 @@ def _check_label(label: Path, ref: Geometry | None, ref_file: Path | None,
         diffs = ref.differences(geom, rtol=GEOMETRY_RTOL, atol=GEOMETRY_ATOL)
         if diffs:
             problems.append((f"label geometry differs from image {ref_file.name}: {'; '.join(diffs)}", str(label)))
-    nonfinite = count_nonfinite(label, arr)
     if nonfinite:
         problems.append((f"label holds {nonfinite} NaN/Inf voxel(s)", str(label)))
     values = np.unique(arr)

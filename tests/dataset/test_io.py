@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +162,30 @@ def test_killed_write_leaves_no_file_under_the_final_name(tmp_path: Path) -> Non
     with pytest.raises(ValueError):
         write_image(tmp_path / "x.nii.gz", _volume()[:2], OBLIQUE)  # shape disagrees with geometry
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("ending", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_a_file_cut_in_half_is_a_one_line_error(tmp_path: Path, ending: str) -> None:
+    """ITK reads a cut NIfTI without complaint (the missing voxels come back as zeros); we refuse it."""
+    path = write_image(tmp_path / f"img{ending}", np.random.default_rng(0).random(OBLIQUE.shape, np.float32), OBLIQUE)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetError) as info:
+        read_image(path)
+    assert info.value.where == str(path) and "\n" not in info.value.message
+    if ending.startswith(".nii"):
+        size = 352 + int(np.prod(OBLIQUE.shape)) * 4
+        done = len(data) // 2 if ending == ".nii" else None
+        assert info.value.message.startswith("truncated image: ") and info.value.message.endswith(f" of {size} bytes")
+        if done is not None:
+            assert info.value.message == f"truncated image: {done} of {size} bytes"
+
+
+def test_complete_nifti_in_several_gzip_members_or_uncompressed_under_gz_is_read(tmp_path: Path) -> None:
+    """The completeness check must not refuse what ITK reads correctly."""
+    arr = np.arange(np.prod(OBLIQUE.shape), dtype=np.float32).reshape(OBLIQUE.shape)
+    plain = write_image(tmp_path / "a.nii", arr, OBLIQUE).read_bytes()
+    (tmp_path / "two.nii.gz").write_bytes(gzip.compress(plain[:1000]) + gzip.compress(plain[1000:]) + b"\0" * 8)
+    (tmp_path / "plain.nii.gz").write_bytes(plain)
+    for name in ("two.nii.gz", "plain.nii.gz"):
+        np.testing.assert_array_equal(read_image(tmp_path / name)[0], arr)

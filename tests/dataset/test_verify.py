@@ -93,9 +93,26 @@ BROKEN: dict[str, tuple[Callable[[Path], None], str, str]] = {
                       "imagesTr", "no training cases"),
     "badly named image": (lambda r: (r / "imagesTr/scan.nii.gz").write_bytes((r / IMG0).read_bytes()),
                           "imagesTr/scan.nii.gz", "must end in _XXXX.nii.gz"),
-    "file with another ending": (lambda r: (r / "labelsTr/case_001.nrrd").write_bytes(b"x"), "labelsTr/case_001.nrrd",
-                                 "does not end in the dataset's file_ending '.nii.gz'"),
+    "truncated image": (lambda r: _cut_in_half(r / IMG0), IMG0, "truncated image: "),
+    "truncated label": (lambda r: _cut_in_half(r / LAB0), LAB0, "truncated image: "),
+    "gzip CRC error": (lambda r: _flip_last_data_byte(r / IMG0), IMG0, "corrupt gzip data"),
+    "no foreground in any label": (lambda r: [_rewrite(r, str(p.relative_to(r)), np.zeros(TINY_SHAPE, np.uint8))
+                                              for p in sorted((r / "labelsTr").iterdir())],
+                                   "labelsTr", "no training label contains any foreground class"),
 }
+
+
+def _cut_in_half(path: Path) -> None:
+    """What an interrupted copy or download leaves: the first half of the file."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_last_data_byte(path: Path) -> None:
+    """Corrupt a .gz's CRC32 trailer: the stream is complete, its data check fails."""
+    data = bytearray(path.read_bytes())
+    data[-8] ^= 0xFF
+    path.write_bytes(bytes(data))
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -236,3 +253,106 @@ def test_nan_in_an_nrrd_dataset_is_reported(paths: Paths) -> None:
     with pytest.raises(DatasetErrors) as info:
         verify_dataset(root, show_progress=False)
     assert [str(e) for e in info.value.errors] == [f"{root / rel}: image holds 1 NaN/Inf voxel(s)"]
+
+
+def test_truncated_uncompressed_nifti_is_reported(paths: Paths) -> None:
+    root = make_tiny_dataset(paths.raw, ending=".nii")
+    rel = "imagesTr/case_001_0000.nii"
+    size = (root / rel).stat().st_size
+    _cut_in_half(root / rel)
+    with pytest.raises(DatasetErrors) as info:
+        verify_dataset(root, show_progress=False)
+    assert [str(e) for e in info.value.errors] == [f"{root / rel}: truncated image: {size // 2} of {size} bytes"]
+
+
+def test_nifti_check_survives_a_file_cut_after_read_image(paths: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the completeness check, the NaN count's gzip read hits EOF: still one line, not an EOFError."""
+    root = make_tiny_dataset(paths.raw)
+    _cut_in_half(root / IMG0)
+    monkeypatch.setattr("autoseg.dataset.io.check_nifti_complete", lambda path: None)
+    with pytest.raises(DatasetErrors) as info:
+        verify_dataset(root, show_progress=False)
+    (err,) = info.value.errors
+    assert err.where == str(root / IMG0) and "EOFError" in err.message
+
+
+def test_some_cases_without_foreground_are_valid(paths: Paths) -> None:
+    root = make_tiny_dataset(paths.raw)
+    _rewrite(root, LAB0, np.zeros(TINY_SHAPE, np.uint8))
+    _rewrite(root, "labelsTr/case_001.nii.gz", np.zeros(TINY_SHAPE, np.uint8))
+    assert len(verify_dataset(root, show_progress=False).cases) == 3
+
+
+def test_labels_of_only_background_and_ignore_have_no_foreground(paths: Paths) -> None:
+    root = make_tiny_dataset(paths.raw)
+    edit_dataset_json(root, labels={"background": 0, "liver": 1, "tumour": 2, "ignore": 3})
+    for p in sorted((root / "labelsTr").iterdir()):
+        lab = np.zeros(TINY_SHAPE, np.uint8)
+        lab[:2] = 3
+        _rewrite(root, str(p.relative_to(root)), lab)
+    with pytest.raises(DatasetErrors) as info:
+        verify_dataset(root, show_progress=False)
+    assert [str(e) for e in info.value.errors] == [
+        f"{root / 'labelsTr'}: no training label contains any foreground class (every voxel is background or "
+        "ignore); nothing to train on"]
+
+
+def test_stray_files_are_ignored_with_one_warning(paths: Paths, caplog: pytest.LogCaptureFixture) -> None:
+    root = make_tiny_dataset(paths.raw)
+    (root / "labelsTr/case_001.nii.gz.bak").write_bytes((root / LAB0).read_bytes())
+    (root / "labelsTr/case_001.nrrd").write_bytes(b"x")
+    (root / "imagesTr/README.txt").write_text("scanned in 2019")
+    (root / "imagesTr/.DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "labelsTr/notes.txt").write_text("x")
+    with caplog.at_level("WARNING"):
+        spec = verify_dataset(root, show_progress=False)
+        assert load_dataset(root).cases == spec.cases
+    assert [c.case_id for c in spec.cases] == ["case_000", "case_001", "case_002"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2  # once per scan (verify, then load_dataset), one line each
+    assert warnings[0] == (f"{root}: ignoring 4 file(s) not ending in '.nii.gz' (as nnU-Net does): "
+                           "imagesTr/README.txt, labelsTr/case_001.nii.gz.bak, labelsTr/case_001.nrrd and 1 more")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        result = CliRunner().invoke(cli, ["--raw", str(paths.raw), "verify", TINY_NAME])
+    assert result.exit_code == 0, result.output
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == warnings[:1]
+
+
+TRUNCATED_CASES = [(".nii.gz", "imagesTr/case_001_0000.nii.gz"), (".nii", "labelsTr/case_002.nii")]
+
+
+@pytest.mark.parametrize("ending,rel", TRUNCATED_CASES)
+@pytest.mark.parametrize("command", ["verify", "plan"])
+def test_cli_truncated_nifti_is_one_line_not_aborted(paths: Paths, ending: str, rel: str, command: str) -> None:
+    root = make_tiny_dataset(paths.raw, ending=ending)
+    _cut_in_half(root / rel)
+    args = ["--raw", str(paths.raw), "--preprocessed", str(paths.preprocessed), command, TINY_NAME]
+    result = CliRunner().invoke(cli, args + (["--gpu-memory", "8"] if command == "plan" else []))
+    assert result.exit_code == 2, result.output
+    assert "Aborted" not in result.output and "Traceback" not in result.output
+    assert result.stderr.splitlines()[-1].startswith(f"error: {root / rel}: truncated image: ")
+    assert not list(paths.preprocessed.rglob("*.json"))
+
+
+@pytest.mark.parametrize("ending,rel", TRUNCATED_CASES)
+def test_fingerprint_refuses_a_truncated_nifti(paths: Paths, ending: str, rel: str) -> None:
+    from autoseg.fingerprint import extract_fingerprint
+
+    root = make_tiny_dataset(paths.raw, ending=ending)
+    _cut_in_half(root / rel)
+    with pytest.raises(DatasetError, match="truncated image") as info:
+        extract_fingerprint(load_dataset(root))
+    assert info.value.where == str(root / rel)
+
+
+def test_cli_eof_error_is_one_line_not_aborted(paths: Paths, tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An EOFError that escapes a file read must not become click's Ctrl-D message, 'Aborted!'."""
+    def cut_short(*args: object, **kwargs: object) -> None:
+        raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+
+    monkeypatch.setattr("autoseg.cli.dataset.verify_dataset", cut_short)
+    result = CliRunner().invoke(cli, ["--raw", str(paths.raw), "verify", TINY_NAME])
+    assert result.exit_code == 2
+    assert result.stderr == ("error: a file ended before its end-of-data marker (Compressed file ended before "
+                             "the end-of-stream marker was reached)\n")
