@@ -37,6 +37,7 @@ from autoseg.common.jsonio import atomic_write_bytes, load_record, save_record
 from autoseg.common.paths import Paths, TrainingId
 from autoseg.common.progress import progress
 from autoseg.dataset.io import SUPPORTED_ENDINGS, Geometry, file_ending, read_case, read_image, write_image
+from autoseg.dataset.spec import warn_stray_files
 from autoseg.infer.cascade import PreviousStage, seg_to_preprocessed_grid
 from autoseg.infer.sliding_window import DEFAULT_BATCH_SIZE, DEFAULT_STEP, predict_sliding_window
 from autoseg.planning.plans import Configuration, Plan
@@ -312,6 +313,7 @@ def prepare_case(models: Sequence[LoadedModel], image_files: Sequence[Path] | No
         if data.shape[0] != model.plan.num_channels:
             raise AutosegError(f"case has {data.shape[0]} channel(s), the model expects {model.plan.num_channels}",
                                image_files[0] if image_files else None)
+        check_dimensionality(model.config, geometry, image_files[0] if image_files else None)
         data_pp, _, props, _ = preprocess_case(data, geometry, None, model.plan, model.config)
         before = None
         if model.config.previous_stage is not None:
@@ -319,6 +321,19 @@ def prepare_case(models: Sequence[LoadedModel], image_files: Sequence[Path] | No
         inputs.append((data_pp, props))
         previous.append(before)
     return PreparedCase(geometry, tuple(inputs), tuple(previous))
+
+
+def check_dimensionality(config: Configuration, geometry: Geometry, where: Path | None) -> None:
+    """Refuse a 2D image (a 2D file, or a volume of one slice) for a 3D configuration.
+
+    A 3D network would slide its patch over a zero-padded single slice and write a mask
+    without complaint, but one it never learned to make. A 2D configuration takes either (it
+    goes slice by slice, which is how the 2d configuration of 3D volumes works).
+    """
+    if config.ndim == 3 and (geometry.file_ndim == 2 or geometry.shape[0] == 1):
+        kind = "a 2D image" if geometry.file_ndim == 2 else "a volume of one slice"
+        raise AutosegError(f"input is {kind} (shape {geometry.shape}); the {config.name} model needs 3D volumes "
+                           "(use a 2d configuration)", where)
 
 
 def model_input(model: LoadedModel, case: PreparedCase, index: int,
@@ -399,6 +414,7 @@ def group_case_files(input_dir: Path, num_channels: int, ending: str | None = No
                                input_dir)
         ending = endings.pop()
     cases: dict[str, list[Path | None]] = {}
+    warn_stray_files([f for f in files if not f.name.endswith(ending)], input_dir, ending)
     for f in files:
         if not f.name.endswith(ending):
             continue

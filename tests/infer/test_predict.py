@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 import autoseg.cli
 from autoseg.common.errors import AutosegError
+from autoseg.dataset.io import Geometry, read_image, write_image
 from autoseg.dataset.spec import load_dataset
 from autoseg.infer.predict import (
     PredictOptions,
@@ -170,3 +171,41 @@ def test_unreadable_case_fails_clearly_and_keeps_finished_ones(phantom_trained, 
         predict_folder([model], inp, tmp_path / "out", options=FAST, show_progress=False, num_workers=2)
     assert (tmp_path / "out" / f"{case.case_id}.nii.gz").is_file()
     assert not (tmp_path / "out" / "zz_broken.nii.gz").exists()
+
+
+def _predict_cli(paths, inp, out):
+    return CliRunner().invoke(autoseg.cli.cli, [
+        "--raw", str(paths.raw), "--results", str(paths.results), "--preprocessed", str(paths.preprocessed),
+        "predict", "-d", "Dataset999_Phantom", "-c", "3d_fullres", "-f", "0", "-i", str(inp), "-o", str(out),
+        "--no-tta", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("ending", [".nii.gz", ".nii"])
+def test_truncated_input_is_refused_and_no_mask_is_written(phantom_trained, tmp_path, ending):
+    """ITK reads a cut NIfTI as a complete image with zeros at the end: predicting it wrote a wrong mask."""
+    paths, plan = phantom_trained
+    case = load_dataset(paths.raw_dataset("Dataset999_Phantom")).cases[0]
+    arr, geom = read_image(case.images[0])
+    path = write_image(tmp_path / "in" / f"cut_0000{ending}", arr, geom)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    result = _predict_cli(paths, tmp_path / "in", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "Aborted" not in result.output
+    assert result.stderr.splitlines()[-1].startswith(f"error: {path}: truncated image: ")
+    assert not list((tmp_path / "out").glob("cut*"))
+
+
+def test_2d_image_for_a_3d_model_is_refused(phantom_trained, tmp_path):
+    paths, plan = phantom_trained
+    case = load_dataset(paths.raw_dataset("Dataset999_Phantom")).cases[0]
+    arr, geom = read_image(case.images[0])
+    flat = Geometry(shape=(1, *arr.shape[1:]), spacing=(999.0, *geom.spacing[1:]), origin=geom.origin[:2],
+                    direction=(1.0, 0.0, 0.0, 1.0), file_ndim=2)
+    path = write_image(tmp_path / "in" / "flat_0000.nii.gz", arr[arr.shape[0] // 2][None], flat)
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    result = _predict_cli(paths, tmp_path / "in", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines()[-1] == (f"error: {path}: input is a 2D image (shape {flat.shape}); the "
+                                              "3d_fullres model needs 3D volumes (use a 2d configuration)")
+    assert not list((tmp_path / "out").glob("flat*"))
