@@ -115,7 +115,9 @@ def user_error_message(log_path: Path) -> str | None:
     except OSError:
         return None
     last_attempt = text.rsplit(ATTEMPT_HEADER, 1)[-1]
-    errors = [line[len("error: "):].strip() for line in last_attempt.splitlines() if line.startswith("error: ")]
+    # "error: " is autoseg's one-line user error, "Error: " click's (an unknown option, a bad value)
+    errors = [line[len("error: "):].strip() for line in last_attempt.splitlines()
+              if line.startswith(("error: ", "Error: "))]
     if not errors:
         return None
     message = "; ".join(errors)

@@ -18,7 +18,8 @@ is parsed and fully validated by `load_sweep` before anything runs (unknown keys
 empty grid axes, duplicate variants, unknown datasets: every problem found, one line each
 naming the file and the key). YAML is read with YAML 1.2 floats (``1e-3`` is a number, which
 PyYAML's YAML 1.1 reads as a string) and YAML 1.1 booleans (``on``/``off``/``yes``/``no``);
-on/off knobs take booleans, ``0`` and ``1`` (``compile: false``, ``amp: off``). Trainer keys are checked by applying them to a `TrainerConfig`; ``plan.<config>.<field>``
+on/off knobs take booleans, ``0`` and ``1`` (``compile: false``, ``amp: off``). Trainer keys are
+checked by applying them to a `TrainerConfig`; ``plan.<config>.<field>``
 keys against `Configuration`'s fields.
 
 This module is the sweep *file*: `SweepSpec`, `Variant`, parsing, validation and naming. What a

@@ -210,3 +210,14 @@ def test_a_store_from_before_messages_still_opens(sched_paths) -> None:
     with StateStore.open(sched_paths) as store:
         store.update(job.job_id, state=JobState.FAILED, message="bad")
         assert store.get(job.job_id).message == "bad"
+
+
+def test_user_error_message_is_the_last_attempts_error_lines(tmp_path) -> None:
+    from autoseg.schedule.runner import user_error_message
+
+    log = tmp_path / "log.txt"
+    log.write_text("=== autoseg scheduler: j attempt 1 started\nerror: old problem\n"
+                   "=== autoseg scheduler: j attempt 2 started\nINFO x\nerror: a.json: broken\n"
+                   "Error: No such option: --bogus\n")
+    assert user_error_message(log) == "a.json: broken; No such option: --bogus"
+    assert user_error_message(tmp_path / "missing.txt") is None

@@ -289,5 +289,6 @@ def test_every_problem_of_a_file_is_reported(tmp_path: Path) -> None:
         load_sweep(file)
     lines = str(info.value).splitlines()
     keys = [line.split(": ")[0] for line in lines]
-    assert keys == [f"{file}:{k}" for k in ("folds", "base.epoch", "grid.lr", "grid.augment.mirrror", "variants.x.optimizer")]
+    assert keys == [f"{file}:{k}" for k in ("folds", "base.epoch", "grid.lr", "grid.augment.mirrror",
+                                            "variants.x.optimizer")]
     assert info.value.where == f"{file}:folds"  # the first, for callers that read one error

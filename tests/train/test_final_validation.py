@@ -77,3 +77,9 @@ def test_off_skips_the_validation_and_no_mirroring_validates_unmirrored(planned,
 def test_full_validation_mirrors(planned, mirror_axes_used) -> None:
     _train(planned)
     assert len(mirror_axes_used) == 1 and mirror_axes_used[0] != ()
+
+
+def test_train_help_names_the_quick_trial_keys() -> None:
+    text = CliRunner().invoke(cli, ["train", "--help"]).output
+    for key in ("iterations_per_epoch", "val_iterations", "batch_size", "final_validation", "no_mirroring"):
+        assert key in text
