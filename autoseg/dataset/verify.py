@@ -182,12 +182,13 @@ def count_nonfinite(path: Path, arr: np.ndarray) -> int:
         with open(path, "rb") as f:
             gzipped = f.read(2) == GZIP_MAGIC
         with (gzip.open if gzipped else open)(path, "rb") as f:
+            header = parse_nifti_header(f.read(540))
+            if header is None or header.datatype not in NIFTI_FLOAT_DTYPES:
+                return 0  # integer voxels cannot be NaN/Inf: no need to decompress the rest
+            f.seek(0)
             raw = f.read()
     except (OSError, EOFError, zlib.error) as e:
         raise DatasetError(f"unreadable image ({type(e).__name__}: {e})", path) from None
-    header = parse_nifti_header(raw)
-    if header is None or header.datatype not in NIFTI_FLOAT_DTYPES:
-        return 0
     dtype = np.dtype(f"{header.byte_order}{NIFTI_FLOAT_DTYPES[header.datatype]}")
     count = max(0, min(arr.size, (len(raw) - header.vox_offset) // dtype.itemsize))
     return int(np.count_nonzero(~np.isfinite(np.frombuffer(raw, dtype, count, header.vox_offset))))
