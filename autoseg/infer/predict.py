@@ -324,12 +324,8 @@ def prepare_case(models: Sequence[LoadedModel], image_files: Sequence[Path] | No
 
 
 def check_dimensionality(config: Configuration, geometry: Geometry, where: Path | None) -> None:
-    """Refuse a 2D image (a 2D file, or a volume of one slice) for a 3D configuration.
-
-    A 3D network would slide its patch over a zero-padded single slice and write a mask
-    without complaint, but one it never learned to make. A 2D configuration takes either (it
-    goes slice by slice, which is how the 2d configuration of 3D volumes works).
-    """
+    """Refuse a 2D image (2D file or one-slice volume) for a 3D configuration: its patch would slide
+    over zero padding and write a mask it never learned to make. A 2d configuration takes both."""
     if config.ndim == 3 and (geometry.file_ndim == 2 or geometry.shape[0] == 1):
         kind = "a 2D image" if geometry.file_ndim == 2 else "a volume of one slice"
         raise AutosegError(f"input is {kind} (shape {geometry.shape}); the {config.name} model needs 3D volumes "
