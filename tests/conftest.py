@@ -8,10 +8,16 @@ import pytest
 
 from autoseg.common.paths import Paths
 from autoseg.dataset.phantom import PhantomRecipe, make_phantom_dataset
-from tests.helpers import hippocampus_available, hippocampus_case_ids, link_hippocampus_subset
+from tests.helpers import HIPPOCAMPUS_MISSING, hippocampus_available, hippocampus_case_ids, link_hippocampus_subset
 
 requires_hippocampus = pytest.mark.skipif(not hippocampus_available(),
-                                          reason="../shared/datasets/msd_hippocampus not present")
+                                          reason=HIPPOCAMPUS_MISSING)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say loudly, once, that the real-data tests did not run: a skip must not pass for a pass."""
+    if not hippocampus_available():
+        terminalreporter.write_line(f"WARNING: real-data tests skipped: {HIPPOCAMPUS_MISSING}", yellow=True, bold=True)
 
 
 @pytest.fixture
@@ -24,7 +30,7 @@ def paths(tmp_path: Path) -> Paths:
 def hippocampus_small(tmp_path_factory: pytest.TempPathFactory) -> Paths:
     """Session-wide raw root holding Dataset004_Hippocampus with 12 real cases (symlinked)."""
     if not hippocampus_available():
-        pytest.skip("../shared/datasets/msd_hippocampus not present")
+        pytest.skip(HIPPOCAMPUS_MISSING)
     root = tmp_path_factory.mktemp("hippo_small")
     paths = Paths.under(root)
     link_hippocampus_subset(paths.raw, hippocampus_case_ids(12))

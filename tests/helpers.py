@@ -10,8 +10,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from autoseg.common.paths import Paths
 
-HIPPOCAMPUS_MSD = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "msd_hippocampus"
-"""The real MSD Task04 cases, read in place from ../shared (never copied into the repo)."""
+HIPPOCAMPUS_ENV = "AUTOSEG_TEST_HIPPOCAMPUS"
+"""Environment variable naming the MSD Task04 folder when it is not at ../shared/datasets."""
+
+HIPPOCAMPUS_MSD = Path(os.environ.get(HIPPOCAMPUS_ENV) or
+                       Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "msd_hippocampus")
+"""The real MSD Task04 cases, read in place (never copied into the repo)."""
+
+HIPPOCAMPUS_MISSING = (f"real MSD Hippocampus not found at {HIPPOCAMPUS_MSD} "
+                       f"(set {HIPPOCAMPUS_ENV}=/path/to/msd_hippocampus)")
+"""The skip reason of every real-data test, and the line the test session prints at its end."""
 
 
 def hippocampus_available() -> bool:

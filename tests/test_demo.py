@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import SimpleITK as sitk
 from click.testing import CliRunner
 
 from autoseg.cli import cli
@@ -25,10 +27,13 @@ def test_demo_generates_plans_trains_predicts_and_evaluates(tmp_path: Path) -> N
     assert len(load_record(fold / "validation" / "summary.json", Summary).cases) == 24  # fold "all" validates all
     predictions = workdir / "results" / "Dataset999_Phantom" / "demo_predictions"
     summary = load_record(predictions / "summary.json", Summary)
-    assert len(summary.cases) == 4 and 0.0 <= summary.foreground_dice <= 1.0
+    assert len(summary.cases) == 4
+    # measured floor: this 2-iteration schedule gives held-out foreground Dice DEMO_MEASURED here
+    print("DEMO DICE", summary.foreground_dice, [c for c in summary.cases][:1])
+    assert summary.foreground_dice >= DEMO_DICE_FLOOR, summary.foreground_dice
+    finished = {p: p.read_bytes() for p in (fold / "checkpoint_final.pt", fold / "validation" / "summary.json")}
 
     again = CliRunner().invoke(cli, ["demo", "--workdir", str(workdir), "--device", "cpu", *QUICK])
     assert again.exit_code == 0, again.output  # reuses dataset, plan, data and the finished model
-    assert load_record(fold / "validation" / "summary.json", Summary) == load_record(
-        fold / "validation" / "summary.json", Summary)
+    assert {p: p.read_bytes() for p in finished} == finished  # the finished model is neither retrained nor re-validated
     assert load_record(predictions / "summary.json", Summary).foreground_dice == summary.foreground_dice

@@ -14,12 +14,13 @@ from autoseg.nets.unet import build_unet
 from autoseg.planning.plan import PlanRequest, plan_and_save
 from autoseg.preprocess import preprocess_dataset
 from tests.helpers import (
+    HIPPOCAMPUS_MISSING,
     hippocampus_available,
     hippocampus_case_ids,
     link_hippocampus_subset,
 )
 
-pytestmark = pytest.mark.skipif(not hippocampus_available(), reason="../shared/datasets/msd_hippocampus not present")
+pytestmark = pytest.mark.skipif(not hippocampus_available(), reason=HIPPOCAMPUS_MISSING)
 
 DATASET = "Dataset004_Hippocampus"
 

@@ -16,7 +16,7 @@ from autoseg.common.paths import Paths
 from autoseg.dataset.convert_msd import convert_msd
 from autoseg.dataset.io import read_image
 from autoseg.dataset.verify import verify_dataset
-from tests.helpers import HIPPOCAMPUS_MSD, hippocampus_available
+from tests.helpers import HIPPOCAMPUS_MISSING, HIPPOCAMPUS_MSD, hippocampus_available
 
 SHAPE_XYZ = (12, 10, 6)
 SPACING_XYZ = (0.75, 1.25, 2.5)
@@ -83,7 +83,7 @@ def test_4d_two_channel_task_is_split_with_geometry_kept(tmp_path: Path, paths: 
     assert sorted(p.name for p in paths.raw.iterdir()) == ["Dataset001_BrainTumour"]
 
 
-@pytest.mark.skipif(not hippocampus_available(), reason="../shared/datasets/msd_hippocampus not present")
+@pytest.mark.skipif(not hippocampus_available(), reason=HIPPOCAMPUS_MISSING)
 def test_real_hippocampus_task_converts_and_verifies(paths: Paths) -> None:
     out = convert_msd(HIPPOCAMPUS_MSD, paths.raw, 4, show_progress=False)
     assert out.name == "Dataset004_Hippocampus"

@@ -10,7 +10,7 @@ import pytest
 
 from autoseg.common.paths import Paths
 from autoseg.fingerprint import CaseFingerprint, Fingerprint, IntensityStats, load_or_extract_fingerprint
-from tests.helpers import hippocampus_available, hippocampus_case_ids, link_hippocampus_subset
+from tests.helpers import HIPPOCAMPUS_MISSING, hippocampus_available, hippocampus_case_ids, link_hippocampus_subset
 
 HIPPOCAMPUS_STATS = IntensityStats(mean=21759.77, median=365.16, std=59905.95, min=0.0, max=486420.22,
                                    percentile_00_5=28.0, percentile_99_5=276798.13)
@@ -56,7 +56,7 @@ def anisotropic_ct_fingerprint() -> Fingerprint:
 def hippocampus_full(tmp_path_factory: pytest.TempPathFactory) -> Paths:
     """All 260 real Hippocampus cases linked in nnU-Net layout, fingerprinted once with 2 workers."""
     if not hippocampus_available():
-        pytest.skip("../shared/datasets/msd_hippocampus not present")
+        pytest.skip(HIPPOCAMPUS_MISSING)
     paths = Paths.under(tmp_path_factory.mktemp("hippo_full"))
     link_hippocampus_subset(paths.raw, hippocampus_case_ids())
     load_or_extract_fingerprint(paths, "Dataset004_Hippocampus", num_workers=2, progress_bar=False)

@@ -9,10 +9,10 @@ from click.testing import CliRunner
 
 import autoseg.cli
 from autoseg.common.paths import Paths
-from tests.helpers import hippocampus_available, hippocampus_case_ids, link_hippocampus_subset
+from tests.helpers import HIPPOCAMPUS_MISSING, hippocampus_available, hippocampus_case_ids, link_hippocampus_subset
 from tests.sweep_fixtures import minimal_sweep, write_sweep
 
-pytestmark = pytest.mark.skipif(not hippocampus_available(), reason="../shared/datasets/msd_hippocampus not present")
+pytestmark = pytest.mark.skipif(not hippocampus_available(), reason=HIPPOCAMPUS_MISSING)
 
 
 @pytest.fixture

@@ -20,11 +20,11 @@ from autoseg.schedule.jobs import JobPaths, JobRecord, JobState
 from autoseg.schedule.store import StateStore
 from autoseg.schedule.sweep import SweepSpec, load_sweep
 from autoseg.schedule.sweep_jobs import sweep_dir, sweep_record_file
-from tests.helpers import hippocampus_available, hippocampus_case_ids, link_hippocampus_subset
+from tests.helpers import HIPPOCAMPUS_MISSING, hippocampus_available, hippocampus_case_ids, link_hippocampus_subset
 from tests.sweep_fixtures import write_sweep
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not hippocampus_available(), reason="../shared/datasets/msd_hippocampus not present")]
+              pytest.mark.skipif(not hippocampus_available(), reason=HIPPOCAMPUS_MISSING)]
 
 TINY = {"epochs": 1, "iterations_per_epoch": 2, "val_iterations": 1, "batch_size": 2, "augment.mirror": False,
         "plan.3d_fullres.patch_size": [16, 32, 16]}

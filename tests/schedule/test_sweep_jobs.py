@@ -14,10 +14,10 @@ from autoseg.planning.plans import Plan
 from autoseg.schedule.jobs import JobKind
 from autoseg.schedule.sweep import load_sweep
 from autoseg.schedule.sweep_jobs import build_sweep_jobs, derive_plan, derived_plan_file
-from tests.helpers import hippocampus_available, hippocampus_case_ids, link_hippocampus_subset
+from tests.helpers import HIPPOCAMPUS_MISSING, hippocampus_available, hippocampus_case_ids, link_hippocampus_subset
 from tests.sweep_fixtures import minimal_sweep, write_sweep
 
-pytestmark = pytest.mark.skipif(not hippocampus_available(), reason="../shared/datasets/msd_hippocampus not present")
+pytestmark = pytest.mark.skipif(not hippocampus_available(), reason=HIPPOCAMPUS_MISSING)
 
 DS = "Dataset004_Hippocampus"
 
