@@ -55,7 +55,7 @@ def format_duration(seconds: float | None) -> str | None:
     return f"{s}s"
 
 
-STATUS_HEADERS = ("job", "state", "GPU", "try", "epoch", "ETA", "pseudo-Dice", "elapsed", "log")
+STATUS_HEADERS = ("job", "state", "GPU", "try", "epoch", "ETA", "pseudo-Dice", "val Dice", "elapsed", "log")
 
 
 def status_rows(statuses: Sequence[JobStatus]) -> list[list[object]]:
@@ -64,9 +64,13 @@ def status_rows(statuses: Sequence[JobStatus]) -> list[list[object]]:
     for s in statuses:
         p = s.progress
         epoch = f"{p.epochs_done}/{p.epochs_total or '?'}" if p else None
-        eta = format_duration(p.eta_s) if p and s.state.value == "running" else None
+        eta = None
+        if p and s.state.value == "running":  # after the last epoch comes the final validation
+            done = p.epochs_total is not None and p.epochs_done >= p.epochs_total
+            eta = "validating" if done and p.validation_dice is None else format_duration(p.eta_s)
         dice = f"{p.last_pseudo_dice:.4f}" if p and p.last_pseudo_dice is not None else None
-        rows.append([s.job_id, s.state.value, s.gpu, s.attempt or None, epoch, eta, dice,
+        val = f"{p.validation_dice:.4f}" if p and p.validation_dice is not None else None
+        rows.append([s.job_id, s.state.value, s.gpu, s.attempt or None, epoch, eta, dice, val,
                      format_duration(s.elapsed_s), s.log_path])
     return rows
 
@@ -75,7 +79,7 @@ def render_status(statuses: Sequence[JobStatus], log_width: int = 60) -> str:
     """The ``autoseg status`` table, a one-line count per state under it, then why each failed job failed."""
     if not statuses:
         return "no jobs recorded under this results root"
-    table = render_table(STATUS_HEADERS, status_rows(statuses), max_width={8: log_width})
+    table = render_table(STATUS_HEADERS, status_rows(statuses), max_width={9: log_width})  # the log column
     counts: dict[str, int] = {}
     for s in statuses:
         counts[s.state.value] = counts.get(s.state.value, 0) + 1

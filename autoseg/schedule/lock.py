@@ -75,3 +75,26 @@ def read_holder(path: Path) -> dict[str, object]:
         return dict(json.loads(Path(path).read_text(encoding="utf-8") or "{}"))
     except (OSError, ValueError):
         return {}
+
+
+def scheduler_alive(paths: Paths) -> bool:
+    """Whether a ``train-all`` holds this results root now, judged without touching the lock.
+
+    A scheduler killed by SIGKILL leaves its pid in the lock file; that pid no longer running on
+    this host means nobody is driving the jobs it marked running. A holder on another host
+    cannot be checked from here and counts as alive. Taking the flock to test it could make a
+    scheduler starting at that instant refuse to run, so the pid is checked instead.
+    """
+    holder = read_holder(lock_path(paths))
+    pid = holder.get("pid")
+    if not isinstance(pid, int):
+        return False
+    if holder.get("host") not in (None, socket.gethostname()):
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

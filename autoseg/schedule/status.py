@@ -13,9 +13,14 @@ from pathlib import Path
 
 from autoseg.common.paths import Paths
 from autoseg.schedule.jobs import JobPaths, JobState
+from autoseg.schedule.lock import scheduler_alive
 from autoseg.schedule.store import JobRow, StateStore, db_path
 
 TRAINING_LOG = "training_log.jsonl"
+DRIVEN_BY_SCHEDULER = frozenset({"local", "inprocess"})
+"""Executors whose jobs die with (or are stopped by) the scheduler; Slurm jobs outlive it."""
+VALIDATION_SUMMARY = Path("validation") / "summary.json"
+"""Where a fold's final validation writes its evaluation (autoseg.train.run's VALIDATION_DIR)."""
 ETA_EPOCH_WINDOW = 5
 """ETA = remaining epochs x mean time of the last few epochs (early epochs include compile/warm-up)."""
 
@@ -28,6 +33,8 @@ class TrainingProgress:
     epochs_total: int | None
     eta_s: float | None
     last_pseudo_dice: float | None
+    validation_dice: float | None = None
+    """Mean foreground Dice of the final validation, once it has been written."""
 
 
 @dataclass(frozen=True)
@@ -66,18 +73,37 @@ def read_training_progress(training_dir: Path) -> TrainingProgress | None:
     eta = (total - done) * sum(times) / len(times) if times and isinstance(total, int) else None
     dice = last.get("mean_pseudo_dice", last.get("ema_pseudo_dice"))
     return TrainingProgress(done, total if isinstance(total, int) else None, eta,
-                            float(dice) if isinstance(dice, int | float) else None)
+                            float(dice) if isinstance(dice, int | float) else None,
+                            _validation_dice(Path(training_dir) / VALIDATION_SUMMARY))
 
 
-def job_status(paths: Paths, row: JobRow, now: float | None = None) -> JobStatus:
-    """The status row of one stored job."""
+def _validation_dice(summary: Path) -> float | None:
+    try:
+        value = json.loads(summary.read_text(encoding="utf-8"))["foreground_mean"]["dice"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not validated yet (or being written right now)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def job_status(paths: Paths, row: JobRow, now: float | None = None, scheduler_running: bool = True) -> JobStatus:
+    """The status row of one stored job.
+
+    A local job stored as running while no scheduler holds the results root was orphaned by a
+    killed ``train-all``: it is shown as interrupted (the next run resumes it), its ETA dropped.
+    """
     tid = row.spec.training_id()
     progress = read_training_progress(paths.training_dir(tid)) if tid is not None else None
     now = time.time() if now is None else now
+    state = row.state
+    if state is JobState.RUNNING and not scheduler_running and row.executor in DRIVEN_BY_SCHEDULER:
+        state, now = JobState.INTERRUPTED, row.updated_at
+        if progress is not None:
+            progress = TrainingProgress(progress.epochs_done, progress.epochs_total, None, progress.last_pseudo_dice,
+                                        progress.validation_dice)
     elapsed = None
     if row.started_at is not None:
-        elapsed = (row.ended_at if row.ended_at and row.state is not JobState.RUNNING else now) - row.started_at
-    return JobStatus(job_id=row.job_id, state=row.state, gpu=row.gpu, attempt=row.attempt, progress=progress,
+        elapsed = (row.ended_at if row.ended_at and state is not JobState.RUNNING else now) - row.started_at
+    return JobStatus(job_id=row.job_id, state=state, gpu=row.gpu, attempt=row.attempt, progress=progress,
                      elapsed_s=elapsed, log_path=row.log_path or str(JobPaths.of(paths, row.job_id).log),
                      external_id=row.external_id, message=row.message)
 
@@ -87,4 +113,6 @@ def collect_status(paths: Paths) -> list[JobStatus]:
     if not db_path(paths).is_file():
         return []
     with StateStore.open(paths, readonly=True) as store:
-        return [job_status(paths, row) for row in store.rows()]
+        rows = store.rows()
+    alive = scheduler_alive(paths)
+    return [job_status(paths, row, scheduler_running=alive) for row in rows]

@@ -67,9 +67,19 @@ def test_status_shows_training_progress(sched_paths) -> None:
     result = _cli(sched_paths, "status")
     assert result.exit_code == 0
     header, _, row = result.stdout.splitlines()[:3]
-    assert header.split() == ["job", "state", "GPU", "try", "epoch", "ETA", "pseudo-Dice", "elapsed", "log"]
+    assert header.split() == ["job", "state", "GPU", "try", "epoch", "ETA", "pseudo-Dice", "val", "Dice", "elapsed",
+                              "log"]
     cells = row.split()
-    assert cells[1:7] == ["running", "3", "1", "3/10", "3m30s", "0.7000"]
+    assert cells[1:8] == ["running", "3", "1", "3/10", "3m30s", "0.7000", "-"]
+
+    lines = [{"epoch": e, "epochs": 10, "mean_pseudo_dice": 0.8, "epoch_time_s": 30.0} for e in range(10)]
+    (fold_dir / "training_log.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    cells = _cli(sched_paths, "status").stdout.splitlines()[2].split()
+    assert cells[4:8] == ["10/10", "validating", "0.8000", "-"]  # the final validation runs after the last epoch
+    (fold_dir / "validation").mkdir()
+    (fold_dir / "validation" / "summary.json").write_text(json.dumps({"foreground_mean": {"dice": 0.8512}}))
+    cells = _cli(sched_paths, "status").stdout.splitlines()[2].split()
+    assert cells[4:8] == ["10/10", "0s", "0.8000", "0.8512"]
 
 
 def test_status_without_runs_and_render_table() -> None:
