@@ -13,7 +13,7 @@ from autoseg.report.tables import render_status, render_table
 from autoseg.schedule.executors import SlurmOptions
 from autoseg.schedule.resources import parse_folds, parse_gpus
 from autoseg.schedule.graph import TrainAllRequest
-from autoseg.schedule.status import collect_status
+from autoseg.schedule.status import collect_status, latest_run
 from autoseg.schedule.train_all import TrainAllOptions, observer_rows, preview, train_all
 
 EXIT_JOBS_FAILED = 1
@@ -92,7 +92,14 @@ def train_all_cmd(ctx: click.Context, datasets: tuple[str, ...], configs: tuple[
 
 
 @cli.command("status")
+@click.option("--all", "all_runs", is_flag=True,
+              help="Jobs of every train-all/sweep run under this results root, not only the latest run's.")
 @click.pass_context
-def status_cmd(ctx: click.Context) -> None:
-    """Every scheduled job: state, GPU, epoch/total, ETA, last pseudo-Dice, log (works while train-all runs)."""
-    click.echo(render_status(collect_status(paths_from(ctx))))
+def status_cmd(ctx: click.Context, all_runs: bool) -> None:
+    """The latest run's jobs: state, GPU, epoch/total, ETA, last pseudo-Dice, log (works while train-all runs)."""
+    statuses = collect_status(paths_from(ctx))
+    if all_runs:
+        click.echo(render_status(statuses, show_runs=True))
+        return
+    shown, hidden = latest_run(statuses)
+    click.echo(render_status(shown, hidden=hidden))

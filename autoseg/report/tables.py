@@ -75,13 +75,31 @@ def status_rows(statuses: Sequence[JobStatus]) -> list[list[object]]:
     return rows
 
 
-def render_status(statuses: Sequence[JobStatus], log_width: int = 60) -> str:
-    """The ``autoseg status`` table, a one-line count per state under it, then why each failed job failed."""
-    if not statuses:
-        return "no jobs recorded under this results root"
-    table = render_table(STATUS_HEADERS, status_rows(statuses), max_width={9: log_width})  # the log column
+def _state_counts(statuses: Sequence[JobStatus]) -> str:
     counts: dict[str, int] = {}
     for s in statuses:
         counts[s.state.value] = counts.get(s.state.value, 0) + 1
+    return ", ".join(f"{n} {k}" for k, n in counts.items())
+
+
+def render_status(statuses: Sequence[JobStatus], log_width: int = 60, hidden: Sequence[JobStatus] = (),
+                  show_runs: bool = False) -> str:
+    """The ``autoseg status`` table, a one-line count per state under it, then why each failed job failed.
+
+    ``hidden``: the jobs of earlier runs left out (counted in one last line that says how to see
+    them); ``show_runs``: a first column with each job's run, jobs grouped by run (``--all``).
+    """
+    if not statuses:
+        return "no jobs recorded under this results root"
+    headers, cells, log_col = STATUS_HEADERS, status_rows(statuses), len(STATUS_HEADERS) - 1
+    if show_runs:
+        runs = [s.run_id for s in statuses]
+        order = sorted(range(len(cells)), key=lambda i: runs[i] or 0)  # stable: store order within a run
+        headers, cells, log_col = ("run", *headers), [[runs[i], *cells[i]] for i in order], log_col + 1
+    table = render_table(headers, cells, max_width={log_col: log_width})
     reasons = [f"{s.job_id} failed: {s.message}" for s in statuses if s.state.value == "failed" and s.message]
-    return "\n".join([table, ", ".join(f"{n} {k}" for k, n in counts.items()), *reasons])
+    lines = [table, _state_counts(statuses), *reasons]
+    if hidden:
+        lines.append(f"{len(hidden)} job(s) of earlier runs not shown ({_state_counts(hidden)}): "
+                     "`autoseg status --all` lists every run")
+    return "\n".join(lines)

@@ -62,6 +62,9 @@ class RunOptions:
     observer: Callable[[list[JobRow]], None] | None = None
     """Called with the current rows every ``observe_every_s`` (the CLI's live table)."""
     observe_every_s: float = 2.0
+    run_id: int | None = None
+    """The run the jobs are recorded under (`StateStore.new_run_id`); None: a new one. A sweep
+    passes one id to both of its `run_jobs` calls, so that `autoseg status` shows them as one run."""
 
 
 @dataclass(frozen=True)
@@ -404,8 +407,13 @@ def run_jobs(jobs: list[JobSpec], executor: Executor, paths: Paths, store: State
     started = time.time()
     done_before = {r.job_id for r in store.rows() if r.state is JobState.DONE}
     check_graph(jobs, done_before)
+    ids = {j.job_id for j in jobs}
+
+    def observe() -> None:  # this run's jobs only: the store also holds every earlier run's
+        options.observer([r for r in store.rows() if r.job_id in ids])  # type: ignore[misc]
+
     with _ctrl_c_presses() as presses:
-        store.register(jobs)
+        store.register(jobs, options.run_id if options.run_id is not None else store.new_run_id())
         run = _Run(jobs, executor, paths, store, options)
         run.reconcile()
         last_observed = 0.0
@@ -419,12 +427,12 @@ def run_jobs(jobs: list[JobSpec], executor: Executor, paths: Paths, store: State
                     break
                 if options.observer is not None and time.monotonic() - last_observed >= options.observe_every_s:
                     last_observed = time.monotonic()
-                    options.observer(store.rows())
+                    observe()
                 time.sleep(options.poll_interval_s)
             except KeyboardInterrupt:  # raised by hand, or SIGINT outside the main thread's handler
                 presses.append(time.monotonic())
     if options.observer is not None:
-        options.observer(store.rows())
+        observe()
     return run.summary(started)
 
 

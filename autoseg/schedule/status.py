@@ -1,7 +1,10 @@
-"""What ``autoseg status`` shows: every job's state, GPU, progress, ETA, last pseudo-Dice and log.
+"""What ``autoseg status`` shows: each job's state, GPU, progress, ETA, last pseudo-Dice and log.
 
 Reads the state store read-only (safe while ``train-all`` runs) and each training's
 ``training_log.jsonl`` (one JSON object per epoch: epoch, epochs, mean_pseudo_dice, epoch_time_s).
+The store keeps every job ever run under the results root; each row names the last run
+(``train-all`` or ``sweep`` invocation) that took it, and by default only the latest run's
+jobs are shown (`latest_run`), the others counted.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ class JobStatus:
     external_id: str | None
     message: str | None = None
     """Why a failed job failed, in its own words (a user error's ``error:`` line)."""
+    run_id: int | None = None
+    """The last run that took the job (None: recorded before runs were numbered)."""
 
 
 def read_training_progress(training_dir: Path) -> TrainingProgress | None:
@@ -105,7 +110,7 @@ def job_status(paths: Paths, row: JobRow, now: float | None = None, scheduler_ru
         elapsed = (row.ended_at if row.ended_at and state is not JobState.RUNNING else now) - row.started_at
     return JobStatus(job_id=row.job_id, state=state, gpu=row.gpu, attempt=row.attempt, progress=progress,
                      elapsed_s=elapsed, log_path=row.log_path or str(JobPaths.of(paths, row.job_id).log),
-                     external_id=row.external_id, message=row.message)
+                     external_id=row.external_id, message=row.message, run_id=row.run_id)
 
 
 def collect_status(paths: Paths) -> list[JobStatus]:
@@ -116,3 +121,10 @@ def collect_status(paths: Paths) -> list[JobStatus]:
         rows = store.rows()
     alive = scheduler_alive(paths)
     return [job_status(paths, row, scheduler_running=alive) for row in rows]
+
+
+def latest_run(statuses: list[JobStatus]) -> tuple[list[JobStatus], list[JobStatus]]:
+    """(the jobs of the latest run, the jobs of earlier ones); a store without run numbers is one run."""
+    latest = max((s.run_id for s in statuses if s.run_id is not None), default=None)
+    shown = [s for s in statuses if s.run_id == latest]
+    return shown, [s for s in statuses if s.run_id != latest]

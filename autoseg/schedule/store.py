@@ -25,8 +25,8 @@ BUSY_TIMEOUT_MS = 10_000
 """How long a writer waits for another's lock before failing (status reads never block writers in WAL)."""
 
 _COLUMNS = ("job_id", "spec", "state", "attempt", "gpu", "cpus", "executor", "external_id", "host",
-            "started_at", "ended_at", "exit_code", "log_path", "message", "updated_at")
-ADDED_COLUMNS = {"message": "TEXT"}
+            "started_at", "ended_at", "exit_code", "log_path", "message", "run_id", "updated_at")
+ADDED_COLUMNS = {"message": "TEXT", "run_id": "INTEGER"}
 """Columns newer than the first table layout: added to an older database on first write access,
 read as NULL from one opened read-only (``autoseg status`` of an older root)."""
 _SCHEMA_SQL = """
@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     state TEXT NOT NULL,
     attempt INTEGER NOT NULL DEFAULT 0,
     gpu TEXT, cpus INTEGER, executor TEXT, external_id TEXT, host TEXT,
-    started_at REAL, ended_at REAL, exit_code INTEGER, log_path TEXT, message TEXT,
+    started_at REAL, ended_at REAL, exit_code INTEGER, log_path TEXT, message TEXT, run_id INTEGER,
     updated_at REAL NOT NULL
 )"""
 
@@ -60,6 +60,9 @@ class JobRow:
     updated_at: float
     message: str | None = None
     """Why the job failed, when it said so: the ``error: ...`` line(s) of a user error (exit 2)."""
+    run_id: int | None = None
+    """The last scheduler run (``train-all`` or ``sweep`` invocation) that took this job; None in
+    stores written before runs were numbered."""
 
     @property
     def job_id(self) -> str:
@@ -113,15 +116,21 @@ class StateStore:
         self.close()
 
     # ------------------------------------------------------------------ writes
-    def register(self, specs: Iterable[JobSpec]) -> None:
-        """Add new jobs as PENDING; known jobs keep their state and attempts, their spec is refreshed."""
+    def register(self, specs: Iterable[JobSpec], run_id: int | None = None) -> None:
+        """Add new jobs as PENDING; known jobs keep their state and attempts, their spec is refreshed
+        (and their run, when ``run_id`` is given: the job now belongs to that run)."""
         now = time.time()
         with self._transaction() as c:
             for spec in specs:
                 spec_json = json.dumps(record_to_dict(spec))
-                c.execute("INSERT INTO jobs (job_id, spec, state, attempt, updated_at) VALUES (?, ?, ?, 0, ?) "
-                          "ON CONFLICT(job_id) DO UPDATE SET spec = excluded.spec",
-                          (spec.job_id, spec_json, JobState.PENDING.value, now))
+                c.execute("INSERT INTO jobs (job_id, spec, state, attempt, run_id, updated_at) "
+                          "VALUES (?, ?, ?, 0, ?, ?) ON CONFLICT(job_id) DO UPDATE SET spec = excluded.spec, "
+                          "run_id = COALESCE(excluded.run_id, run_id)",
+                          (spec.job_id, spec_json, JobState.PENDING.value, run_id, now))
+
+    def new_run_id(self) -> int:
+        """The number of the next run: one above every run recorded (the caller holds the `RunLock`)."""
+        return int(self._conn.execute("SELECT COALESCE(MAX(run_id), 0) + 1 FROM jobs").fetchone()[0])
 
     def update(self, job_id: str, **fields: Any) -> None:
         """Set some columns of one job (state as a JobState)."""

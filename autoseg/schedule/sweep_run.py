@@ -6,7 +6,7 @@ resume from their checkpoints (train commands carry ``--continue``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from autoseg.common.paths import Paths
 from autoseg.schedule.executors import Executor
@@ -41,6 +41,8 @@ def run_sweep(spec: SweepSpec, paths: Paths, executor: Executor, options: RunOpt
     summaries = []
     with RunLock(paths), StateStore.open(paths) as store:
         spec = record_sweep(spec, paths)
+        if options.run_id is None:  # setup and trainings: one run in `autoseg status`
+            options = replace(options, run_id=store.new_run_id())
         needs_setup_first = any(spec.plan_overrides(v) for v in spec.variants) and any(
             not paths.plans_file(ds).is_file() for ds in spec.datasets)
         if needs_setup_first:
