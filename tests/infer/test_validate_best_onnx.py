@@ -19,6 +19,7 @@ from autoseg.evaluate.best import BestConfig, find_best
 from autoseg.evaluate.summary import Summary
 from autoseg.infer.predict import PredictOptions, fold_dirs_for, load_model
 from autoseg.infer.validate import run_validation
+from tests.dice_check import check_summary_against_files
 from tests.infer.conftest import link_inputs, save_untrained_fold, tiny_plan
 
 FAST = PredictOptions(tta=False)
@@ -58,7 +59,9 @@ def test_run_validation_writes_predictions_and_summary(phantom_cv):
         p = sitk.ReadImage(str(pred))
         assert p.GetSize() == ref.GetSize() and p.GetDirection() == ref.GetDirection()
         assert (fold_dir / "validation" / f"{c.case_id}.npz").is_file()
-        assert 0.0 <= c.metrics[1].dice <= 1.0
+    # the Dice of each case and label, and the means, are what the written masks give
+    recount = check_summary_against_files(fold_dir / "validation", summary)
+    assert set(recount) == {c.case_id for c in summary.cases} and all(set(d) == {1, 2} for d in recount.values())
 
 
 def test_run_validation_restores_training_state(phantom_trained, tmp_path):

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -15,11 +16,13 @@ from PIL import Image
 import autoseg.cli
 from autoseg.common.jsonio import load_record, read_json
 from autoseg.common.paths import Paths, TrainingId
+from autoseg.evaluate.summary import Summary
 from autoseg.report.sweep_report import build_sweep_report
 from autoseg.schedule.jobs import JobPaths, JobRecord, JobState
 from autoseg.schedule.store import StateStore
 from autoseg.schedule.sweep import SweepSpec, load_sweep
 from autoseg.schedule.sweep_jobs import sweep_dir, sweep_record_file
+from tests.dice_check import check_summary_against_files
 from tests.helpers import HIPPOCAMPUS_MISSING, hippocampus_available, hippocampus_case_ids, link_hippocampus_subset
 from tests.sweep_fixtures import write_sweep
 
@@ -91,7 +94,11 @@ def test_report_has_one_row_per_variant_and_a_valid_plot(sweep_runs: SweepRuns) 
     report = build_sweep_report(sweep_runs.spec, sweep_runs.paths)
     assert [r.variant for r in report.rows] == [v.name for v in sweep_runs.spec.variants]
     assert [(r.n_finished, r.n_expected) for r in report.rows] == [(2, 2)] * 4
-    assert all(r.dice.n == 2 and 0.0 <= r.dice.mean <= 1.0 for r in report.rows)
+    for r in report.rows:  # each variant's Dice: the mean of its folds' Dice, recounted from the written masks
+        folds = [_fold_dir(sweep_runs, r.variant, fold) / "validation" for fold in (0, 1)]
+        dice = [check_summary_against_files(f, load_record(f / "summary.json", Summary)) for f in folds]
+        fold_means = [np.mean([np.mean(list(case.values())) for case in d.values()]) for d in dice]
+        assert r.dice.n == 2 and r.dice.mean == pytest.approx(np.mean(fold_means), abs=1e-6), r.variant
     assert report.missing == ()
     assert all(r.comparison is not None and r.comparison.n == 2 and r.comparison.p_text() == "n<5"
                for r in report.rows[1:])
@@ -125,3 +132,7 @@ def test_second_run_only_ran_the_missing_jobs(sweep_runs: SweepRuns) -> None:
     assert "8 jobs: 8 done" in sweep_runs.second_output  # 8 trainings, 2 of them skipped as done
     preprocess = [r for jid, r in rows.items() if jid.startswith("preprocess:")]
     assert len(preprocess) == 1 and preprocess[0].attempt == 1  # preprocessing reused, not redone
+    # each sweep invocation is one run of `autoseg status`: the first's setup and trainings share run 1
+    # (else the baseline would have moved from run 2 to 3), the second took all 8 trainings
+    assert {r.run_id for r in trains.values()} == {2}
+    assert {r.run_id for jid, r in rows.items() if not jid.startswith("train:")} == {1}
