@@ -6,15 +6,20 @@ parse options, build `Paths` via `paths_from(ctx)`, call one API function and re
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from autoseg.common.errors import AutosegError, ConfigErrors, DatasetErrors
+from autoseg.common.jsonio import disk_full_cause
 from autoseg.common.paths import Paths
 
 EXIT_USER_ERROR = 2
@@ -30,7 +35,7 @@ class CliContext:
 
 
 class AutosegGroup(click.Group):
-    """A group that turns `AutosegError` into one line per problem and exit status 2.
+    """A group that turns `AutosegError` and a full disk into one line per problem and exit status 2.
 
     Doing this in the group (not only in `main`) means click's CliRunner sees exactly what a
     user sees, so CLI tests check the real messages and exit codes.
@@ -46,6 +51,14 @@ class AutosegGroup(click.Group):
             # click reads an EOFError as Ctrl-D and prints only "Aborted!"; here it can only come
             # from a file that ends early (click's own prompts turn Ctrl-D into click.Abort)
             click.echo(f"error: a file ended before its end-of-data marker ({e or 'EOFError'})", err=True)
+            ctx.exit(EXIT_USER_ERROR)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as e:
+            full = disk_full_cause(e)
+            if full is None:
+                raise
+            print_disk_full(full, ctx)
             ctx.exit(EXIT_USER_ERROR)
 
 
@@ -78,6 +91,38 @@ def print_error(err: AutosegError) -> None:
     problems = err.errors if isinstance(err, DatasetErrors | ConfigErrors) else [err]
     for p in problems:
         click.echo(f"error: {p}", err=True)
+
+
+def disk_full_message(err: OSError, ctx: click.Context | None = None) -> str:
+    """``<file>: no space left on device (disk full); free space and rerun ...`` for an ENOSPC/EDQUOT error.
+
+    A full disk is the user's to fix, and any write can hit it (a checkpoint, a log line, the
+    scheduler's state), so it is one line, not the writer's traceback. Without a file name (a
+    stream write) the fullest of the data roots is named.
+    """
+    where = err.filename or _fullest_root(ctx)
+    what = "disk quota exceeded" if err.errno == errno.EDQUOT else "no space left on device"
+    command = ctx.invoked_subcommand if ctx is not None else None
+    hint = "free space and rerun with --continue" if command == "train" else "free space and run the same command again"
+    return f"{where}: {what} (disk full); {hint}"
+
+
+def print_disk_full(err: OSError, ctx: click.Context | None = None) -> None:
+    """The one-line disk-full error on stderr; when stderr itself is on the full disk, nothing more to do."""
+    try:
+        click.echo(f"error: {disk_full_message(err, ctx)}", err=True)
+    except OSError:
+        pass
+
+
+def _fullest_root(ctx: click.Context | None) -> str:
+    obj = ctx.find_object(CliContext) if ctx is not None else None
+    roots = [obj.paths.results, obj.paths.preprocessed, obj.paths.raw] if obj is not None else []
+    free = {}
+    for root in [*roots, Path(tempfile.gettempdir()), Path.cwd()]:
+        with contextlib.suppress(OSError):
+            free[str(root)] = shutil.disk_usage(root).free
+    return min(free, key=free.__getitem__) if free else "<unknown>"
 
 
 def main(argv: list[str] | None = None) -> None:

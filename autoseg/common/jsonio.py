@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 import json
 import os
 import tempfile
@@ -25,11 +26,43 @@ from autoseg.common.errors import AutosegError
 
 T = TypeVar("T")
 
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+"""``No space left on device`` and ``Disk quota exceeded``: both mean "free space and rerun"."""
+
+
+def disk_full_cause(exc: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT `OSError` behind ``exc``: itself or one in its ``__cause__``/``__context__`` chain.
+
+    Writers wrap it (``torch.save`` turns it into a RuntimeError "unexpected pos ..."), so the
+    errno is looked for along the whole chain; the first one that names a file wins.
+    """
+    found: list[OSError] = []
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            found.append(e)
+        todo += [e.__cause__, e.__context__]
+    return next((e for e in found if e.filename), found[0] if found else None)
+
+
+def disk_full_at(path: str | os.PathLike[str], exc: BaseException) -> OSError | None:
+    """``exc``'s disk-full error re-made to name ``path`` (the file being written), or None if not disk full."""
+    full = disk_full_cause(exc)
+    if full is None:
+        return None
+    return OSError(full.errno, os.strerror(full.errno), str(path))
+
 
 def atomic_write_with(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> Path:
     """Let ``write`` fill a unique temp file in ``path``'s folder, fsync it, then ``os.replace``.
 
-    For writers that stream (``torch.save``, ``np.save``); the temp file is removed on failure.
+    For writers that stream (``torch.save``, ``np.save``); the temp file is removed on failure,
+    so a full disk leaves ``path`` as it was. That failure is re-raised as an `OSError`
+    (ENOSPC/EDQUOT) naming ``path``: the errors of streaming writers name no file, or the temp one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,8 +73,11 @@ def atomic_write_with(path: str | os.PathLike[str], write: Callable[[BinaryIO], 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        full = disk_full_at(path, e) if isinstance(e, Exception) else None
+        if full is not None:
+            raise full from e
         raise
     return path
 
