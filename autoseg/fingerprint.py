@@ -8,8 +8,6 @@ All shapes and spacings are in array order (z, y, x), before any transpose.
 from __future__ import annotations
 
 import logging
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -18,6 +16,7 @@ import numpy as np
 from autoseg.common.errors import AutosegError, DatasetError
 from autoseg.common.jsonio import load_record, save_record
 from autoseg.common.paths import Paths
+from autoseg.common.procs import spawn_pool
 from autoseg.common.progress import progress
 from autoseg.dataset.io import read_case, read_image
 from autoseg.dataset.spec import CaseFiles, DatasetSpec, ignore_label, load_dataset
@@ -190,9 +189,8 @@ def extract_fingerprint(spec: DatasetSpec, num_workers: int = 1, seed: int = DEF
     if num_workers == 1 or len(jobs) < 2:
         results = list(progress(map(_fingerprint_case, jobs), **bar))
     else:
-        ctx = multiprocessing.get_context("spawn")  # no fork of a possibly threaded parent
         chunk = max(1, len(jobs) // (num_workers * 8))
-        with ProcessPoolExecutor(max_workers=min(num_workers, len(jobs)), mp_context=ctx) as pool:
+        with spawn_pool(min(num_workers, len(jobs))) as pool:
             results = list(progress(pool.map(_fingerprint_case, jobs, chunksize=chunk), **bar))
     n_channels = spec.num_channels
     stats = []

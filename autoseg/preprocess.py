@@ -31,9 +31,8 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import ClassVar
 
@@ -44,6 +43,7 @@ from skimage.transform import resize
 from autoseg.common.errors import AutosegError
 from autoseg.common.jsonio import atomic_write_with, load_record, save_record
 from autoseg.common.paths import Paths
+from autoseg.common.procs import spawn_pool
 from autoseg.common.progress import progress
 from autoseg.dataset.io import Geometry, read_case, read_image
 from autoseg.dataset.spec import CaseFiles, load_dataset
@@ -508,8 +508,7 @@ def preprocess_dataset(paths: Paths, dataset: str, config_names: list[str], num_
         if settings_for(plan, first) != settings_for(plan, config):
             raise AutosegError(f"configurations {first.name!r} and {config.name!r} share data_identifier "
                                f"{config.data_identifier!r} but preprocess differently", "plans.json")
-    pool = (ProcessPoolExecutor(max_workers=num_workers, mp_context=get_context("spawn"))
-            if num_workers > 1 else None)
+    pool = spawn_pool(num_workers) if num_workers > 1 else None  # workers die with us, even SIGKILLed
     try:
         for identifier, config in by_identifier.items():
             folder = paths.preprocessed_data(dataset, identifier)

@@ -7,7 +7,9 @@ U-Net. ``make_val_loader(spec)`` does the same without augmentation (crop only).
 processes; worker ``k`` draws from ``np.random.default_rng([seed, k])`` and batches come
 round-robin from the workers, so a seed fixes the whole sequence (``num_workers=0`` is
 worker 0 run in-process). Batches are numpy in the workers and become torch tensors in the
-caller's process:
+caller's process. The workers start with the first batch drawn and die with their parent
+process; the kernel ties that to the thread that forked them, so draw the first batch from a
+thread that outlives the loader (the main thread in `autoseg train`). Batches are:
 
     {"data": float32 (B, C, *patch), "target": int64 (B, 1, *patch) or a list of such per DS scale}
 
@@ -20,6 +22,7 @@ image channels plus K-1.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -30,6 +33,7 @@ import torch
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 
 from autoseg.common.errors import AutosegError
+from autoseg.common.procs import die_with_parent
 from autoseg.data.augment import (
     AugmentConfig,
     AugmentSetup,
@@ -82,7 +86,8 @@ class _BatchSource:
     """Makes numpy batches; runs in the caller (num_workers=0) or in each worker process.
 
     Holds no torch state so that forked workers stay light. `set_thread_id` is called by
-    MultiThreadedAugmenter in each worker and selects that worker's random stream.
+    MultiThreadedAugmenter first thing in each worker: it selects that worker's random stream
+    and ties the worker's life to the process that made this source (`die_with_parent`).
     """
 
     def __init__(self, spec: LoaderSpec, setup: AugmentSetup, augment: bool) -> None:
@@ -92,10 +97,14 @@ class _BatchSource:
         self.files = [CaseFiles.of(Path(spec.data_dir), c) for c in spec.case_ids]
         self.ds_scales = deep_supervision_scales(spec.config) if spec.deep_supervision else None
         self._foreground: dict[int, dict[int, np.ndarray]] = {}
+        self._owner_pid = os.getpid()
         self.set_thread_id(0)
 
     def set_thread_id(self, thread_id: int) -> None:
-        """Switch to worker ``thread_id``'s generator, derived from (seed, worker)."""
+        """Switch to worker ``thread_id``'s generator, derived from (seed, worker); in a worker process,
+        also have it SIGKILLed when the trainer dies (else a SIGKILLed trainer leaves orphans)."""
+        if os.getpid() != self._owner_pid:
+            die_with_parent(self._owner_pid)
         self.rng = np.random.default_rng([self.spec.seed, thread_id])
 
     def _case_foreground(self, index: int) -> dict[int, np.ndarray]:

@@ -20,11 +20,9 @@ the end, so an interrupted conversion never leaves a half dataset that looks com
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import re
 import shutil
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -35,6 +33,7 @@ import SimpleITK as sitk
 from autoseg.common.errors import AutosegError, DatasetError
 from autoseg.common.jsonio import atomic_write_json, read_json
 from autoseg.common.paths import DATASET_NAME_RE, dataset_name
+from autoseg.common.procs import spawn_pool
 from autoseg.common.progress import progress
 from autoseg.dataset.io import read_sitk_image
 from autoseg.dataset.spec import load_dataset
@@ -174,9 +173,7 @@ def _run_all(jobs: list[_CaseJob], n_channels: int, num_workers: int, show_progr
         for job in progress(jobs, **bar):
             work(job)
         return
-    # spawn: the parent may hold threads (tqdm, torch) that make fork unsafe
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(num_workers, len(jobs)), mp_context=ctx) as pool:
+    with spawn_pool(min(num_workers, len(jobs))) as pool:
         for _ in progress(pool.map(work, jobs, chunksize=CASES_PER_TASK), **bar):
             pass
 

@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import gzip
 import logging
-import multiprocessing
 import zlib
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from autoseg.common.errors import DatasetError, DatasetErrors
+from autoseg.common.procs import spawn_pool
 from autoseg.common.progress import progress
 from autoseg.dataset.io import GZIP_MAGIC, Geometry, parse_nifti_header, read_image
 from autoseg.dataset.spec import CaseFiles, DatasetSpec, ProblemCollector, scan_dataset
@@ -128,9 +127,7 @@ def _check_all(cases: list[CaseFiles], num_workers: int, show_progress: bool) ->
     bar = {"total": len(cases), "desc": "verify", "unit": "case", "enabled": show_progress}
     if num_workers <= 1 or len(cases) <= 1:
         return [check_case(c) for c in progress(cases, **bar)]
-    # spawn: the parent may hold threads (tqdm, torch) that make fork unsafe
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(num_workers, len(cases)), mp_context=ctx) as pool:
+    with spawn_pool(min(num_workers, len(cases))) as pool:
         return list(progress(pool.map(check_case, cases, chunksize=CASES_PER_TASK), **bar))
 
 

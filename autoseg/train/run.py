@@ -35,6 +35,7 @@ import torch
 from autoseg.common.errors import AutosegError
 from autoseg.common.jsonio import atomic_write_bytes, atomic_write_text, save_record
 from autoseg.common.paths import Paths, TrainingId
+from autoseg.common.procs import fork_private
 from autoseg.planning.plans import Plan
 from autoseg.train import checkpoint as ckpt_files
 from autoseg.train.checkpoint import Checkpoint, load_checkpoint
@@ -434,10 +435,13 @@ def fold_lock(fold_dir: Path) -> Iterator[None]:
     """Hold an exclusive ``fcntl.flock`` on ``<fold_dir>/.lock`` (with our pid inside) while training.
 
     The kernel drops the lock when the holder dies, so a SIGKILLed run never leaves a stale
-    lock; a live holder makes us refuse with its pid.
+    lock; a live holder makes us refuse with its pid. The lock belongs to the open file
+    description, which a forked child (a data-loader worker) would share and keep alive after
+    we die, so forked children close their copy of the fd at once (`fork_private`).
     """
     path = fold_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    owner = os.getpid()
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -446,13 +450,15 @@ def fold_lock(fold_dir: Path) -> Iterator[None]:
         raise AutosegError(f"another process (pid {holder}) is training this fold; "
                            "wait for it to finish or stop it first", where=fold_dir) from None
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        with fork_private(fd):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{owner}\n".encode(), 0)
+            yield
     finally:
-        os.ftruncate(fd, 0)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        if os.getpid() == owner:  # a forked child unwinding through here has no fd to unlock
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
 
 @contextlib.contextmanager
