@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -25,6 +24,7 @@ import numpy as np
 
 from autoseg.common.errors import AutosegError
 from autoseg.common.jsonio import save_record
+from autoseg.common.procs import spawn_pool
 from autoseg.common.progress import progress
 from autoseg.dataset.io import read_image
 from autoseg.dataset.spec import class_labels, ignore_label
@@ -143,7 +143,7 @@ def evaluate_pairs(pairs: Sequence[tuple[str, Path, Path]], labels: dict[str, in
     fg, ignore = _foreground(labels), ignore_label(labels)
     jobs = [(cid, Path(p), Path(r), fg, tolerance_mm, ignore) for cid, p, r in pairs]
     if num_workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=num_workers) as pool:
+        with spawn_pool(num_workers) as pool:  # workers die with us (kill -9 leaves no orphans)
             results = list(progress(pool.map(_evaluate_star, jobs), total=len(jobs), desc="evaluate",
                                     enabled=show_progress, unit="case"))
     else:
