@@ -74,12 +74,31 @@ def atomic_write_with(path: str | os.PathLike[str], write: Callable[[BinaryIO], 
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
+        full = None
+        if isinstance(e, Exception):
+            full = disk_full_at(path, e)
+            if full is None and _short_write_on_a_full_disk(e, path.parent):
+                full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         Path(tmp).unlink(missing_ok=True)
-        full = disk_full_at(path, e) if isinstance(e, Exception) else None
         if full is not None:
             raise full from e
         raise
     return path
+
+
+SHORT_WRITE_FREE_BYTES = 64 * 1024
+"""A write that stopped short with this little room left on its filesystem ran out of disk."""
+
+
+def _short_write_on_a_full_disk(exc: Exception, folder: Path) -> bool:
+    """numpy's ``tofile`` reports a full disk as ``OSError("N requested and M written")``, with no errno."""
+    if not (isinstance(exc, OSError) and exc.errno is None):
+        return False
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < SHORT_WRITE_FREE_BYTES
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from autoseg.common.errors import AutosegError
-from autoseg.common.jsonio import save_record
+from autoseg.common.jsonio import disk_full_cause, save_record
 from autoseg.common.paths import Paths
 from autoseg.schedule.executors import EXIT_INTERRUPTED, Executor, JobHandle, Launch, job_environment
 from autoseg.schedule.jobs import JobKind, JobPaths, JobRecord, JobSpec, JobState
@@ -46,6 +46,9 @@ ATTEMPT_HEADER = "=== autoseg scheduler: "
 
 MAX_MESSAGE_CHARS = 500
 """A failure message longer than this (many dataset problems) is cut; the log has it all."""
+
+DISK_FULL_GRACE_S = 60.0
+"""How long running children get to checkpoint and exit when the scheduler stops on a full disk."""
 
 
 @dataclass(frozen=True)
@@ -296,17 +299,34 @@ class _Run:
         after = tuple(self.running[d].handle.external_id for d in job.depends_on if d in self.running)
         launch = Launch(job=job, command=command, env=env, job_paths=jp, slot=slot, cpus=cpus,
                         attempt=attempt, after=after)
-        handle = self.executor.submit(launch)
+        try:
+            handle = self.executor.submit(launch)
+        except Exception as e:  # the job log's header on a full disk: the job never started
+            full = _disk_full(e, jp.log)
+            if full is None:
+                raise
+            if slot is not None and self.pool is not None:
+                self.pool.release(slot, job)
+            self.state[job.job_id] = JobState.FAILED
+            self.record_disk_full(job.job_id, JobState.FAILED, full, log_path=str(jp.log))
+            raise full from e
         record = JobRecord(spec=job, attempt=attempt, state=JobState.RUNNING, executor=self.executor.name,
                            command=command, env=env, gpu=gpu, cpus=cpus, host=self.host,
                            external_id=handle.external_id, started_at=time.time())
-        save_record(jp.record, record)
+        # tracked before anything else is written: a full disk from here on stops a known child
+        self.state[job.job_id] = JobState.RUNNING
+        self.running[job.job_id] = _Running(handle, slot, record)
         self.store.update(job.job_id, state=JobState.RUNNING, attempt=attempt, gpu=gpu, cpus=cpus,
                           executor=self.executor.name, external_id=handle.external_id, host=self.host,
                           started_at=record.started_at, ended_at=None, exit_code=None, log_path=str(jp.log),
                           message=None)
-        self.state[job.job_id] = JobState.RUNNING
-        self.running[job.job_id] = _Running(handle, slot, record)
+        try:
+            save_record(jp.record, record)
+        except Exception as e:
+            full = _disk_full(e, jp.record)
+            if full is None:
+                raise
+            raise full from e
         log.info("started %s (attempt %d, GPU %s, %d CPUs)", job.job_id, attempt, gpu, cpus)
 
     def reap(self) -> None:
@@ -366,6 +386,38 @@ class _Run:
             new = JobState.BLOCKED if blocked else JobState.PENDING
             self.state[dep] = new
             self.store.update(dep, state=new, external_id=None)
+
+    # ------------------------------------------------------------------ a full disk
+    def record_disk_full(self, job_id: str, state: JobState, err: OSError, **fields: object) -> None:
+        """Best effort: the store may sit on the full disk too (then `autoseg status` sees a dead scheduler)."""
+        try:
+            self.store.update(job_id, state=state, ended_at=time.time(), message=disk_full_reason(err), **fields)
+        except Exception as e:
+            if disk_full_cause(e) is None:
+                raise
+            log.warning("%s: cannot record it as %s: the state store's disk is full too", job_id, state.value)
+
+    def stop_on_disk_full(self, err: OSError) -> None:
+        """The scheduler cannot write (its store, a job log or record): stop every child cleanly, say why.
+
+        Children get SIGINT (they checkpoint and exit) and ``DISK_FULL_GRACE_S`` before SIGKILL;
+        their jobs become INTERRUPTED with the reason, so a run after freeing space resumes them.
+        """
+        if self.running:
+            log.warning("the disk is full: interrupting %d running job(s); they checkpoint and stop", len(self.running))
+        self.interrupt_all()
+        deadline = time.monotonic() + DISK_FULL_GRACE_S
+        while self.running and time.monotonic() < deadline:
+            for job_id, run in list(self.running.items()):
+                rc = run.handle.poll()
+                if rc is not None:
+                    del self.running[job_id]
+                    self.record_disk_full(job_id, JobState.INTERRUPTED, err, exit_code=rc)
+            time.sleep(0.1)
+        for job_id, run in list(self.running.items()):
+            run.handle.kill()
+            del self.running[job_id]
+            self.record_disk_full(job_id, JobState.INTERRUPTED, err)
 
     # ------------------------------------------------------------------ Ctrl-C
     def interrupt_all(self) -> None:
@@ -431,9 +483,28 @@ def run_jobs(jobs: list[JobSpec], executor: Executor, paths: Paths, store: State
                 time.sleep(options.poll_interval_s)
             except KeyboardInterrupt:  # raised by hand, or SIGINT outside the main thread's handler
                 presses.append(time.monotonic())
+            except Exception as e:  # a full disk under the scheduler: stop the children, then fail in one line
+                full = _disk_full(e, paths.scheduler_dir())
+                if full is None:
+                    raise
+                run.stop_on_disk_full(full)
+                raise full from e
     if options.observer is not None:
         observe()
     return run.summary(started)
+
+
+def _disk_full(exc: BaseException, writing: str | os.PathLike[str]) -> OSError | None:
+    """``exc``'s ENOSPC/EDQUOT error naming a file (its own, else ``writing``); None when it is another error."""
+    full = disk_full_cause(exc)
+    if full is None:
+        return None
+    return full if full.filename else OSError(full.errno, os.strerror(full.errno), str(writing))
+
+
+def disk_full_reason(err: OSError) -> str:
+    """What a job stopped by a full disk records: ``<file>: no space left on device (disk full); ...``."""
+    return f"{err.filename}: {err.strerror.lower()} (disk full); free space and run the same command again"
 
 
 @contextlib.contextmanager

@@ -7,7 +7,9 @@ done, which were interrupted and how many attempts each has used.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -89,9 +91,13 @@ class StateStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
                                          isolation_level=None, check_same_thread=False)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute(_SCHEMA_SQL)
+            try:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+                self._conn.execute(_SCHEMA_SQL)
+            except sqlite3.OperationalError as e:
+                self._conn.close()
+                raise _disk_full_error(e, self.path) or e
         self._conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         present = {r[1] for r in self._conn.execute("PRAGMA table_info(jobs)").fetchall()}
         if not readonly:
@@ -165,18 +171,43 @@ class StateStore:
         return JobRow(spec=spec, **data)
 
     def _transaction(self) -> "_Tx":
-        return _Tx(self._conn)
+        return _Tx(self._conn, self.path)
+
+
+def _disk_full_error(err: sqlite3.Error, path: Path) -> OSError | None:
+    """SQLite's "database or disk is full" as the OSError every other write raises (ENOSPC, naming the file)."""
+    if getattr(err, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
+        return None
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    full.__cause__ = err
+    return full
 
 
 class _Tx:
-    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error): writers serialize, readers never wait."""
+    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error): writers serialize, readers never wait.
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
+    A full disk (SQLITE_FULL, from a statement or the COMMIT) is raised as an ENOSPC `OSError`."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self.conn, self.path = conn, path
 
     def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise _disk_full_error(e, self.path) or e
         return self.conn
 
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+    def __exit__(self, exc_type: object, exc: BaseException | None, *rest: object) -> None:
+        if exc_type is not None:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error) and (full := _disk_full_error(exc, self.path)) is not None:
+                raise full
+            return
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise _disk_full_error(e, self.path) or e

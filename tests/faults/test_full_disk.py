@@ -113,6 +113,7 @@ def fold_dir(paths: Paths) -> Path:
     return paths.results / DATASET / "3d_fullres" / "default" / "fold_0"
 
 
+@pytest.mark.slow
 def test_train_on_a_full_disk_fails_in_one_line_and_keeps_the_last_checkpoint(planned: Paths, tmp_path: Path) -> None:
     with tmpfs(tmp_path / "results") as results:
         paths = Paths(planned.raw, planned.preprocessed, results)
@@ -148,3 +149,66 @@ def test_train_on_a_full_disk_fails_in_one_line_and_keeps_the_last_checkpoint(pl
         again = run(paths, "train", DATASET, "3d_fullres", "0", "--continue")
         assert again.returncode == 0, again.stderr[-3000:]
         assert load_checkpoint(fold_dir(paths) / ckpt_files.FINAL).epoch == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("free_bytes", "stopped_as"), [(0, "failed"), (4096, "interrupted")],
+                         ids=["log-header-fails", "record-fails-after-the-child-started"])
+def test_train_all_stops_in_one_line_when_the_scheduler_runs_out_of_disk(planned: Paths, tmp_path: Path,
+                                                                         free_bytes: int, stopped_as: str) -> None:
+    """The scheduler's job folders on a full disk: with no room its job log cannot start (the job never
+    starts); with one page the child starts and then its job.json cannot be written (the reported crash)."""
+    from autoseg.schedule.store import StateStore
+
+    paths = Paths(planned.raw, planned.preprocessed, tmp_path / "results")
+    job = f"train:{DATASET}:3d_fullres:default:fold_0"
+    train_all = ("train-all", DATASET, "--configs", "3d_fullres", "--folds", "0", "--gpus", "0", "--quiet",
+                 "--set", "epochs=1", *TINY)
+    with tmpfs(paths.scheduler_dir() / "jobs", size="1m") as jobs:
+        filler = fill(jobs, leave_bytes=free_bytes)
+
+        full = run(paths, *train_all)
+
+        assert full.returncode == 2, full.stderr[-3000:]
+        assert "Traceback" not in full.stderr, full.stderr[-3000:]
+        [line] = error_lines(full.stderr)
+        assert line.startswith(f"error: {jobs}/") and "no space left on device (disk full)" in line, line
+        with StateStore.open(paths, readonly=True) as store:
+            row = store.get(job)
+        assert row is not None and row.state.value == stopped_as and "no space left on device" in (row.message or "")
+        status = run(paths, "status")
+        assert status.returncode == 0 and f"{job}  {stopped_as}" in status.stdout, status.stdout
+
+        filler.unlink()
+        again = run(paths, *train_all)
+        assert again.returncode == 0, again.stderr[-3000:]
+        with StateStore.open(paths, readonly=True) as store:
+            assert store.get(job).state.value == "done"
+        assert (fold_dir(paths) / ckpt_files.FINAL).is_file()
+
+
+def test_preprocess_into_a_full_root_leaves_no_case_that_looks_complete(planned: Paths, tmp_path: Path) -> None:
+    from autoseg.preprocess import list_preprocessed_cases
+
+    with tmpfs(tmp_path / "pre", size="1m") as pre:
+        paths = Paths(planned.raw, pre, tmp_path / "results")
+        plans = planned.preprocessed / DATASET / "plans.json"
+        (pre / DATASET).mkdir()
+        (pre / DATASET / "plans.json").write_bytes(plans.read_bytes())
+        filler = fill(pre, leave_bytes=128 * 1024)  # a case or two, not eight
+
+        full = run(paths, "preprocess", DATASET)
+
+        assert full.returncode == 2, full.stderr[-3000:]
+        assert "Traceback" not in full.stderr, full.stderr[-3000:]
+        [line] = error_lines(full.stderr)
+        assert line.startswith(f"error: {pre / DATASET}") and "no space left on device (disk full)" in line, line
+        folder = pre / DATASET / "3d_fullres"
+        complete = list_preprocessed_cases(folder)
+        assert len(complete) < 8 and not [p for p in folder.rglob("*.tmp")]
+
+        filler.unlink()
+        again = run(paths, "preprocess", DATASET)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert len(list_preprocessed_cases(folder)) == 8
+        assert f"{8 - len(complete)} case(s) to preprocess, {len(complete)} already done" in again.stderr
