@@ -142,6 +142,15 @@ def checkpoint_file(fold_dir: Path, checkpoint: str = "final") -> Path:
     return path
 
 
+def _other_checkpoints(fold_dir: Path, checkpoint: str) -> str:
+    """What to try when ``checkpoint_<checkpoint>.pt`` of a fold cannot be loaded."""
+    others = [f"--checkpoint {c}" for c in CHECKPOINT_CHOICES
+              if c != checkpoint and (fold_dir / f"checkpoint_{c}.pt").is_file()]
+    if others:
+        return "try " + " or ".join(others)
+    return "this fold has no other checkpoint: retrain it (autoseg train ... --force)"
+
+
 def prepare_network(net: nn.Module) -> nn.Module:
     """Inference mode: eval(), deep supervision off (only the full-resolution output)."""
     base = getattr(net, "_orig_mod", net)
@@ -164,7 +173,7 @@ def load_model(fold_dirs: Sequence[Path], device: str | torch.device = "cpu",
     plan = config = mirror = None
     for fold_dir in fold_dirs:
         path = checkpoint_file(Path(fold_dir), checkpoint)
-        ckpt = load_checkpoint(path, map_location="cpu")
+        ckpt = load_checkpoint(path, map_location="cpu", hint=_other_checkpoints(Path(fold_dir), checkpoint))
         cfg = ckpt.plan.configuration(ckpt.config_name)
         if plan is None:
             plan, config = ckpt.plan, cfg

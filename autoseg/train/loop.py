@@ -36,7 +36,14 @@ from autoseg.common.progress import progress
 from autoseg.planning.plans import Plan
 from autoseg.report.plots import plot_progress
 from autoseg.train import checkpoint as ckpt_files
-from autoseg.train.checkpoint import Checkpoint, RngState, load_model_state, save_checkpoint
+from autoseg.train.checkpoint import (
+    Checkpoint,
+    RngState,
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+    save_latest,
+)
 from autoseg.train.config import TrainerConfig
 from autoseg.train.ddp import DistContext, all_reduce_sum, wrap_model
 from autoseg.train.schedules import learning_rate
@@ -143,7 +150,9 @@ def fit(setup: FitSetup, rt: Runtime, resume: Checkpoint | None = None,
         model = torch.compile(model)
 
     def save(name: str, epochs_done: int) -> Path:
-        return save_checkpoint(out / name, Checkpoint(
+        write = (lambda c: save_latest(out, c)) if name == ckpt_files.LATEST else (
+            lambda c: save_checkpoint(out / name, c))
+        return write(Checkpoint(
             model_state=net.state_dict(), optimizer_state=optimizer.state_dict(),
             scaler_state=scaler.state_dict() if rt.use_grad_scaler else {}, epoch=epochs_done,
             best_ema_pseudo_dice=best, history=history, rng=_capture_rng(setup.rng),
@@ -169,16 +178,18 @@ def fit(setup: FitSetup, rt: Runtime, resume: Checkpoint | None = None,
         if main:
             _append_log(out / LOG_FILE, record)
             plot_progress(history, out / PROGRESS_PNG)
+            if improved:  # before latest: a kill in between must not leave latest promising a newer best
+                save(ckpt_files.BEST, epoch)
             if epoch % cfg.save_every == 0 or epoch == cfg.epochs or stopping:
                 save(ckpt_files.LATEST, epoch)
-            if improved:
-                save(ckpt_files.BEST, epoch)
             log.info("epoch %d/%d: train loss %.4f, val loss %.4f, pseudo-Dice %s, EMA %s, %.1f s",
                      epoch, cfg.epochs, train["loss"], val_loss, _fmt(dice), _fmt([record["ema_pseudo_dice"]]),
                      record["epoch_time_s"])
         if stopping and epoch < cfg.epochs:
             raise TrainingInterrupted(epoch, out / ckpt_files.LATEST if main else None)
     final = save(ckpt_files.FINAL, epoch) if main else None
+    if main:  # the fallback for an unreadable latest is not needed by a finished run
+        (out / ckpt_files.PREVIOUS).unlink(missing_ok=True)
     return FitResult(epochs_completed=epoch, best_ema_pseudo_dice=best,
                      final_ema_pseudo_dice=history[-1]["ema_pseudo_dice"] if history else None,
                      history=history, final_checkpoint=final)
@@ -196,9 +207,36 @@ def _restore(setup: FitSetup, optimizer: torch.optim.Optimizer, scaler: torch.am
         scaler.load_state_dict(resume.scaler_state)
     _restore_torch_rng(resume.rng)
     history = list(resume.history)
+    best = resume.best_ema_pseudo_dice
     if main:  # the log may hold an epoch the checkpoint did not reach (killed in between)
         atomic_write_text(out / LOG_FILE, "".join(json.dumps(r) + "\n" for r in history))
-    return resume.epoch, resume.best_ema_pseudo_dice, history
+        best = _best_on_disk(out, best)
+    return resume.epoch, best, history
+
+
+def _best_on_disk(out: Path, recorded: float | None) -> float | None:
+    """The best EMA pseudo-Dice that ``checkpoint_best.pt`` really holds, so a new best is judged against it.
+
+    ``checkpoint_latest.pt`` may disagree: it is written every ``save_every`` epochs while the best
+    is written whenever it improves, and a kill can fall between the two writes. Trusting latest
+    would overwrite a better best.pt, or leave an older one standing for a newer value.
+    """
+    path = out / ckpt_files.BEST
+    if not path.is_file():
+        if recorded is not None:
+            log.warning("%s is missing; the next epoch's EMA pseudo-Dice starts a new best", path)
+        return None
+    try:
+        held = load_checkpoint(path).best_ema_pseudo_dice
+    except AutosegError as e:
+        log.warning("%s; the next epoch's EMA pseudo-Dice starts a new best", e)
+        return None
+    if held != recorded:  # lower: an older file (killed between the writes); higher: saved after latest
+        lost = held is None or (recorded is not None and held < recorded)
+        (log.warning if lost else log.info)(
+            "%s holds EMA pseudo-Dice %s, %s recorded %s; new bests are judged against the file",
+            path, _fmt([held]), ckpt_files.LATEST, _fmt([recorded]))
+    return held
 
 
 def _epoch_record(epoch: int, cfg: TrainerConfig, lr: float, train: dict[str, float], val_loss: float,

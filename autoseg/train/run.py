@@ -38,7 +38,7 @@ from autoseg.common.paths import Paths, TrainingId
 from autoseg.common.procs import fork_private
 from autoseg.planning.plans import Plan
 from autoseg.train import checkpoint as ckpt_files
-from autoseg.train.checkpoint import Checkpoint, load_checkpoint
+from autoseg.train.checkpoint import Checkpoint, load_checkpoint, load_latest, remove_stale_temp_files
 from autoseg.train.config import TrainerConfig, changed_keys, default_num_workers, format_changes
 from autoseg.train.ddp import (
     DistContext,
@@ -67,7 +67,7 @@ PLANS_COPY = "plans.json"
 DATASET_JSON_COPY = "dataset.json"
 VALIDATION_DIR = "validation"
 RUN_OUTPUTS = (TRAINER_CONFIG_FILE, PLANS_COPY, DATASET_JSON_COPY, LOG_FILE, PROGRESS_PNG,
-               ckpt_files.LATEST, ckpt_files.BEST, ckpt_files.FINAL)
+               ckpt_files.LATEST, ckpt_files.BEST, ckpt_files.FINAL, ckpt_files.PREVIOUS)
 """Files a run writes in its fold dir; ``force`` removes them (and validation/) before starting."""
 
 SAFE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*")
@@ -141,7 +141,8 @@ def _train_fold_locked(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: 
     """Lock the fold dir (rank 0), settle resume/force, record inputs, then `_train`."""
     dist = rt.dist
     fold_dir = paths.training_dir(tid)
-    resumable = resume and any((fold_dir / n).is_file() for n in (ckpt_files.LATEST, ckpt_files.FINAL))
+    resumable = resume and any((fold_dir / n).is_file()
+                               for n in (ckpt_files.LATEST, ckpt_files.PREVIOUS, ckpt_files.FINAL))
     if plan is None and not resumable:  # fail on a missing plan before touching the fold dir
         from autoseg.planning.plan import load_plan
         plan = load_plan(paths, tid.dataset)
@@ -349,7 +350,7 @@ def _validate_finished(paths: Paths, tid: TrainingId, fold_dir: Path, rt: Runtim
     from autoseg.infer.validate import run_validation
     from autoseg.splits import fold_cases, load_splits
 
-    ckpt = load_checkpoint(fold_dir / ckpt_files.FINAL)
+    ckpt = load_checkpoint(fold_dir / ckpt_files.FINAL, hint="retrain this fold with --force")
     model = load_model([fold_dir], rt.device, checkpoint="final")
     _, val_ids = fold_cases(load_splits(paths, tid.dataset), tid.fold)
     previous = _previous_stage(previous_stage_exports(paths, tid, model.plan), val_ids)
@@ -377,12 +378,14 @@ def _prepare_fold_dir(fold_dir: Path, resume: bool, force: bool, dist: DistConte
         return None
     if resume and force:
         raise AutosegError("--continue and --force contradict each other; pick one", where=fold_dir)
+    remove_stale_temp_files(fold_dir)  # we hold the fold's lock: their writers are dead
     existing = [p for p in (final, latest, fold_dir / ckpt_files.BEST) if p.is_file()]
     if resume:
         if final.is_file():
-            return load_checkpoint(final)
-        if latest.is_file():
-            return load_checkpoint(latest)
+            rebuild = f"move it away and --continue rebuilds it from {latest.name}, or " if latest.is_file() else ""
+            return load_checkpoint(final, hint=f"{rebuild}start over with --force")
+        if latest.is_file() or (fold_dir / ckpt_files.PREVIOUS).is_file():
+            return load_latest(fold_dir)
         log.info("no %s in %s; starting from scratch", ckpt_files.LATEST, fold_dir)
     elif existing and not force:
         raise AutosegError(f"{existing[0].name} exists; use --continue to resume or --force to start over",
