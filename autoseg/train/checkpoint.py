@@ -161,6 +161,11 @@ def _atomic_copy(src: Path, dest: Path) -> None:
         except OSError:  # a filesystem without hard links
             shutil.copyfile(src, tmp)
         os.replace(tmp, dest)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # copyfile's disk-full error names no file
+            raise OSError(e.errno, os.strerror(e.errno), str(dest)) from e
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -212,3 +212,20 @@ def test_preprocess_into_a_full_root_leaves_no_case_that_looks_complete(planned:
         assert again.returncode == 0, again.stderr[-3000:]
         assert len(list_preprocessed_cases(folder)) == 8
         assert f"{8 - len(complete)} case(s) to preprocess, {len(complete)} already done" in again.stderr
+
+
+def test_a_checkpoint_copy_onto_a_full_disk_names_the_file_and_leaves_no_temp(tmp_path: Path) -> None:
+    """The prev/latest copy falls back to copyfile across filesystems; its ENOSPC named no file."""
+    import errno
+
+    from autoseg.train.checkpoint import _atomic_copy
+
+    source = tmp_path / "checkpoint_latest.pt"
+    source.write_bytes(b"x" * 400_000)
+    with tmpfs(tmp_path / "disk", size="1m") as disk:
+        dest = disk / "checkpoint_latest.prev.pt"
+        fill(disk, leave_bytes=64 * 1024)
+        with pytest.raises(OSError) as caught:
+            _atomic_copy(source, dest)  # os.link fails across filesystems: the copy path
+        assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(dest)
+        assert sorted(p.name for p in disk.iterdir()) == ["filler.bin"]
