@@ -16,6 +16,7 @@ A cascade fold validates with ``previous_stage`` (those exports of its validatio
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from autoseg.common.errors import AutosegError
-from autoseg.common.jsonio import save_record
+from autoseg.common.jsonio import atomic_write_json, save_record
 from autoseg.common.paths import Paths
 from autoseg.common.progress import progress
 from autoseg.dataset.io import write_image
@@ -43,6 +44,10 @@ from autoseg.infer.predict import (
 from autoseg.planning.plans import Configuration, Plan
 
 log = logging.getLogger(__name__)
+
+VALIDATION_PROGRESS = "progress.json"
+"""``out_dir/progress.json``: cases done/total and timestamps, so `autoseg status` can give the
+final validation (often longer than the training on small budgets) its own ETA."""
 
 
 def run_validation(net: nn.Module, plan: Plan, config: Configuration, mirror_axes: Sequence[int],
@@ -71,6 +76,8 @@ def run_validation(net: nn.Module, plan: Plan, config: Configuration, mirror_axe
                         device=resolve_device(device), previous_stage=previous_stage)
     exports = next_stages(plan, config.name)
     pairs = []
+    started = time.time()
+    _write_progress(out_dir, 0, len(cases), started)
     try:
         for case in progress(cases, total=len(cases), desc="validation", enabled=show_progress, unit="case"):
             # predict_case's steps, keeping the probabilities on the preprocessed grid for the exports
@@ -87,6 +94,7 @@ def run_validation(net: nn.Module, plan: Plan, config: Configuration, mirror_axe
                 write_probabilities(out_dir, case.case_id, probs, geometry, spec.labels, spec.file_ending)
             write_image(out, seg, geometry)
             pairs.append((case.case_id, out, case.label))
+            _write_progress(out_dir, len(pairs), len(cases), started)
     finally:
         net.train(was_training)
         if had_ds is not None:
@@ -95,3 +103,8 @@ def run_validation(net: nn.Module, plan: Plan, config: Configuration, mirror_axe
     save_record(out_dir / SUMMARY_FILE, summary)
     log.info("validation of %d case(s): mean foreground Dice %.4f", len(pairs), summary.foreground_dice)
     return summary
+
+
+def _write_progress(out_dir: Path, done: int, total: int, started: float) -> None:
+    atomic_write_json(out_dir / VALIDATION_PROGRESS,
+                      {"cases_done": done, "cases_total": total, "started_at": started, "updated_at": time.time()})

@@ -67,7 +67,11 @@ def status_rows(statuses: Sequence[JobStatus]) -> list[list[object]]:
         eta = None
         if p and s.state.value == "running":  # after the last epoch comes the final validation
             done = p.epochs_total is not None and p.epochs_done >= p.epochs_total
-            eta = "validating" if done and p.validation_dice is None else format_duration(p.eta_s)
+            if done and p.validation_dice is None:  # "val 3/52 4m": the final validation's own ETA
+                cases = f"val {p.validation_cases[0]}/{p.validation_cases[1]}" if p.validation_cases else None
+                eta = " ".join(x for x in (cases or "validating", format_duration(p.eta_s)) if x)
+            else:
+                eta = format_duration(p.eta_s)
         dice = f"{p.last_pseudo_dice:.4f}" if p and p.last_pseudo_dice is not None else None
         val = f"{p.validation_dice:.4f}" if p and p.validation_dice is not None else None
         rows.append([s.job_id, s.state.value, s.gpu, s.attempt or None, epoch, eta, dice, val,

@@ -9,6 +9,7 @@ jobs are shown (`latest_run`), the others counted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ DRIVEN_BY_SCHEDULER = frozenset({"local", "inprocess"})
 """Executors whose jobs die with (or are stopped by) the scheduler; Slurm jobs outlive it."""
 VALIDATION_SUMMARY = Path("validation") / "summary.json"
 """Where a fold's final validation writes its evaluation (autoseg.train.run's VALIDATION_DIR)."""
+VALIDATION_PROGRESS = Path("validation") / "progress.json"
+"""Cases done/total of a running final validation (autoseg.infer.validate.VALIDATION_PROGRESS)."""
 ETA_EPOCH_WINDOW = 5
 """ETA = remaining epochs x mean time of the last few epochs (early epochs include compile/warm-up)."""
 
@@ -38,6 +41,8 @@ class TrainingProgress:
     last_pseudo_dice: float | None
     validation_dice: float | None = None
     """Mean foreground Dice of the final validation, once it has been written."""
+    validation_cases: tuple[int, int] | None = None
+    """(done, total) cases of the final validation while it runs; its ETA is then ``eta_s``."""
 
 
 @dataclass(frozen=True)
@@ -77,9 +82,22 @@ def read_training_progress(training_dir: Path) -> TrainingProgress | None:
     times = [r["epoch_time_s"] for r in records[-ETA_EPOCH_WINDOW:] if isinstance(r.get("epoch_time_s"), int | float)]
     eta = (total - done) * sum(times) / len(times) if times and isinstance(total, int) else None
     dice = last.get("mean_pseudo_dice", last.get("ema_pseudo_dice"))
+    val_dice = _validation_dice(Path(training_dir) / VALIDATION_SUMMARY)
+    cases = None
+    if isinstance(total, int) and done >= total and val_dice is None:  # training over: the final validation's ETA
+        cases, eta = _validation_progress(Path(training_dir) / VALIDATION_PROGRESS)
     return TrainingProgress(done, total if isinstance(total, int) else None, eta,
-                            float(dice) if isinstance(dice, int | float) else None,
-                            _validation_dice(Path(training_dir) / VALIDATION_SUMMARY))
+                            float(dice) if isinstance(dice, int | float) else None, val_dice, cases)
+
+
+def _validation_progress(path: Path) -> tuple[tuple[int, int] | None, float | None]:
+    """(done, total) and the remaining seconds at the mean time per finished case (None before the first)."""
+    try:
+        p = json.loads(path.read_text(encoding="utf-8"))
+        done, total, spent = int(p["cases_done"]), int(p["cases_total"]), float(p["updated_at"]) - float(p["started_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+    return (done, total), (spent / done * (total - done) if done > 0 else None)
 
 
 def _validation_dice(summary: Path) -> float | None:
@@ -103,8 +121,7 @@ def job_status(paths: Paths, row: JobRow, now: float | None = None, scheduler_ru
     if state is JobState.RUNNING and not scheduler_running and row.executor in DRIVEN_BY_SCHEDULER:
         state, now = JobState.INTERRUPTED, row.updated_at
         if progress is not None:
-            progress = TrainingProgress(progress.epochs_done, progress.epochs_total, None, progress.last_pseudo_dice,
-                                        progress.validation_dice)
+            progress = dataclasses.replace(progress, eta_s=None)
     elapsed = None
     if row.started_at is not None:
         elapsed = (row.ended_at if row.ended_at and state is not JobState.RUNNING else now) - row.started_at

@@ -77,6 +77,10 @@ def test_status_shows_training_progress(sched_paths) -> None:
     cells = _cli(sched_paths, "status").stdout.splitlines()[2].split()
     assert cells[4:8] == ["10/10", "validating", "0.8000", "-"]  # the final validation runs after the last epoch
     (fold_dir / "validation").mkdir()
+    progress = {"cases_done": 3, "cases_total": 12, "started_at": 100.0, "updated_at": 130.0}
+    (fold_dir / "validation" / "progress.json").write_text(json.dumps(progress))
+    row = _cli(sched_paths, "status").stdout.splitlines()[2]
+    assert row.split()[4:9] == ["10/10", "val", "3/12", "1m30s", "0.8000"]  # 10 s per case so far, 9 to go
     (fold_dir / "validation" / "summary.json").write_text(json.dumps({"foreground_mean": {"dice": 0.8512}}))
     cells = _cli(sched_paths, "status").stdout.splitlines()[2].split()
     assert cells[4:8] == ["10/10", "0s", "0.8000", "0.8512"]

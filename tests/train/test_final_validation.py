@@ -3,6 +3,7 @@ finished fold, on a tiny phantom through the CLI."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -72,6 +73,11 @@ def test_off_skips_the_validation_and_no_mirroring_validates_unmirrored(planned,
     # asking for a validation now runs it, without mirroring when told so
     _train(planned, "--continue", sets=("final_validation=no_mirroring",))
     assert mirror_axes_used == [()] and (fold_dir / "validation" / "summary.json").is_file()
+    # the progress `autoseg status` reads for the validation's ETA ends at all cases done
+    summary = json.loads((fold_dir / "validation" / "summary.json").read_text())
+    progress = json.loads((fold_dir / "validation" / "progress.json").read_text())
+    assert progress["cases_done"] == progress["cases_total"] == len(summary["cases"]) > 0
+    assert progress["updated_at"] >= progress["started_at"]
 
 
 def test_full_validation_mirrors(planned, mirror_axes_used) -> None:
