@@ -110,7 +110,8 @@ TRAIN_MOMENTS, PREPROCESS_MOMENTS, TRAIN_ALL_MOMENTS = _moments()
 STAGED_VALIDATION_PATHS = (
     "a finished fold's validation is redone in .validation.partial/ and renamed to validation/ "
     "(autoseg/train/run.py _validate_finished), but summary.json keeps the staging folder's prediction "
-    "paths, which find-best then fails to read")
+    "paths: files that no longer exist (find-best copes, it takes only the file name; `--validation-only` "
+    "goes through the same code)")
 
 
 def _params(moments: list[Moment]) -> list:
@@ -207,7 +208,7 @@ def _check_finished_fold(paths: Paths, fold: int = 0) -> list[dict]:
 
 
 class StalePredictionPath(AssertionError):
-    """summary.json names a prediction file that is not there (find-best reads them by that path)."""
+    """summary.json names a prediction file that is not there."""
 
 
 def _check_prediction_paths(fold_dir: Path) -> None:

@@ -24,6 +24,7 @@ from autoseg.common.paths import Paths, TrainingId
 from autoseg.dataset.phantom import PhantomRecipe, make_phantom_dataset
 from autoseg.preprocess import list_preprocessed_cases
 from autoseg.train.run import fold_lock
+from tests.faults.procs_util import cmdline, descendants, start_time, survivors
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux only")
 
@@ -35,73 +36,20 @@ GONE_WITHIN_S = 5.0
 
 # ---------------------------------------------------------------------- processes, read from /proc
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time (field 22 of /proc/<pid>/stat); None when gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-    return None if fields[0] in ("Z", "X") else fields[19]
-
-
-def _children(pid: int) -> list[int]:
-    kids: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            kids += [int(k) for k in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return kids
-
-
-def _descendants(pid: int) -> dict[int, str]:
-    """Every live descendant of ``pid`` -> its start time (so a reused pid is not mistaken for it)."""
-    found: dict[int, str] = {}
-    todo = _children(pid)
-    while todo:
-        kid = todo.pop()
-        started = _start_time(kid)
-        if started is not None and kid not in found:
-            found[kid] = started
-            todo += _children(kid)
-    return found
-
-
-def _survivors(procs: dict[int, str], within_s: float) -> dict[int, str]:
-    """The processes of ``procs`` still alive after ``within_s`` seconds (killed, to not leak them)."""
-    deadline = time.monotonic() + within_s
-    alive = procs
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.05)
-        alive = {p: t for p, t in alive.items() if _start_time(p) == t}
-    named = {pid: _cmdline(pid) for pid in alive}
-    for pid in alive:
-        os.kill(pid, signal.SIGKILL)
-    return named
-
-
 def _kill_when(proc: subprocess.Popen[str], ready, what: str, timeout_s: float = 120.0) -> dict[int, str]:
     """SIGKILL ``proc`` once ``ready(descendants)``; returns the descendants it had just before."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        kids = _descendants(proc.pid)
+        kids = descendants(proc.pid)
         if ready(kids):
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            return {**kids, **_descendants(proc.pid)}  # none: a dead process has no children left
+            return {**kids, **descendants(proc.pid)}  # none: a dead process has no children left
         if proc.poll() is not None:
             pytest.fail(f"{what} ended (rc {proc.returncode}) before its workers were seen: {proc.stderr.read()[-2000:]}")
         time.sleep(0.02)
     proc.kill()
     pytest.fail(f"no {what} workers within {timeout_s:.0f} s")
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
-    except OSError:
-        return ""
 
 
 # ---------------------------------------------------------------------- a tiny planned phantom
@@ -149,7 +97,7 @@ def test_killed_trainer_leaves_no_worker_and_continue_trains(planned: Paths) -> 
     train = subprocess.Popen(_train_command(planned), env=_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
     workers = _kill_when(train, lambda kids: len(kids) >= 2, "train")
-    assert not _survivors(workers, GONE_WITHIN_S)
+    assert not survivors(workers, GONE_WITHIN_S)
 
     again = subprocess.run(_train_command(planned, "--continue"), env=_env(), capture_output=True, text=True,
                            timeout=300)
@@ -162,9 +110,9 @@ def test_killed_trainer_leaves_no_worker_and_continue_trains(planned: Paths) -> 
 def test_killed_preprocess_leaves_no_pool_worker_and_reruns(planned: Paths) -> None:
     prep = subprocess.Popen(_autoseg(planned, "preprocess", "999", "--configs", "3d_fullres", "-j", "2"),
                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    pool_workers = lambda kids: sum("spawn_main" in _cmdline(k) for k in kids) >= 2  # noqa: E731
+    pool_workers = lambda kids: sum("spawn_main" in cmdline(k) for k in kids) >= 2  # noqa: E731
     children = _kill_when(prep, pool_workers, "preprocess")
-    assert not _survivors(children, GONE_WITHIN_S)
+    assert not survivors(children, GONE_WITHIN_S)
 
     _preprocess(planned)
     folder = planned.preprocessed_data(DATASET, "3d_fullres")
@@ -187,18 +135,18 @@ HOLDER = textwrap.dedent("""
 def test_a_forked_worker_does_not_hold_the_fold_lock(tmp_path: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     child = int(holder.stdout.readline())
-    started = _start_time(child)
+    started = start_time(child)
     try:
         with pytest.raises(AutosegError, match=f"pid {holder.pid}"):  # the live holder has it
             with fold_lock(tmp_path):
                 pass
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-        assert _start_time(child) == started  # the forked child outlives it (no parent-death signal here)
+        assert start_time(child) == started  # the forked child outlives it (no parent-death signal here)
         with fold_lock(tmp_path):  # ... yet the lock went with the holder
             assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
     finally:
-        if _start_time(child) == started:
+        if start_time(child) == started:
             os.kill(child, signal.SIGKILL)
 
 
