@@ -24,13 +24,20 @@ last, so a case is complete exactly when its json exists):
     <data_identifier>/CASE_seg.npy  int8 (1, *spatial)
     <data_identifier>/CASE_fg.npz   class_<k> -> (N, 3) int32 sampled voxel coordinates
     <data_identifier>/CASE.json     CaseProperties
+
+A run holds an exclusive lock on the data folder (``.lock``), so two runs never write the same
+cases, and every temp file of a case write found under the lock was left by a killed run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
+import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +76,12 @@ FG_SEED = 1234
 
 SETTINGS_FILENAME = "preprocessing.json"
 """Record, in each data folder, of the settings the cases there were made with."""
+
+LOCK_FILE = ".lock"
+"""Held (``flock``) in a data folder while a run preprocesses into it."""
+
+STALE_TEMP_RE = re.compile(r"^\..+\.(npy|npz|json)\.[A-Za-z0-9_]+\.tmp$")
+"""Temp files of the folder's atomic writes (``atomic_write_with``: ``.<name>.<random>.tmp``)."""
 
 
 @dataclass(frozen=True)
@@ -513,23 +526,61 @@ def preprocess_dataset(paths: Paths, dataset: str, config_names: list[str], num_
         for identifier, config in by_identifier.items():
             folder = paths.preprocessed_data(dataset, identifier)
             folder.mkdir(parents=True, exist_ok=True)
-            _check_settings(folder, settings_for(plan, config), force)
-            done = set() if force else set(list_preprocessed_cases(folder))
-            todo = [c for c in spec.cases if c.case_id not in done]
-            log.info("%s/%s: %d case(s) to preprocess, %d already done", dataset, identifier,
-                     len(todo), len(spec.cases) - len(todo))
-            desc = f"preprocess {identifier}"
-            if pool is None:
-                for case in progress(todo, total=len(todo), desc=desc, unit="case"):
-                    _preprocess_to_folder(case, plan, config, folder)
-            else:
-                futures = [pool.submit(_preprocess_to_folder, c, plan, config, folder) for c in todo]
-                for fut in progress(as_completed(futures), total=len(futures), desc=desc, unit="case"):
-                    fut.result()
+            with _folder_lock(folder):
+                _remove_stale_temp_files(folder)
+                _check_settings(folder, settings_for(plan, config), force)
+                done = set() if force else set(list_preprocessed_cases(folder))
+                todo = [c for c in spec.cases if c.case_id not in done]
+                log.info("%s/%s: %d case(s) to preprocess, %d already done", dataset, identifier,
+                         len(todo), len(spec.cases) - len(todo))
+                desc = f"preprocess {identifier}"
+                if pool is None:
+                    for case in progress(todo, total=len(todo), desc=desc, unit="case"):
+                        _preprocess_to_folder(case, plan, config, folder)
+                else:
+                    futures = [pool.submit(_preprocess_to_folder, c, plan, config, folder) for c in todo]
+                    for fut in progress(as_completed(futures), total=len(futures), desc=desc, unit="case"):
+                        fut.result()
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     return {c.name: paths.preprocessed_data(dataset, c.data_identifier) for c in configs}
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``<folder>/.lock`` (our pid inside) while preprocessing into it.
+
+    The kernel drops the lock when its holder dies, even by SIGKILL, so a killed run leaves no
+    stale lock; a live holder makes us refuse with its pid. The pool's workers are spawned
+    (exec), so they do not inherit the descriptor (Python opens it non-inheritable).
+    """
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise AutosegError(f"another process (pid {holder}) is preprocessing into this folder; "
+                           "wait for it to finish or stop it first", folder) from None
+    try:
+        with contextlib.suppress(OSError):  # the pid is for the message only: a full disk must not stop us here
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _remove_stale_temp_files(folder: Path) -> None:
+    """Delete the temp files of writes a killed run left (up to a whole case array each); call under the lock."""
+    for f in folder.iterdir():
+        if STALE_TEMP_RE.match(f.name) and f.is_file():
+            f.unlink(missing_ok=True)
+            log.info("removed %s, left by a killed preprocessing run", f)
 
 
 def median_preprocessed_shape(folder: Path) -> tuple[int, ...] | None:

@@ -342,6 +342,7 @@ def test_preprocess_killed_reruns_to_the_same_files(moment: Moment, prepared: Pa
     after = {c: {k: (p.stat().st_ino, p.stat().st_mtime_ns, _digest(p)) for k, p in case_files(folder, c).items()}
              for c in complete}
     assert after == before, "a case complete before the kill was rewritten"
+    assert not [n for n in _listdir(folder) if n.endswith(".tmp")], "the killed run's temp files are still there"
 
 
 # ---------------------------------------------------------------------- train-all
