@@ -220,7 +220,7 @@ def features_per_stage(num_stages: int, ndim: int) -> tuple[int, ...]:
     return tuple(min(cap, BASE_FEATURES * 2 ** s) for s in range(num_stages))
 
 
-def network_topology(spacing: Sequence[float], patch_size: Sequence[int]) -> Topology:
+def network_topology(spacing: Sequence[float], patch_size: Sequence[float]) -> Topology:
     """Strides and kernels of a U-Net for this patch and spacing (nnU-Net ``get_pool_and_conv_props``).
 
     Each stage halves every axis that (a) is >= 2 x `MIN_FEATURE_MAP_EDGE_VOX` voxels and (b) has
@@ -228,9 +228,10 @@ def network_topology(spacing: Sequence[float], patch_size: Sequence[int]) -> Top
     `SINGLE_AXIS_MIN_EDGE_VOX`. Kernels are 1 along an axis until its spacing comes within 2x of
     the finest (3 from then on), so thick slices are not mixed before the in-plane resolution
     has caught up. The bottleneck adds a 3-wide stage. The patch is rounded up to a multiple of
-    2 ** pools per axis. (nnU-Net compares kernels against a list of the size-poolable axes
-    only, indexed by axis; we compare each axis' own spacing, which agrees whenever the two
-    lists coincide, i.e. on all common datasets.)
+    2 ** pools per axis; a fractional patch (the initial one, clipped to a k + 0.5 median) is
+    halved and rounded up as it is, never truncated first. (nnU-Net compares kernels against a
+    list of the size-poolable axes only, indexed by axis; we compare each axis' own spacing,
+    which agrees whenever the two lists coincide, i.e. on all common datasets.)
     """
     ndim = len(spacing)
     cur_spacing = [float(s) for s in spacing]
@@ -260,19 +261,21 @@ def network_topology(spacing: Sequence[float], patch_size: Sequence[int]) -> Top
         kernels.append(tuple(kernel))
     kernels.append((3,) * ndim)
     divisor = [2 ** p for p in pools]
-    padded = tuple(int(np.ceil(int(s) / d) * d) for s, d in zip(patch_size, divisor))
+    padded = tuple(int(np.ceil(float(s) / d) * d) for s, d in zip(patch_size, divisor))
     return Topology(strides=tuple(strides), kernel_sizes=tuple(kernels), patch_size=padded)
 
 
-def initial_patch_size(spacing: Sequence[float], median_shape: Sequence[float]) -> tuple[int, ...]:
+def initial_patch_size(spacing: Sequence[float], median_shape: Sequence[float]) -> tuple[float, ...]:
     """A patch of 256^3 (3D) / 2048^2 (2D) voxels in the aspect of 1 / spacing, clipped to the median shape.
 
     Equal physical extent per axis, larger than any GPU budget allows; the budget loop shrinks it.
+    The clip keeps a fractional median (k + 0.5 from an even number of cases) as it is, like
+    nnU-Net: `network_topology` then pads it up, so a median of 80.5 with 4 poolings gives 96.
     """
     inv = 1.0 / np.asarray(spacing, dtype=float)
     edge = INITIAL_PATCH_EDGE_3D_VOX if len(spacing) == 3 else INITIAL_PATCH_EDGE_2D_VOX
     scale = (edge ** len(spacing) / np.prod(inv)) ** (1 / len(spacing))
-    return tuple(int(min(round(v), m)) for v, m in zip(inv * scale, median_shape))
+    return tuple(min(float(round(v)), float(m)) for v, m in zip(inv * scale, median_shape))
 
 
 @dataclass(frozen=True)
