@@ -2,8 +2,10 @@
 
 The rank, world size and local rank are read from the environment by the CLI (torchrun sets
 ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and passed here explicitly as a `DistContext`.
-The global batch is split over ranks, each rank seeds its loaders with ``seed + rank``, and
-only rank 0 writes logs and checkpoints. gloo on CPU, nccl on CUDA.
+The global batch is split over ranks together with its foreground-oversampled samples
+(`split_oversample`), batch Dice sums its TP/FP/FN over all ranks (`all_reduce_sum_grad`),
+each rank seeds its loaders with ``seed + rank``, and only rank 0 writes logs and
+checkpoints. gloo on CPU, nccl on CUDA.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from autoseg.common.errors import AutosegError
+from autoseg.data.sampling import is_forced_foreground
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,24 @@ def split_batch(global_batch_size: int, ctx: DistContext) -> int:
                            f"({ctx.world_size}); raise it with --set batch_size=N", where="batch_size")
     base, extra = divmod(global_batch_size, ctx.world_size)
     return base + (1 if ctx.rank < extra else 0)
+
+
+def split_oversample(global_batch_size: int, oversample: float, ctx: DistContext) -> float:
+    """This rank's foreground-oversampling fraction, so that the global batch keeps its forced samples.
+
+    Each rank applies the forced-foreground rule to its local batch; with the global fraction
+    a global batch of 2 on 2 ranks (round(1 * 0.67) = 1 random sample each) had no forced sample
+    at all. Instead rank r takes the samples r holds of the global batch (`split_batch` order)
+    and forces exactly those the single-process rule forces there (nnU-Net's
+    ``_set_batch_size_and_oversample``): with c of its b samples forced, the fraction c / b
+    makes the local rule force its last c.
+    """
+    if not ctx.enabled:
+        return oversample
+    local = split_batch(global_batch_size, ctx)
+    start = sum(split_batch(global_batch_size, DistContext(r, ctx.world_size, r)) for r in range(ctx.rank))
+    forced = sum(is_forced_foreground(i, global_batch_size, oversample) for i in range(start, start + local))
+    return forced / local
 
 
 def device_for(ctx: DistContext, device_type: str) -> torch.device:
@@ -109,6 +130,35 @@ def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+class _AllReduceSumGrad(torch.autograd.Function):
+    """Sum over ranks that gradients flow through: the backward sums the incoming gradients too.
+
+    Every rank computes the same loss from the summed tensor, so rank r's input gets
+    ``world_size`` times its own share of the gradient here; DDP's averaging of the parameter
+    gradients then gives exactly the gradient of that loss on the whole global batch.
+    """
+
+    @staticmethod
+    def forward(ctx: object, values: torch.Tensor) -> torch.Tensor:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def all_reduce_sum_grad(values: torch.Tensor) -> torch.Tensor:
+    """Sum over the ranks of the default process group, differentiably (batch Dice's TP/FP/FN);
+    identity without one, e.g. a loss built for DDP used in a single process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    return _AllReduceSumGrad.apply(values)
 
 
 def all_ranks_ok(ok: bool, ctx: DistContext) -> bool:

@@ -3,6 +3,9 @@
 Follows nnU-Net v2's defaults (``DC_and_CE_loss`` with ``MemoryEfficientSoftDiceLoss``):
 softmax probabilities, Dice over the foreground classes only, smoothing 1e-5, "batch Dice"
 (one Dice per class over the whole batch) when the plan says so, CE and Dice weighted 1:1.
+Under DDP the batch Dice sums its intersections and denominators over all ranks, so it is
+the Dice of the global batch (nnU-Net all-gathers them with ``ddp=True``), not a mean of
+per-rank Dice values.
 Networks give logits ``(B, K, *spatial)``; targets are label maps ``(B, 1, *spatial)``
 (float or int) with values 0..K-1, or K for an unannotated voxel.
 
@@ -22,6 +25,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from autoseg.train.ddp import all_reduce_sum_grad
 
 DICE_SMOOTH = 1e-5
 """Added to numerator and denominator of the soft Dice (nnU-Net's default); keeps empty classes finite."""
@@ -50,12 +55,14 @@ class SoftDiceLoss(nn.Module):
 
     ``batch_dice=True`` sums intersections over the batch before dividing (one Dice per
     class), which is steadier for small structures; otherwise one Dice per sample and class.
+    ``ddp=True`` makes the batch the global one: the sums run over every rank's samples.
     """
 
-    def __init__(self, batch_dice: bool, smooth: float = DICE_SMOOTH) -> None:
+    def __init__(self, batch_dice: bool, smooth: float = DICE_SMOOTH, ddp: bool = False) -> None:
         super().__init__()
         self.batch_dice = batch_dice
         self.smooth = smooth
+        self.ddp = ddp
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         k = logits.shape[1]
@@ -69,6 +76,8 @@ class SoftDiceLoss(nn.Module):
         denom = probs.sum(axes) + onehot.sum(axes)
         if self.batch_dice:
             intersect, denom = intersect.sum(0), denom.sum(0)
+            if self.ddp:
+                intersect, denom = all_reduce_sum_grad(torch.stack([intersect, denom])).unbind(0)
         dice = (2 * intersect + self.smooth) / (denom + self.smooth).clamp_min(1e-8)
         return -dice.mean()
 
@@ -87,10 +96,11 @@ class CrossEntropyLoss(nn.Module):
 class DiceCELoss(nn.Module):
     """CE + soft Dice, weighted 1:1 (nnU-Net's default training loss)."""
 
-    def __init__(self, batch_dice: bool, weight_ce: float = 1.0, weight_dice: float = 1.0) -> None:
+    def __init__(self, batch_dice: bool, weight_ce: float = 1.0, weight_dice: float = 1.0,
+                 ddp: bool = False) -> None:
         super().__init__()
         self.ce = CrossEntropyLoss()
-        self.dice = SoftDiceLoss(batch_dice)
+        self.dice = SoftDiceLoss(batch_dice, ddp=ddp)
         self.weight_ce = weight_ce
         self.weight_dice = weight_dice
 
@@ -98,12 +108,12 @@ class DiceCELoss(nn.Module):
         return self.weight_ce * self.ce(logits, target) + self.weight_dice * self.dice(logits, target)
 
 
-LOSSES: dict[str, Callable[[bool], nn.Module]] = {
-    "dice_ce": lambda batch_dice: DiceCELoss(batch_dice),
-    "dice": lambda batch_dice: SoftDiceLoss(batch_dice),
-    "ce": lambda batch_dice: CrossEntropyLoss(),
+LOSSES: dict[str, Callable[[bool, bool], nn.Module]] = {
+    "dice_ce": lambda batch_dice, ddp: DiceCELoss(batch_dice, ddp=ddp),
+    "dice": lambda batch_dice, ddp: SoftDiceLoss(batch_dice, ddp=ddp),
+    "ce": lambda batch_dice, ddp: CrossEntropyLoss(),
 }
-"""Loss name (``TrainerConfig.loss``) -> factory taking the plan's ``batch_dice``."""
+"""Loss name (``TrainerConfig.loss``) -> factory taking the plan's ``batch_dice`` and whether DDP runs."""
 
 
 def deep_supervision_weights(num_outputs: int, coarsest: float = 0.0) -> list[float]:
@@ -147,11 +157,12 @@ def build_loss(name: str, batch_dice: bool, num_ds_outputs: int, distributed: bo
     """The configured loss; wrapped for deep supervision when the net has several outputs.
 
     The returned module takes (outputs, targets) as lists when ``num_ds_outputs > 1`` and as
-    single tensors otherwise.
+    single tensors otherwise. ``distributed`` sums batch Dice over the ranks and keeps a
+    gradient on every DS head.
     """
     if name not in LOSSES:
         raise KeyError(name)
-    base = LOSSES[name](batch_dice)
+    base = LOSSES[name](batch_dice, distributed)
     if num_ds_outputs > 1:
         coarsest = DDP_COARSEST_WEIGHT if distributed else 0.0
         return DeepSupervisionLoss(base, deep_supervision_weights(num_ds_outputs, coarsest))

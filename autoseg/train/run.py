@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from autoseg.common.errors import AutosegError
-from autoseg.common.jsonio import atomic_write_bytes, atomic_write_text, save_record
+from autoseg.common.jsonio import atomic_write_bytes, atomic_write_text, load_record, save_record
 from autoseg.common.paths import Paths, TrainingId
 from autoseg.common.procs import fork_private
 from autoseg.planning.plans import Plan
@@ -47,6 +47,7 @@ from autoseg.train.ddp import (
     init_distributed,
     shutdown_distributed,
     split_batch,
+    split_oversample,
 )
 from autoseg.train.loop import (
     LOG_FILE,
@@ -226,7 +227,10 @@ def _train(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan, ckpt: 
     # fresh runs seed loaders with seed + rank; a resumed run draws a new base from the restored
     # generator, so it neither replays the batches already seen nor depends on wall-clock time
     base_seed = cfg.seed if ckpt is None else int(rng.integers(2**31 - 1 - VAL_LOADER_SEED_OFFSET))
-    batch = split_batch(cfg.batch_size or config.batch_size, rt.dist)
+    global_batch = cfg.batch_size or config.batch_size
+    batch = split_batch(global_batch, rt.dist)
+    # this rank's share of the global batch's forced-foreground samples, not the rule on its local batch
+    oversample = split_oversample(global_batch, cfg.oversample_foreground, rt.dist)
     num_ds = len(deep_supervision_scales(config)) if cfg.deep_supervision else 1
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     in_channels = input_channels(plan, tid.config)
@@ -240,7 +244,7 @@ def _train(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan, ckpt: 
         return LoaderSpec(data_dir=data_dir, case_ids=tuple(ids), config=config, augment=cfg.augment,
                           batch_size=batch, num_workers=workers, seed=seed,
                           deep_supervision=cfg.deep_supervision,
-                          oversample_foreground=cfg.oversample_foreground,
+                          oversample_foreground=oversample,
                           pin_memory=rt.device.type == "cuda",
                           previous_stage=tuple(exports[c] for c in ids) if exports else (),
                           num_classes=plan.num_classes if exports else 0)
@@ -361,6 +365,7 @@ def _validate_finished(paths: Paths, tid: TrainingId, fold_dir: Path, rt: Runtim
                    paths, tid.dataset,
                    staging, rt.device, save_probabilities=save_probabilities, show_progress=not rt.quiet,
                    previous_stage=previous)
+    _point_summary_at(staging, final_dir)
     old = fold_dir / f".{VALIDATION_DIR}.old"
     shutil.rmtree(old, ignore_errors=True)
     if final_dir.exists():
@@ -369,6 +374,16 @@ def _validate_finished(paths: Paths, tid: TrainingId, fold_dir: Path, rt: Runtim
     shutil.rmtree(old, ignore_errors=True)
     last = ckpt.history[-1]["ema_pseudo_dice"] if ckpt.history else None
     return TrainResult(tid, fold_dir, "validated", ckpt.epoch, ckpt.best_ema_pseudo_dice, last, final_dir)
+
+
+def _point_summary_at(staging: Path, final_dir: Path) -> None:
+    """Rewrite the staged summary.json's prediction paths to where the rename will put them."""
+    from autoseg.evaluate.summary import SUMMARY_FILE, Summary
+
+    summary = load_record(staging / SUMMARY_FILE, Summary)
+    cases = tuple(dataclasses.replace(c, prediction=str(final_dir / Path(c.prediction).relative_to(staging)))
+                  if Path(c.prediction).is_relative_to(staging) else c for c in summary.cases)
+    save_record(staging / SUMMARY_FILE, dataclasses.replace(summary, cases=cases))
 
 
 def _prepare_fold_dir(fold_dir: Path, resume: bool, force: bool, dist: DistContext) -> Checkpoint | None:
