@@ -108,18 +108,9 @@ def _moments() -> tuple[list[Moment], list[Moment], list[Moment]]:
 
 TRAIN_MOMENTS, PREPROCESS_MOMENTS, TRAIN_ALL_MOMENTS = _moments()
 
-STAGED_VALIDATION_PATHS = (
-    "a finished fold's validation is redone in .validation.partial/ and renamed to validation/ "
-    "(autoseg/train/run.py _validate_finished), but summary.json keeps the staging folder's prediction "
-    "paths: files that no longer exist (find-best copes, it takes only the file name; `--validation-only` "
-    "goes through the same code)")
-
-
 def _params(moments: list[Moment]) -> list:
-    """One test id per moment; the kill during the final validation meets a known bug (xfail, strict)."""
-    return [pytest.param(m, id=f"{i}-{m.name}", marks=[pytest.mark.xfail(
-                strict=True, raises=StalePredictionPath, reason=STAGED_VALIDATION_PATHS)]
-            if m.anchor == "validation" else []) for i, m in enumerate(moments)]
+    """One test id per moment."""
+    return [pytest.param(m, id=f"{i}-{m.name}") for i, m in enumerate(moments)]
 
 
 # ---------------------------------------------------------------------- data, commands, files
