@@ -130,7 +130,7 @@ def fold_count(paths: Paths, dataset: str) -> tuple[int, str] | None:
     return n, f"preprocessing will split its {cases} cases into {n} folds"
 
 
-def check_folds(paths: Paths, dataset: str, folds: tuple[int | str, ...]) -> None:
+def check_folds(paths: Paths, dataset: str, folds: tuple[int | str, ...], where: str = "--folds") -> None:
     """Every numbered fold exists for ``dataset``: an unknown one fails now, not as a failed job."""
     known = fold_count(paths, dataset)
     if known is None:
@@ -139,7 +139,7 @@ def check_folds(paths: Paths, dataset: str, folds: tuple[int | str, ...]) -> Non
     missing = [str(f) for f in folds if f != "all" and int(f) >= n]
     if missing:
         raise AutosegError(f"{dataset} has folds 0-{n - 1} and 'all' ({source}); no fold {', '.join(missing)}",
-                           "--folds")
+                           where)
 
 
 def _final_validation_off(overrides: tuple[str, ...]) -> bool:

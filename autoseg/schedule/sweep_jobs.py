@@ -27,7 +27,7 @@ from autoseg.planning.plan import apply_plan_overrides
 from autoseg.planning.plans import Configuration, Plan
 from autoseg.preprocess import list_preprocessed_cases
 from autoseg.schedule.jobs import JobKind, JobSpec, Resources, link_cascades
-from autoseg.schedule.graph import estimate_train_seconds
+from autoseg.schedule.graph import check_folds, estimate_train_seconds
 from autoseg.schedule.sweep import SweepSpec, Variant, canonical_json
 
 SWEEP_FILENAME = "sweep.json"
@@ -189,6 +189,8 @@ def build_sweep_jobs(spec: SweepSpec, paths: Paths, write_plans: bool = True) ->
     only when their preprocessing differs, a preprocess job for it, shared by all variants with
     the same preprocessing. Datasets without a plan yet get their train jobs after setup.
     """
+    for ds in spec.datasets:  # an unknown fold fails now, in one line, not as failed jobs
+        check_folds(paths, ds, spec.folds, where=f"{spec.source}:folds")
     setup = setup_jobs(spec, paths)
     setup_ids = {ds: tuple(j.job_id for j in setup if j.dataset == ds and j.kind is JobKind.PREPROCESS)
                  for ds in spec.datasets}

@@ -76,3 +76,12 @@ def test_report_of_a_sweep_that_never_ran_lists_everything_missing(tmp_path: Pat
     assert result.exit_code == 0, result.output
     assert "0 of 8 runs finished" in result.output and "Missing (8 runs not finished)" in result.output
     assert (raw_only.results / "sweeps" / "toy" / "report.png").is_file()
+
+
+def test_a_fold_the_dataset_does_not_have_fails_before_any_job(tmp_path: Path, raw_only: Paths) -> None:
+    file = write_sweep(tmp_path, minimal_sweep(folds=[0, 7]))
+    result = _invoke(raw_only, "sweep", str(file), "--dry-run")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {file}:folds: Dataset004_Hippocampus has folds 0-3"), lines
+    assert lines[0].endswith("no fold 7") and _nothing_started(raw_only)
