@@ -28,9 +28,16 @@ def test_demo_generates_plans_trains_predicts_and_evaluates(tmp_path: Path) -> N
     predictions = workdir / "results" / "Dataset999_Phantom" / "demo_predictions"
     summary = load_record(predictions / "summary.json", Summary)
     assert len(summary.cases) == 4
-    # measured floor: this 2-iteration schedule gives held-out foreground Dice DEMO_MEASURED here
-    print("DEMO DICE", summary.foreground_dice, [c for c in summary.cases][:1])
-    assert summary.foreground_dice >= DEMO_DICE_FLOOR, summary.foreground_dice
+    # two iterations teach little (held-out foreground Dice 0.010 measured), so check that the
+    # table is the truth about the files rather than a quality floor
+    for case in summary.cases:
+        predicted = sitk.GetArrayFromImage(sitk.ReadImage(case.prediction))
+        reference = sitk.GetArrayFromImage(sitk.ReadImage(case.reference))
+        for label, metrics in case.metrics.items():
+            p, r = predicted == label, reference == label
+            assert (metrics.tp, metrics.n_pred, metrics.n_ref) == ((p & r).sum(), p.sum(), r.sum())
+            expected = 2 * (p & r).sum() / (p.sum() + r.sum()) if p.sum() + r.sum() else 1.0
+            assert metrics.dice == pytest.approx(expected)
     finished = {p: p.read_bytes() for p in (fold / "checkpoint_final.pt", fold / "validation" / "summary.json")}
 
     again = CliRunner().invoke(cli, ["demo", "--workdir", str(workdir), "--device", "cpu", *QUICK])
