@@ -23,7 +23,7 @@ _FORK_PRIVATE_FDS: set[int] = set()
 """File descriptors that a child forked from this process closes first thing (`fork_private`)."""
 
 
-def _libc() -> ctypes.CDLL | None:
+def load_libc() -> ctypes.CDLL | None:
     """The C library, for prctl (Linux); None where it is not available."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -34,7 +34,7 @@ def _libc() -> ctypes.CDLL | None:
 
 def set_parent_death_signal(sig: int) -> bool:
     """Have the kernel send ``sig`` to this process when its parent dies; False where unsupported (not Linux)."""
-    libc = _libc()
+    libc = load_libc()
     return libc is not None and libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
 
 

@@ -26,6 +26,7 @@ from typing import IO, Protocol
 
 from autoseg.common.jsonio import atomic_write_json
 from autoseg.common.paths import Paths
+from autoseg.common.procs import PR_SET_PDEATHSIG, load_libc
 from autoseg.schedule.jobs import JobPaths, JobSpec
 from autoseg.schedule.resources import Slot
 from autoseg.schedule.store import JobRow
@@ -43,9 +44,6 @@ SLURM_POLL_INTERVAL_S = 5.0
 
 SLURM_CHECKPOINT_GRACE_S = 60.0
 """On preemption/timeout, how long the child gets to save its checkpoint before requeue."""
-
-PR_SET_PDEATHSIG = 1
-"""Linux prctl option: signal a child when its parent dies (so a SIGKILLed train-all stops its trainings)."""
 
 
 # ---------------------------------------------------------------------- what the runner hands over
@@ -156,15 +154,6 @@ def _preexec(cpus: tuple[int, ...], libc: ctypes.CDLL | None, ignore: tuple[int,
     return run
 
 
-def _libc() -> ctypes.CDLL | None:
-    """The C library, for prctl (Linux); None where it is not available."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-    return libc if hasattr(libc, "prctl") else None
-
-
 class LocalHandle:
     """A child process in its own process group (so Ctrl-C reaches it only through us)."""
 
@@ -198,7 +187,7 @@ class LocalExecutor:
     def __init__(self, command_for: Callable[[Launch], list[str]] | None = None) -> None:
         """``command_for`` replaces the job's own argv (benchmarks and tests run stand-in processes)."""
         self.command_for = command_for
-        self._libc = _libc()
+        self._libc = load_libc()
 
     def submit(self, launch: Launch) -> LocalHandle:
         launch.job_paths.make()
@@ -360,7 +349,7 @@ class SlurmCommand:
                 f.flush()
                 self._proc = subprocess.Popen(list(self.command), env=env, stdout=f, stderr=subprocess.STDOUT,
                                               stdin=subprocess.DEVNULL,
-                                              preexec_fn=_preexec((), _libc(), ignore=(_preemption_signal(),)))
+                                              preexec_fn=_preexec((), load_libc(), ignore=(_preemption_signal(),)))
                 rc = self._proc.wait()
                 requeued = terminated.is_set() and _being_requeued(seen["slurm_job_id"], restarts)
                 if requeued:
