@@ -57,11 +57,18 @@ ORDER_SEG = 1
 LOWRES_ORDER_DOWN, LOWRES_ORDER_UP = 0, 3
 """Simulated low resolution: nearest down, cubic back up (nnU-Net's SimulateLowResolutionTransform)."""
 
+AUGMENT_DEVICES = ("auto", "cpu", "device")
+"""Where augmentation runs: ``cpu`` in the data-loader workers (per sample, numpy/scipy, as nnU-Net);
+``device`` batched as torch ops on the training device after the workers only crop; ``auto`` picks
+the faster of the two for the device type (benchmarks/bench_augment.py)."""
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
     """Every augmentation switch and range; defaults are nnU-Net v2's. Probabilities are per sample."""
 
+    device: str = "auto"
+    """Where augmentation runs, one of `AUGMENT_DEVICES` (auto, cpu, device)."""
     mirror: bool = True
     """Flip each spatial axis with probability 0.5 (and use the same axes for test-time mirroring)."""
     rotation: bool = True
@@ -126,6 +133,8 @@ class AugmentConfig:
     """Gamma range (half the draws below 1, half above)."""
 
     def __post_init__(self) -> None:
+        if self.device not in AUGMENT_DEVICES:
+            raise ConfigError(f"must be one of {list(AUGMENT_DEVICES)}, got {self.device!r}", where="augment.device")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name.startswith("p_") and not 0.0 <= value <= 1.0:
