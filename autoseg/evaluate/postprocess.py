@@ -8,14 +8,23 @@ nnU-Net's rule, in two steps, each decided on the cross-validation predictions:
 2. Then, per foreground class, keep that class's largest component. Adopted for a class
    when its mean Dice improves and no other class's mean Dice gets worse.
 
-Components are 26-connected (full 3D neighbourhood), via ``cc3d``.
+Components are 26-connected (full 3D neighbourhood), via ``cc3d``. Mean Dice skips NaN
+(a class absent from both reference and prediction, nnU-Net's ``nanmean``): removing a
+stray island from a case without that class makes its Dice NaN, not 1, so cases without a
+class cannot outvote the cases that have it.
+
+The decision streams: `PostprocessingTally` takes one (prediction, reference) pair at a
+time and keeps four Dice numbers per class, so only one case is in memory. That is exact:
+a class's largest-component rule changes only that class's voxels (to background), so
+each class's rule is judged on its own Dice, with or without the foreground rule.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 import cc3d
 import numpy as np
@@ -98,16 +107,16 @@ def class_dice(seg: np.ndarray, ref: np.ndarray, labels: Sequence[int],
     return {v: dice_from_counts(*overlap_counts(seg == v, ref == v)) for v in labels}
 
 
-def _mean_dice(segs: Sequence[np.ndarray], refs: Sequence[np.ndarray], labels: Sequence[int],
-               ignore_label: int | None) -> dict[int, float]:
-    per_case = [class_dice(s, r, labels, ignore_label) for s, r in zip(segs, refs)]
-    return {v: float(np.mean([d[v] for d in per_case])) for v in labels}
+def nanmean(values: Iterable[float]) -> float:
+    """Mean of the values that are not NaN; NaN when there are none (no warning, unlike numpy)."""
+    kept = [v for v in values if not math.isnan(v)]
+    return float(np.mean(kept)) if kept else math.nan
 
 
 def _better(after: dict[int, float], before: dict[int, float], target: Sequence[int]) -> bool:
-    """Target classes improve on average and no class gets worse."""
-    gain = np.mean([after[v] for v in target]) - np.mean([before[v] for v in target])
-    worse = any(after[v] < before[v] - MIN_DICE_GAIN for v in before)
+    """Target classes improve on average and no class gets worse (NaN-aware means)."""
+    gain = nanmean(after[v] for v in target) - nanmean(before[v] for v in target)
+    worse = any(after[v] < before[v] - MIN_DICE_GAIN for v in before)  # NaN (no case left) is not worse
     return bool(gain > MIN_DICE_GAIN and not worse)
 
 
@@ -120,31 +129,73 @@ class PostprocessingDecision:
     dice_after: dict[int, float]
 
 
-def determine_postprocessing(segs: Sequence[np.ndarray], refs: Sequence[np.ndarray],
+@dataclass
+class PostprocessingTally:
+    """Per-case Dice of every rule outcome, accumulated one case at a time (see the module doc).
+
+    For each class: Dice as predicted (``base``), after the foreground rule (``fg``), and after
+    the class's own rule applied to either of those (``base_cls``, ``fg_cls``).
+    """
+
+    foreground_labels: Sequence[int]
+    ignore_label: int | None = None
+    base: dict[int, list[float]] = field(default_factory=dict)
+    fg: dict[int, list[float]] = field(default_factory=dict)
+    base_cls: dict[int, list[float]] = field(default_factory=dict)
+    fg_cls: dict[int, list[float]] = field(default_factory=dict)
+
+    def add(self, seg: np.ndarray, ref: np.ndarray) -> None:
+        """Score one cross-validation case (its label maps are not kept)."""
+        fg_seg = keep_largest_foreground(seg)
+        scores = {"base": class_dice(seg, ref, self.foreground_labels, self.ignore_label),
+                  "fg": class_dice(fg_seg, ref, self.foreground_labels, self.ignore_label)}
+        for v in self.foreground_labels:
+            for name, value in scores.items():
+                getattr(self, name).setdefault(v, []).append(value[v])
+            self.base_cls.setdefault(v, []).append(
+                class_dice(keep_largest_of_class(seg, v), ref, [v], self.ignore_label)[v])
+            self.fg_cls.setdefault(v, []).append(
+                class_dice(keep_largest_of_class(fg_seg, v), ref, [v], self.ignore_label)[v])
+
+    @property
+    def num_cases(self) -> int:
+        return len(next(iter(self.base.values()), []))
+
+    def decide(self) -> PostprocessingDecision:
+        """nnU-Net's two steps on the accumulated cases."""
+        if not self.num_cases:
+            raise ValueError("no case was added")
+        labels = list(self.foreground_labels)
+        before = {v: nanmean(self.base[v]) for v in labels}
+        with_fg = {v: nanmean(self.fg[v]) for v in labels}
+        fg_rule = _better(with_fg, before, labels)
+        if fg_rule:
+            log.info("postprocessing: keeping the largest foreground component helps")
+        current = with_fg if fg_rule else dict(before)
+        class_rules = []
+        for v in labels:
+            candidate = {**current, v: nanmean((self.fg_cls if fg_rule else self.base_cls)[v])}
+            if _better(candidate, current, [v]):
+                class_rules.append(v)
+                current = candidate
+                log.info("postprocessing: keeping the largest component of class %d helps", v)
+        return PostprocessingDecision(PostprocessingRules(fg_rule, tuple(class_rules)), before, current)
+
+
+def determine_postprocessing(segs: Iterable[np.ndarray], refs: Iterable[np.ndarray],
                              foreground_labels: Sequence[int],
                              ignore_label: int | None = None) -> PostprocessingDecision:
     """Decide the rules on cross-validation label maps (predictions and references, paired).
 
     Rules act on the whole prediction; only the scoring leaves out the reference's
-    ``ignore_label`` voxels (sparse annotations).
+    ``ignore_label`` voxels (sparse annotations). Iterables are consumed one pair at a time.
     """
-    if len(segs) != len(refs) or not segs:
+    tally = PostprocessingTally(list(foreground_labels), ignore_label)
+    try:
+        for seg, ref in zip(segs, refs, strict=True):
+            tally.add(seg, ref)
+    except ValueError as e:
+        raise ValueError("need the same, non-zero number of predictions and references") from e
+    if not tally.num_cases:
         raise ValueError("need the same, non-zero number of predictions and references")
-    labels = list(foreground_labels)
-    base = _mean_dice(segs, refs, labels, ignore_label)
-    current, current_dice = list(segs), base
-    fg_rule = False
-    candidate = [keep_largest_foreground(s) for s in current]
-    cand_dice = _mean_dice(candidate, refs, labels, ignore_label)
-    if _better(cand_dice, current_dice, labels):
-        fg_rule, current, current_dice = True, candidate, cand_dice
-        log.info("postprocessing: keeping the largest foreground component helps")
-    class_rules = []
-    for v in labels:
-        candidate = [keep_largest_of_class(s, v) for s in current]
-        cand_dice = _mean_dice(candidate, refs, labels, ignore_label)
-        if _better(cand_dice, current_dice, [v]):
-            class_rules.append(v)
-            current, current_dice = candidate, cand_dice
-            log.info("postprocessing: keeping the largest component of class %d helps", v)
-    return PostprocessingDecision(PostprocessingRules(fg_rule, tuple(class_rules)), base, current_dice)
+    return tally.decide()
