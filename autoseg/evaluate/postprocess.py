@@ -21,6 +21,7 @@ each class's rule is judged on its own Dice, with or without the foreground rule
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Iterable, Sequence
@@ -191,11 +192,10 @@ def determine_postprocessing(segs: Iterable[np.ndarray], refs: Iterable[np.ndarr
     ``ignore_label`` voxels (sparse annotations). Iterables are consumed one pair at a time.
     """
     tally = PostprocessingTally(list(foreground_labels), ignore_label)
-    try:
-        for seg, ref in zip(segs, refs, strict=True):
-            tally.add(seg, ref)
-    except ValueError as e:
-        raise ValueError("need the same, non-zero number of predictions and references") from e
+    for seg, ref in itertools.zip_longest(segs, refs):
+        if seg is None or ref is None:
+            raise ValueError("need the same number of predictions and references")
+        tally.add(seg, ref)
     if not tally.num_cases:
-        raise ValueError("need the same, non-zero number of predictions and references")
+        raise ValueError("need at least one prediction and reference")
     return tally.decide()

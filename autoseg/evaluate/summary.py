@@ -27,7 +27,7 @@ from typing import ClassVar
 import numpy as np
 
 from autoseg.common.errors import AutosegError
-from autoseg.common.jsonio import save_record
+from autoseg.common.jsonio import from_jsonable, save_record, to_jsonable
 from autoseg.common.procs import spawn_pool
 from autoseg.common.progress import progress
 from autoseg.dataset.io import read_image
@@ -131,8 +131,6 @@ def migrate_v1_to_v2(body: dict) -> dict:
     HD95 = 0; version 2 makes them NaN and recomputes the means (the stored counts say which
     cases). NSD of the other cases stays version 1's voxel-count NSD: re-run `autoseg
     evaluate` for the surface-area NSD."""
-    from autoseg.common.jsonio import from_jsonable, to_jsonable
-
     for case in body.get("cases", []):
         for m in case.get("metrics", {}).values():
             if m.get("n_pred") == 0 and m.get("n_ref") == 0:
@@ -249,9 +247,9 @@ def format_summary_table(summary: Summary) -> str:
         lines.append(row(f"{summary.class_name(v)} ({v})", m))
     lines.append("-" * len(header))
     lines.append(row("foreground mean", summary.foreground_mean, counts=False))
-    lines.append(f"NSD tolerance {summary.tolerance_mm:g} mm. empty: cases with the class in neither reference "
-                 "nor prediction (no Dice, IoU, NSD: left out of the means, as nnU-Net); HD95 n: cases with both "
-                 "masks non-empty (the HD95 mean is over these); n/a: no case defines it.")
+    lines.append(f"NSD tolerance {summary.tolerance_mm:g} mm. empty: cases with the class in neither mask (no Dice, "
+                 "IoU, NSD, HD95),")
+    lines.append("left out of every mean as in nnU-Net; HD95 n: cases with both masks non-empty; n/a: undefined.")
     ignore = ignore_label(summary.labels)
     if ignore is not None:
         lines.append(f"Reference voxels labelled 'ignore' ({ignore}) are excluded from every metric.")
