@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -41,6 +42,7 @@ from autoseg.data.augment import (
     augmentation_setup,
     crop_only_setup,
     downsample_seg_for_ds,
+    restore_masked_background,
     sample_params,
 )
 from autoseg.data.cascade import apply_degradation, one_hot_foreground, sample_degradation
@@ -80,6 +82,9 @@ class LoaderSpec:
     int (1, *spatial) on this configuration's preprocessed grid; empty for other configurations."""
     num_classes: int = 0
     """Classes K (background included) of the previous stage's one-hot channels; cascade only."""
+    masked_channels: tuple[int, ...] = ()
+    """Image channels normalized inside the nonzero mask (`augment.masked_channels` of the plan's
+    normalization): zeroed where the preprocessed label is -1 after augmentation."""
 
 
 class _BatchSource:
@@ -128,6 +133,8 @@ class _BatchSource:
             params = sample_params(rng, setup, data.shape[0]) if self.augment else None
             if params is not None:
                 data_patch, seg_patch = apply_augmentation(data_patch, seg_patch, params, setup)
+            else:
+                data_patch, seg_patch = restore_masked_background(data_patch, seg_patch, setup.masked_channels)
             if previous is not None:
                 one_hot = one_hot_foreground(seg_patch[1], spec.num_classes)
                 if self.augment:
@@ -244,7 +251,7 @@ def _check_spec(spec: LoaderSpec) -> None:
 def make_train_loader(spec: LoaderSpec) -> BatchLoader:
     """Augmented, foreground-oversampled training batches (nnU-Net's training pipeline)."""
     _check_spec(spec)
-    setup = augmentation_setup(spec.config, spec.augment)
+    setup = augmentation_setup(spec.config, spec.augment, spec.masked_channels)
     logger.info("train loader: %d cases, batch %d, patch %s cut at %s, dummy 2D %s, mirror axes %s, %d workers",
                 len(spec.case_ids), spec.batch_size, setup.patch_size, setup.initial_patch_size, setup.dummy_2d,
                 setup.mirror_axes, spec.num_workers)
@@ -255,5 +262,20 @@ def make_train_loader(spec: LoaderSpec) -> BatchLoader:
 def make_val_loader(spec: LoaderSpec) -> BatchLoader:
     """Validation batches for pseudo-Dice: patch-sized crops, foreground-oversampled, no augmentation."""
     _check_spec(spec)
-    source = _BatchSource(spec, crop_only_setup(spec.config), augment=False)
+    source = _BatchSource(spec, crop_only_setup(spec.config, spec.masked_channels), augment=False)
     return BatchLoader(source, spec.num_workers, spec.pin_memory)
+
+
+def samples_per_cpu_second(loader: BatchLoader, batches: int) -> float:
+    """Samples made per second of this process's CPU time over ``batches`` batches, after one warm-up batch.
+
+    Meaningful for an in-process loader (``num_workers=0``; run with ``OMP_NUM_THREADS=1``): worker
+    processes' time is not counted. `benchmarks/bench_augment.py` compares the augmentation paths with it.
+    """
+    if batches < 1:
+        raise ValueError(f"batches must be >= 1, got {batches}")
+    first = next(loader)
+    start = time.process_time()
+    for _ in range(batches):
+        next(loader)
+    return batches * int(first["data"].shape[0]) / (time.process_time() - start)
