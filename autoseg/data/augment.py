@@ -264,7 +264,7 @@ def augmentation_setup(config: Configuration, augment: AugmentConfig,
                        masked_channels: tuple[int, ...] = ()) -> AugmentSetup:
     """Resolve rotation ranges, dummy 2D, mirror axes and the enlarged initial patch for ``config``.
 
-    ``masked_channels``: the image channels the plan normalizes inside the nonzero mask (`masked_channels`).
+    ``masked_channels``: image channels normalized inside the nonzero mask (see `masked_channels`).
     """
     patch = tuple(int(p) for p in config.patch_size)
     dummy = is_dummy_2d(patch, augment)

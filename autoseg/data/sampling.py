@@ -5,7 +5,9 @@ Reads the preprocessing layout (docs/architecture.md) directly: ``CASE.npy`` flo
 ``class_<k>`` -> (N, 3) voxel coordinates. A patch is centred on a random voxel of a random
 foreground class present in the case when the sample is "forced" (the last third of each
 batch), and placed uniformly otherwise; regions outside the case are padded with 0 (data) and
-the label -1 (`PAD_VALUE_SEG`; augmentation turns it into background). 2D configurations take one slice along axis 0 and a 2D patch from it.
+the label -1 (`PAD_VALUE_SEG`; augmentation turns it into background). 2D configurations take
+one slice along axis 0 and a 2D patch from it. Labels may hold -1 outside the nonzero mask
+(`autoseg.preprocess.OUTSIDE_MASK_LABEL`): it is never a class here.
 Preprocessing stores no coordinates for the ignore label, so forced samples centre on
 annotated foreground only.
 """
