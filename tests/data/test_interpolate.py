@@ -86,3 +86,25 @@ def test_low_resolution_equals_torch_nearest_exact_then_linear(target: tuple[int
     out = simulate_low_resolution(x, target)
     assert out.shape == x.shape and out.dtype == np.float32
     np.testing.assert_allclose(out, expected.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("grid,rotation", [((5, 6, 7), (0.3, -0.5, 1.1)), ((6, 9), (2.0,))], ids=["3d", "2d"])
+def test_sampling_points_are_batchgenerators_rotated_and_scaled_mesh(grid: tuple[int, ...],
+                                                                     rotation: tuple[float, ...]) -> None:
+    from batchgenerators.augmentations.utils import (
+        create_zero_centered_coordinate_mesh,
+        rotate_coords_2d,
+        rotate_coords_3d,
+        scale_coords,
+    )
+
+    from autoseg.data.augment import AugParams, _sampling_points
+
+    spatial_in = tuple(g + 4 for g in grid)
+    coords = create_zero_centered_coordinate_mesh(grid)
+    coords = rotate_coords_3d(coords, *rotation) if len(grid) == 3 else rotate_coords_2d(coords, rotation[0])
+    coords = scale_coords(coords, 0.8)
+    for d in range(len(grid)):
+        coords[d] += spatial_in[d] / 2.0 - 0.5
+    ours = _sampling_points(grid, AugParams(rotation_rad=rotation, scale=0.8), spatial_in)
+    np.testing.assert_allclose(ours, coords, atol=1e-9)
