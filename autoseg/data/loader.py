@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -33,6 +34,7 @@ import torch
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 
 from autoseg.common.errors import AutosegError
+from autoseg.common.jsonio import load_record
 from autoseg.common.procs import die_with_parent
 from autoseg.data.augment import (
     AugmentConfig,
@@ -41,6 +43,8 @@ from autoseg.data.augment import (
     augmentation_setup,
     crop_only_setup,
     downsample_seg_for_ds,
+    masked_channels,
+    restore_masked_background,
     sample_params,
 )
 from autoseg.data.cascade import apply_degradation, one_hot_foreground, sample_degradation
@@ -54,6 +58,7 @@ from autoseg.data.sampling import (
 )
 from autoseg.nets.unet import deep_supervision_scales
 from autoseg.planning.plans import Configuration
+from autoseg.preprocess import SETTINGS_FILENAME, PreprocessingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +85,9 @@ class LoaderSpec:
     int (1, *spatial) on this configuration's preprocessed grid; empty for other configurations."""
     num_classes: int = 0
     """Classes K (background included) of the previous stage's one-hot channels; cascade only."""
+    masked_channels: tuple[int, ...] | None = None
+    """Image channels normalized inside the nonzero mask, zeroed where the label is -1 after augmentation;
+    None: as the data folder's ``preprocessing.json`` says (`data_masked_channels`)."""
 
 
 class _BatchSource:
@@ -128,6 +136,8 @@ class _BatchSource:
             params = sample_params(rng, setup, data.shape[0]) if self.augment else None
             if params is not None:
                 data_patch, seg_patch = apply_augmentation(data_patch, seg_patch, params, setup)
+            else:
+                data_patch, seg_patch = restore_masked_background(data_patch, seg_patch, setup.masked_channels)
             if previous is not None:
                 one_hot = one_hot_foreground(seg_patch[1], spec.num_classes)
                 if self.augment:
@@ -212,6 +222,29 @@ def load_previous_stage(path: Path, seg_shape: tuple[int, ...]) -> np.ndarray:
     return prev
 
 
+def data_masked_channels(data_dir: Path) -> tuple[int, ...] | None:
+    """Channels a preprocessed folder's labels mark -1 outside the nonzero mask for (its ``preprocessing.json``);
+    None for a folder without that record (arrays written by hand)."""
+    path = Path(data_dir) / SETTINGS_FILENAME
+    if not path.is_file():
+        return None
+    settings = load_record(path, PreprocessingSettings)
+    return masked_channels(settings.normalization) if settings.outside_mask_label is not None else ()
+
+
+def _masked_channels(spec: LoaderSpec) -> tuple[int, ...]:
+    """The spec's masked channels, checked against (or, when None, taken from) the data folder's record."""
+    made = data_masked_channels(spec.data_dir)
+    if spec.masked_channels is None:
+        return made or ()
+    if made is not None and tuple(made) != tuple(spec.masked_channels):
+        raise AutosegError(f"the labels mark the outside of the nonzero mask for channel(s) {list(made)}, the "
+                           f"plan normalizes channel(s) {list(spec.masked_channels)} inside it (preprocessed by an "
+                           "older autoseg or another plan); rerun `autoseg preprocess --force`",
+                           where=Path(spec.data_dir) / SETTINGS_FILENAME)
+    return tuple(spec.masked_channels)
+
+
 def _check_spec(spec: LoaderSpec) -> None:
     """Fail early, naming the file or field, instead of inside a worker process."""
     if not spec.case_ids:
@@ -244,7 +277,7 @@ def _check_spec(spec: LoaderSpec) -> None:
 def make_train_loader(spec: LoaderSpec) -> BatchLoader:
     """Augmented, foreground-oversampled training batches (nnU-Net's training pipeline)."""
     _check_spec(spec)
-    setup = augmentation_setup(spec.config, spec.augment)
+    setup = augmentation_setup(spec.config, spec.augment, _masked_channels(spec))
     logger.info("train loader: %d cases, batch %d, patch %s cut at %s, dummy 2D %s, mirror axes %s, %d workers",
                 len(spec.case_ids), spec.batch_size, setup.patch_size, setup.initial_patch_size, setup.dummy_2d,
                 setup.mirror_axes, spec.num_workers)
@@ -255,5 +288,20 @@ def make_train_loader(spec: LoaderSpec) -> BatchLoader:
 def make_val_loader(spec: LoaderSpec) -> BatchLoader:
     """Validation batches for pseudo-Dice: patch-sized crops, foreground-oversampled, no augmentation."""
     _check_spec(spec)
-    source = _BatchSource(spec, crop_only_setup(spec.config), augment=False)
+    source = _BatchSource(spec, crop_only_setup(spec.config, _masked_channels(spec)), augment=False)
     return BatchLoader(source, spec.num_workers, spec.pin_memory)
+
+
+def samples_per_cpu_second(loader: BatchLoader, batches: int) -> float:
+    """Samples made per second of this process's CPU time over ``batches`` batches, after one warm-up batch.
+
+    Meaningful for an in-process loader (``num_workers=0``; run with ``OMP_NUM_THREADS=1``): worker
+    processes' time is not counted. `benchmarks/bench_augment.py` compares the augmentation paths with it.
+    """
+    if batches < 1:
+        raise ValueError(f"batches must be >= 1, got {batches}")
+    first = next(loader)
+    start = time.process_time()
+    for _ in range(batches):
+        next(loader)
+    return batches * int(first["data"].shape[0]) / (time.process_time() - start)

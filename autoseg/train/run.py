@@ -212,6 +212,7 @@ def check_training_id(tid: TrainingId) -> None:
 def _train(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan, ckpt: Checkpoint | None,
            fold_dir: Path, workers: int, rt: Runtime, save_probabilities: bool) -> TrainResult:
     """Build the network, loss and loaders, run `fit`, then validate the fold (rank 0)."""
+    from autoseg.data.augment import masked_channels
     from autoseg.data.loader import LoaderSpec, make_train_loader, make_val_loader
     from autoseg.infer.cascade import previous_stage_exports
     from autoseg.data.sampling import class_voxel_counts
@@ -247,7 +248,8 @@ def _train(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan, ckpt: 
                           oversample_foreground=oversample,
                           pin_memory=rt.device.type == "cuda",
                           previous_stage=tuple(exports[c] for c in ids) if exports else (),
-                          num_classes=plan.num_classes if exports else 0)
+                          num_classes=plan.num_classes if exports else 0,
+                          masked_channels=masked_channels(plan.normalization))
 
     train_loader = make_train_loader(spec(train_ids, base_seed + rt.dist.rank))
     val_loader = make_val_loader(spec(val_ids, base_seed + VAL_LOADER_SEED_OFFSET + rt.dist.rank))
