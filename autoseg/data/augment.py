@@ -260,6 +260,20 @@ def initial_patch_size(patch_size: tuple[int, ...], rotation_max_rad: tuple[floa
     return tuple(result)
 
 
+def resolve_augment_device(setting: str, device_type: str) -> str:
+    """``cpu`` or ``device``: where augmentation of a run on ``device_type`` (cpu, cuda) takes place.
+
+    ``auto`` means ``device`` on a GPU, where one process augments faster than a dozen CPU workers
+    (benchmarks/bench_augment.py), and ``cpu`` on the CPU, where data workers overlap augmentation
+    with the training step on other cores instead of adding it to the step's own core.
+    """
+    if setting not in AUGMENT_DEVICES:
+        raise ConfigError(f"must be one of {list(AUGMENT_DEVICES)}, got {setting!r}", where="augment.device")
+    if setting != "auto":
+        return setting
+    return "device" if device_type == "cuda" else "cpu"
+
+
 def augmentation_setup(config: Configuration, augment: AugmentConfig,
                        masked_channels: tuple[int, ...] = ()) -> AugmentSetup:
     """Resolve rotation ranges, dummy 2D, mirror axes and the enlarged initial patch for ``config``.

@@ -44,9 +44,11 @@ from autoseg.data.augment import (
     crop_only_setup,
     downsample_seg_for_ds,
     masked_channels,
+    resolve_augment_device,
     restore_masked_background,
     sample_params,
 )
+from autoseg.data.augment_device import augment_batch, deep_supervision_targets, degrade_one_hot
 from autoseg.data.cascade import apply_degradation, one_hot_foreground, sample_degradation
 from autoseg.data.sampling import (
     OVERSAMPLE_FOREGROUND,
@@ -98,10 +100,13 @@ class _BatchSource:
     and ties the worker's life to the process that made this source (`die_with_parent`).
     """
 
-    def __init__(self, spec: LoaderSpec, setup: AugmentSetup, augment: bool) -> None:
+    def __init__(self, spec: LoaderSpec, setup: AugmentSetup, augment: bool, deferred: bool = False) -> None:
         self.spec = spec
         self.setup = setup
         self.augment = augment
+        self.deferred = deferred
+        """Only crop the initial patch and draw the parameters (same draws, same order); augmentation
+        happens later, batched on the training device (`DeviceAugmentedLoader`)."""
         self.files = [CaseFiles.of(Path(spec.data_dir), c) for c in spec.case_ids]
         self.ds_scales = deep_supervision_scales(spec.config) if spec.deep_supervision else None
         self._foreground: dict[int, dict[int, np.ndarray]] = {}
@@ -125,7 +130,7 @@ class _BatchSource:
 
     def __next__(self) -> dict[str, Any]:
         spec, setup, rng = self.spec, self.setup, self.rng
-        datas, segs = [], []
+        datas, segs, params_list, degradations = [], [], [], []
         for i in range(spec.batch_size):
             index = int(rng.integers(len(self.files)))
             data, seg = load_arrays(self.files[index])
@@ -134,6 +139,13 @@ class _BatchSource:
             data_patch, seg_patch = sample_patch(rng, data, seg, self._case_foreground(index),
                                                  setup.initial_patch_size, setup.patch_size, forced, previous)
             params = sample_params(rng, setup, data.shape[0]) if self.augment else None
+            if self.deferred:  # the training process augments the whole batch on its device
+                params_list.append(params)
+                if previous is not None:
+                    degradations.append(sample_degradation(rng, spec.num_classes - 1))
+                datas.append(data_patch)
+                segs.append(seg_patch)
+                continue
             if params is not None:
                 data_patch, seg_patch = apply_augmentation(data_patch, seg_patch, params, setup)
             else:
@@ -145,6 +157,9 @@ class _BatchSource:
                 data_patch, seg_patch = np.concatenate([data_patch, one_hot]), seg_patch[:1]
             datas.append(data_patch)
             segs.append(seg_patch.astype(np.int64))
+        if self.deferred:
+            return {"data": np.stack(datas).astype(np.float32, copy=False), "seg": np.stack(segs),
+                    "params": params_list, "degradations": degradations}
         target = np.stack(segs)
         return {"data": np.stack(datas).astype(np.float32, copy=False),
                 "target": downsample_seg_for_ds(target, self.ds_scales) if self.ds_scales else target}
@@ -182,13 +197,16 @@ class BatchLoader:
                 self.close()
                 raise AutosegError("data loading failed in a worker process (its traceback is above)",
                                    where=self._source.spec.data_dir) from None
-        data = torch.from_numpy(batch["data"])
-        target = batch["target"]
-        target = [torch.from_numpy(t) for t in target] if isinstance(target, list) else torch.from_numpy(target)
-        if self._pin:
-            data = data.pin_memory()
-            target = [t.pin_memory() for t in target] if isinstance(target, list) else target.pin_memory()
-        return {"data": data, "target": target}
+        return {key: self._tensors(value) for key, value in batch.items()}
+
+    def _tensors(self, value: Any) -> Any:
+        """numpy arrays (and lists of them) -> torch tensors, pinned for fast copies to a GPU; rest as is."""
+        if isinstance(value, np.ndarray):
+            tensor = torch.from_numpy(value)
+            return tensor.pin_memory() if self._pin else tensor
+        if isinstance(value, list) and value and isinstance(value[0], np.ndarray):
+            return [self._tensors(v) for v in value]
+        return value
 
     def close(self) -> None:
         """Stop and join the worker processes (idempotent)."""
@@ -208,6 +226,56 @@ class BatchLoader:
             self.close()
         except Exception:  # interpreter shutdown: nothing sensible left to do
             pass
+
+
+class DeviceAugmentedLoader:
+    """Training batches augmented as torch ops on ``device`` (``augment.device=device``).
+
+    The workers of the wrapped loader only sample and cut the enlarged initial patch and draw
+    each sample's parameters (into pinned memory on CUDA); this process copies the batch
+    without blocking and applies `autoseg.data.augment_device.augment_batch`, then builds the
+    cascade's one-hot channels and the deep-supervision targets on the device. The draws are the
+    CPU path's, so a seed gives the same parameters on either path.
+    """
+
+    def __init__(self, loader: BatchLoader, device: torch.device) -> None:
+        self._loader = loader
+        self._source = loader._source
+        self.device = torch.device(device)
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        return self._loader.patch_size
+
+    def __iter__(self) -> "DeviceAugmentedLoader":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        raw = next(self._loader)
+        spec, setup = self._source.spec, self._source.setup
+        data = raw["data"].to(self.device, non_blocking=True)
+        seg = raw["seg"].to(self.device, non_blocking=True)
+        # labels go through as label + 1: the patch padding and outside-mask label -1 becomes 0, the
+        # value augment_batch fills in outside the patch (nnU-Net: outside is -1 too), so both stay "outside"
+        data, seg = augment_batch(data, seg + 1, raw["params"], setup)
+        data, seg = restore_masked_background(data, seg - 1, setup.masked_channels, channel_axis=1)
+        if spec.previous_stage:
+            previous = seg[:, 1]
+            one_hot = torch.stack([previous == k for k in range(1, spec.num_classes)], 1).to(data.dtype)
+            data = torch.cat([data, degrade_one_hot(one_hot, raw["degradations"])], 1)
+        target = seg[:, :1].long()
+        scales = self._source.ds_scales
+        return {"data": data, "target": deep_supervision_targets(target, scales) if scales else target}
+
+    def close(self) -> None:
+        self._loader.close()
+
+    def __enter__(self) -> "DeviceAugmentedLoader":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 
 
 def load_previous_stage(path: Path, seg_shape: tuple[int, ...]) -> np.ndarray:
@@ -274,15 +342,24 @@ def _check_spec(spec: LoaderSpec) -> None:
                            where=f"plans.json:configurations.{spec.config.name}")
 
 
-def make_train_loader(spec: LoaderSpec) -> BatchLoader:
-    """Augmented, foreground-oversampled training batches (nnU-Net's training pipeline)."""
+def make_train_loader(spec: LoaderSpec, device: torch.device | str = "cpu"
+                      ) -> BatchLoader | DeviceAugmentedLoader:
+    """Augmented, foreground-oversampled training batches (nnU-Net's training pipeline).
+
+    ``device`` is where the network trains; ``spec.augment.device`` (resolved for it by
+    `resolve_augment_device`) decides whether the workers augment each sample on the CPU or
+    only crop, leaving the batch to be augmented on ``device``.
+    """
     _check_spec(spec)
     setup = augmentation_setup(spec.config, spec.augment, _masked_channels(spec))
-    logger.info("train loader: %d cases, batch %d, patch %s cut at %s, dummy 2D %s, mirror axes %s, %d workers",
-                len(spec.case_ids), spec.batch_size, setup.patch_size, setup.initial_patch_size, setup.dummy_2d,
-                setup.mirror_axes, spec.num_workers)
-    source = _BatchSource(spec, setup, augment=True)
-    return BatchLoader(source, spec.num_workers, spec.pin_memory)
+    where = resolve_augment_device(spec.augment.device, torch.device(device).type)
+    logger.info("train loader: %d cases, batch %d, patch %s cut at %s, dummy 2D %s, mirror axes %s, %d workers, "
+                "augmentation on %s", len(spec.case_ids), spec.batch_size, setup.patch_size,
+                setup.initial_patch_size, setup.dummy_2d, setup.mirror_axes, spec.num_workers,
+                "the CPU workers" if where == "cpu" else torch.device(device).type)
+    source = _BatchSource(spec, setup, augment=True, deferred=where == "device")
+    loader = BatchLoader(source, spec.num_workers, spec.pin_memory)
+    return DeviceAugmentedLoader(loader, torch.device(device)) if where == "device" else loader
 
 
 def make_val_loader(spec: LoaderSpec) -> BatchLoader:

@@ -212,7 +212,7 @@ def check_training_id(tid: TrainingId) -> None:
 def _train(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan, ckpt: Checkpoint | None,
            fold_dir: Path, workers: int, rt: Runtime, save_probabilities: bool) -> TrainResult:
     """Build the network, loss and loaders, run `fit`, then validate the fold (rank 0)."""
-    from autoseg.data.augment import masked_channels
+    from autoseg.data.augment import masked_channels, resolve_augment_device
     from autoseg.data.loader import LoaderSpec, make_train_loader, make_val_loader
     from autoseg.infer.cascade import previous_stage_exports
     from autoseg.data.sampling import class_voxel_counts
@@ -251,13 +251,17 @@ def _train(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan, ckpt: 
                           num_classes=plan.num_classes if exports else 0,
                           masked_channels=masked_channels(plan.normalization))
 
-    train_loader = make_train_loader(spec(train_ids, base_seed + rt.dist.rank))
+    augment_where = resolve_augment_device(cfg.augment.device, rt.device.type)
+    log.info("augmentation runs on %s (augment.device=%s)",
+             "the CPU data workers" if augment_where == "cpu" else f"the training device ({rt.device})",
+             cfg.augment.device)
+    train_loader = make_train_loader(spec(train_ids, base_seed + rt.dist.rank), rt.device)
     val_loader = make_val_loader(spec(val_ids, base_seed + VAL_LOADER_SEED_OFFSET + rt.dist.rank))
     meta = RunMeta(plan=plan, config_name=tid.config, dataset=tid.dataset, fold=tid.fold,
                    num_input_channels=in_channels, num_classes=plan.num_classes)
     setup = FitSetup(net=net, loss_fn=build_loss(cfg.loss, config.batch_dice, num_ds, rt.dist.enabled),
                      train_batches=train_loader, val_batches=val_loader, cfg=cfg, meta=meta,
-                     out_dir=fold_dir, rng=rng)
+                     out_dir=fold_dir, rng=rng, augment_device=augment_where)
     try:
         with _stop_on_signals() as stop, _compile_cache(fold_dir, rt.compile):
             result = fit(setup, rt, resume=ckpt, stop=stop)
@@ -415,8 +419,9 @@ def _prepare_fold_dir(fold_dir: Path, resume: bool, force: bool, dist: DistConte
     return None
 
 
-RESUME_MAY_CHANGE = ("num_workers", "final_validation")
-"""Keys a resumed (or finished) run takes from the command line: they do not change what is trained."""
+RESUME_MAY_CHANGE = ("num_workers", "final_validation", "augment.device")
+"""Keys a resumed (or finished) run takes from the command line: they do not change what is trained
+(``augment.device`` moves the same augmentation between the CPU workers and the training device)."""
 
 
 def _config_for_resume(ckpt: Checkpoint, given: TrainerConfig, finished: bool = False) -> TrainerConfig:
@@ -436,7 +441,9 @@ def _config_for_resume(ckpt: Checkpoint, given: TrainerConfig, finished: bool = 
                     format_changes(changes))
     final_validation = saved.final_validation if given.final_validation == TrainerConfig().final_validation \
         else given.final_validation
-    return dataclasses.replace(saved, num_workers=given.num_workers, final_validation=final_validation)
+    augment = dataclasses.replace(saved.augment, device=given.augment.device)
+    return dataclasses.replace(saved, num_workers=given.num_workers, final_validation=final_validation,
+                               augment=augment)
 
 
 def _record_inputs(paths: Paths, dataset: str, fold_dir: Path, cfg: TrainerConfig, plan: Plan) -> None:
