@@ -62,8 +62,8 @@ def dist_from_env() -> DistContext:
 @click.pass_context
 def train_cmd(ctx: click.Context, dataset: str, config: str, fold: str, resume: bool, force: bool,
               overrides: tuple[str, ...], variant: str, seed: int | None, plans_file: Path | None,
-              pretrained: Path | None, device: str, num_workers: int | None, save_probabilities: bool, validation_only: bool,
-              quiet: bool) -> None:
+              pretrained: Path | None, device: str, num_workers: int | None, save_probabilities: bool,
+              validation_only: bool, quiet: bool) -> None:
     """Train DATASET's CONFIG on FOLD (0-4 or 'all'), then validate the fold."""
     from autoseg.planning.plan import load_plan_file
 
