@@ -107,6 +107,8 @@ class RunMeta:
     fold: int | str
     num_input_channels: int
     num_classes: int
+    pretrained_from: dict[str, Any] | None = None
+    """Where the initial weights came from (fine-tuning), None from scratch; kept in every checkpoint."""
 
 
 @dataclass
@@ -160,7 +162,8 @@ def fit(setup: FitSetup, rt: Runtime, resume: Checkpoint | None = None,
             best_ema_pseudo_dice=best, history=history, rng=_capture_rng(setup.rng),
             trainer_config=cfg, plan=setup.meta.plan, config_name=setup.meta.config_name,
             dataset=setup.meta.dataset, fold=setup.meta.fold,
-            num_input_channels=setup.meta.num_input_channels, num_classes=setup.meta.num_classes))
+            num_input_channels=setup.meta.num_input_channels, num_classes=setup.meta.num_classes,
+            pretrained_from=setup.meta.pretrained_from))
 
     while epoch < cfg.epochs:
         lr = learning_rate(epoch, cfg)
