@@ -595,8 +595,9 @@ class Assignment:
 def simulate_schedule(jobs: list[JobSpec], pool: PoolConfig) -> list[Assignment]:
     """Place jobs as `run_jobs` would, with estimated durations; for ``--dry-run`` and benchmarks.
 
-    The first wave (start 0) gets exactly the shares a real run would give it; later shares
-    depend on which jobs really finish first.
+    The first wave (start 0) gets the shares a real run would give it (when no job of the graph
+    is done yet: the simulation runs every job); later shares depend on which jobs really
+    finish first.
     """
     check_graph(jobs)
     slots = SlotPool(pool)
