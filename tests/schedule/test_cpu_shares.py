@@ -10,7 +10,9 @@ from click.testing import CliRunner
 
 import autoseg.cli
 import autoseg.schedule.train_all as train_all_module
+from autoseg.common.errors import ConfigError
 from autoseg.common.jsonio import load_record
+from autoseg.data.augment import AUGMENT_DEVICES, resolve_augment_device
 from autoseg.dataset.phantom import PhantomRecipe, make_phantom_dataset
 from autoseg.schedule.executors import InProcessExecutor, Launch
 from autoseg.schedule.graph import TrainAllRequest
@@ -53,6 +55,10 @@ def test_augment_device_rule_and_core_needs() -> None:
     assert core_need(_train(0), on_gpu=False) == CPU_AUGMENT_CORES  # the network runs on the CPU too
     assert core_need(JobSpec.make(JobKind.PREPROCESS, DATASET), on_gpu=False) == PROCESS_POOL_CORES
     assert format_cores((0, 1, 2, 3, 8, 10, 11)) == "0-3,8,10-11"
+    assert [resolve_augment_device(d, on_cuda) for d in AUGMENT_DEVICES for on_cuda in (True, False)] == [
+        "device", "cpu", "cpu", "cpu", "device", "device"]  # the trainer's rule: auto follows the device
+    with pytest.raises(ConfigError, match="augment.device"):
+        resolve_augment_device("gpu", True)
 
 
 def test_divide_cores_examples() -> None:
