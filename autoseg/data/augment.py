@@ -162,20 +162,6 @@ class AugmentConfig:
         return cls(**switches)
 
 
-def resolve_augment_device(device: str, on_cuda: bool) -> str:
-    """Where augmentation actually runs: ``auto`` is ``device`` on a CUDA device and ``cpu`` otherwise.
-
-    One rule for the trainer (which picks its pipeline by it) and the scheduler (which sizes a
-    training's CPU share by it: a GPU-augmented training needs 1-2 cores, a CPU-augmented one many).
-    ``cpu`` and ``device`` are returned as given; anything else is a `ConfigError`.
-    """
-    if device not in AUGMENT_DEVICES:
-        raise ConfigError(f"must be one of {list(AUGMENT_DEVICES)}, got {device!r}", where="augment.device")
-    if device == "auto":
-        return "device" if on_cuda else "cpu"
-    return device
-
-
 @dataclass(frozen=True)
 class AugmentSetup:
     """`AugmentConfig` resolved for one configuration's patch: what `sample_params` needs."""
@@ -279,7 +265,9 @@ def resolve_augment_device(setting: str, device_type: str) -> str:
 
     ``auto`` means ``device`` on a GPU, where one process augments faster than a dozen CPU workers
     (benchmarks/bench_augment.py), and ``cpu`` on the CPU, where data workers overlap augmentation
-    with the training step on other cores instead of adding it to the step's own core.
+    with the training step on other cores instead of adding it to the step's own core. One rule
+    for the trainer (which picks its pipeline by it) and the scheduler (which sizes a training's
+    CPU share by it: a device-augmented training needs 1-2 cores, a CPU-augmented one many).
     """
     if setting not in AUGMENT_DEVICES:
         raise ConfigError(f"must be one of {list(AUGMENT_DEVICES)}, got {setting!r}", where="augment.device")

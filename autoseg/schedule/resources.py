@@ -171,7 +171,7 @@ def augment_device(job: JobSpec, on_gpu: bool) -> str | None:
     from autoseg.data.augment import resolve_augment_device  # lazily: numpy/scipy only when placing trainings
 
     try:
-        return resolve_augment_device(requested_augment_device(job.trainer_overrides), on_gpu)
+        return resolve_augment_device(requested_augment_device(job.trainer_overrides), "cuda" if on_gpu else "cpu")
     except ConfigError:
         return "cpu"  # the trainer itself refuses the value; until then assume the larger need
 

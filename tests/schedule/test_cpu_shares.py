@@ -55,10 +55,10 @@ def test_augment_device_rule_and_core_needs() -> None:
     assert core_need(_train(0), on_gpu=False) == CPU_AUGMENT_CORES  # the network runs on the CPU too
     assert core_need(JobSpec.make(JobKind.PREPROCESS, DATASET), on_gpu=False) == PROCESS_POOL_CORES
     assert format_cores((0, 1, 2, 3, 8, 10, 11)) == "0-3,8,10-11"
-    assert [resolve_augment_device(d, on_cuda) for d in AUGMENT_DEVICES for on_cuda in (True, False)] == [
+    assert [resolve_augment_device(d, kind) for d in AUGMENT_DEVICES for kind in ("cuda", "cpu")] == [
         "device", "cpu", "cpu", "cpu", "device", "device"]  # the trainer's rule: auto follows the device
     with pytest.raises(ConfigError, match="augment.device"):
-        resolve_augment_device("gpu", True)
+        resolve_augment_device("gpu", "cuda")
 
 
 def test_divide_cores_examples() -> None:
