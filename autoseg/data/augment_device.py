@@ -41,8 +41,8 @@ from autoseg.data.cascade import CascadeDegradation, apply_degradation
 BLUR_TRUNCATE = 4.0
 """Gaussian kernels reach 4 sigma, as scipy's gaussian_filter (the CPU path)."""
 
-MAX_HISTOGRAM_LABELS = 65536
-"""Label ranges up to this wide are found with a histogram, wider ones with a sort."""
+MAX_UNCHECKED_LABELS = 8
+"""Label ranges up to this wide get an indicator per label of the range, present or not; wider ones per label present."""
 
 GAMMA_EPS, STD_EPS = 1e-7, 1e-8
 """Guards of the gamma transform's [min, max] normalization and its std restore (the CPU path's `_gamma`)."""
@@ -137,23 +137,35 @@ def _theta(params: Sequence[AugParams], grid_out: tuple[int, ...], grid_in: tupl
     return theta
 
 
-def _foreground_labels(segs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The labels other than 0 present in ``segs``, sorted; a histogram, far cheaper than a sort on the CPU.
+def _margins(params: Sequence[AugParams], grid_out: tuple[int, ...], grid_in: tuple[int, ...]) -> np.ndarray:
+    """(n, ndim) voxels per side of each grid axis of the input that a sample's grid never reads.
 
-    Reading the result on the host is the one host sync of a batch.
+    The output patch's corners, mapped into the input, bound what linear interpolation reads
+    (+1 voxel, +1 for float error). Indicators and copies are then made for that box only:
+    on average about half of the enlarged initial patch.
     """
-    if segs[0].element_size() == 1:  # int8 / uint8: a 256-bin histogram of the bytes, no range to read first
-        counts = sum(torch.bincount(x.reshape(-1).view(torch.uint8), minlength=256) for x in segs)
-        values = torch.arange(256, dtype=torch.uint8, device=segs[0].device).view(segs[0].dtype)
-        labels = values[counts > 0]
+    half_out = np.array([(s - 1) / 2 for s in grid_out])
+    centre = np.array([(s - 1) / 2 for s in grid_in])
+    reach = np.stack([np.abs(_linear_map(p, len(grid_out))) @ half_out for p in params])
+    return np.maximum(np.floor(centre - reach) - 2, 0).astype(int)
+
+
+def _foreground_labels(segs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Candidate labels other than 0 for the indicators of ``segs``, sorted.
+
+    A narrow label range (the usual case) is taken whole, read from the range alone: min/max
+    are cheap, and a label of the range that is absent only costs an all-zero indicator, which
+    never wins the argmax. Wider ranges (an ignore label far above the classes) are reduced to
+    the labels present. Reading the range is the one host sync of a batch.
+    """
+    low, high = torch.stack([torch.stack([x.amin(), x.amax()]) for x in segs]).to(torch.int64).aminmax()
+    low, high = (int(v) for v in torch.stack([low, high]).tolist())
+    device, dtype = segs[0].device, segs[0].dtype
+    if high - low < MAX_UNCHECKED_LABELS:
+        labels = torch.arange(low, high + 1, device=device)
     else:
-        low, high = (int(v) for v in torch.stack([torch.stack([x.min(), x.max()]) for x in segs]).aminmax())
-        if high - low > MAX_HISTOGRAM_LABELS:
-            labels = torch.unique(torch.cat([torch.unique(x) for x in segs]))
-        else:
-            counts = sum(torch.bincount(x.reshape(-1).to(torch.long) - low, minlength=high - low + 1) for x in segs)
-            labels = (torch.nonzero(counts).reshape(-1) + low).to(segs[0].dtype)
-    return labels[labels != 0].sort().values
+        labels = torch.unique(torch.cat([torch.unique(x) for x in segs]))
+    return labels[labels != 0].to(dtype)
 
 
 def _resample(data: torch.Tensor, seg: torch.Tensor, moved: Sequence[int], params: Sequence[AugParams],
@@ -168,23 +180,33 @@ def _resample(data: torch.Tensor, seg: torch.Tensor, moved: Sequence[int], param
     """
     n, c, s = len(moved), data.shape[1], seg.shape[1]
     patch = tuple(setup.patch_size)
+    grid_out = patch[1:] if setup.dummy_2d else patch
     if setup.dummy_2d:
         z0 = (data.shape[2] - patch[0]) // 2
         data, seg = data[:, :, z0:z0 + patch[0]], seg[:, :, z0:z0 + patch[0]]
-    labels = _foreground_labels([seg[b] for b in moved])
+    grid_in = tuple(data.shape[-len(grid_out):])
+    lead = tuple(data.shape[2:-len(grid_out)])  # dummy 2D: axis 0, not transformed
+    margins = _margins(params, grid_out, grid_in)
+    common = margins.min(axis=0)
+    box = tuple(int(i - 2 * m) for i, m in zip(grid_in, common))
+
+    def own(k: int, size: tuple[int, ...], margin: np.ndarray) -> tuple[slice, ...]:
+        return (slice(None),) * (1 + len(lead)) + tuple(slice(int(m), int(i - m)) for i, m in zip(size, margin))
+
+    sources = [(b, own(k, grid_in, margins[k]), own(k, box, margins[k] - common)) for k, b in enumerate(moved)]
+    labels = _foreground_labels([seg[b][src] for b, src, _ in sources])
     pairs = [(channel, labels[j]) for channel in range(s) for j in range(labels.numel())]
-    # filled sample by sample: no gathered copy of the moved samples first
-    stacked = torch.empty((n, c + len(pairs)) + tuple(data.shape[2:]), dtype=torch.float32, device=data.device)
-    for k, b in enumerate(moved):
-        stacked[k, :c] = data[b]
+    # filled sample by sample, each in the box its grid reads; zeros elsewhere (never read, or outside the patch)
+    stacked = torch.zeros((n, c + len(pairs)) + lead + box, dtype=torch.float32, device=data.device)
+    for k, (b, src, dst) in enumerate(sources):
+        stacked[k, :c][dst] = data[b][src]
         for j, (channel, label) in enumerate(pairs):
-            stacked[k, c + j] = seg[b, channel] == label
+            # bool viewed as uint8: that conversion to float is vectorized, bool's is not
+            stacked[k, c + j][dst[1:]] = (seg[b, channel][src[1:]] == label).view(torch.uint8)
     if setup.dummy_2d:
         stacked = stacked.flatten(1, 2)
-    grid_out = stacked.shape[:2] + (patch[1:] if setup.dummy_2d else patch)
-    theta = torch.as_tensor(_theta(params, tuple(grid_out[2:]), tuple(stacked.shape[2:])),
-                            dtype=torch.float32).to(data.device)
-    grid = F.affine_grid(theta, list(grid_out), align_corners=True)
+    theta = torch.as_tensor(_theta(params, grid_out, box), dtype=torch.float32).to(data.device)
+    grid = F.affine_grid(theta, list(stacked.shape[:2] + grid_out), align_corners=True)
     out = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     out = out.reshape((n, -1) + patch)
     if not labels.numel():
