@@ -152,22 +152,32 @@ def test_2d_rotation_agrees_with_the_cpu_path() -> None:
     assert np.mean(out_s[0] != cpu_s) < 0.02
 
 
-def test_labels_stay_input_labels_and_the_ignore_label_survives_rotation() -> None:
+@pytest.mark.parametrize("ignore, dtype", [(7, np.int16), (200, np.int16), (-1, np.int8)])
+def test_labels_stay_input_labels_and_the_ignore_label_survives_rotation(ignore: int, dtype: type) -> None:
     setup = _setup()
     shape = setup.initial_patch_size
     rng = np.random.default_rng(3)
     data = rng.normal(size=(1,) + shape).astype(np.float32)
-    seg = np.zeros((1,) + shape, np.int16)
+    seg = np.zeros((1,) + shape, dtype)
     seg[0, :, :, : shape[2] // 3] = 2
-    seg[0, 4:-4, 5:-5, shape[2] // 3: 2 * shape[2] // 3] = 7  # the ignore label of sparse annotations
+    seg[0, 4:-4, 5:-5, shape[2] // 3: 2 * shape[2] // 3] = ignore  # the ignore label of sparse annotations
     seg[0, rng.random(shape) < 0.05] = 1  # speckles: many three-label neighbourhoods
     records = [sample_params(rng, _setup(p_rotation=1.0, p_scaling=1.0), 1) for _ in range(6)]
     _, out_s = _device(data, seg, records, setup)
-    assert set(np.unique(out_s)) <= {0, 1, 2, 7}
+    assert set(np.unique(out_s)) <= {0, 1, 2, ignore}
     for k, params in enumerate(records):
-        ignored = np.mean(out_s[k] == 7)
-        expected = np.mean(center_crop(seg, setup.patch_size) == 7)
+        ignored = np.mean(out_s[k] == ignore)
+        expected = np.mean(center_crop(seg, setup.patch_size) == ignore)
         assert ignored == pytest.approx(expected, rel=0.6), params  # rotated and zoomed, but still there
+
+
+def test_a_batch_without_foreground_stays_background() -> None:
+    setup = _setup()
+    data, _ = _random(setup.initial_patch_size, channels=1)
+    seg = np.zeros((1,) + setup.initial_patch_size, np.int8)
+    out_d, out_s = _device(data, seg, ROTATIONS, setup)
+    assert not out_s.any()
+    assert np.isfinite(out_d).all() and np.abs(out_d).max() <= np.abs(data).max()  # linear: no overshoot
 
 
 def test_outside_the_initial_patch_is_zero() -> None:
