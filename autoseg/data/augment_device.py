@@ -42,7 +42,8 @@ BLUR_TRUNCATE = 4.0
 """Gaussian kernels reach 4 sigma, as scipy's gaussian_filter (the CPU path)."""
 
 MAX_UNCHECKED_LABELS = 8
-"""Label ranges up to this wide get an indicator per label of the range, present or not; wider ones per label present."""
+"""Label ranges up to this wide get one indicator per label of the range, present or not;
+wider ones (an ignore label far above the classes) one per label present."""
 
 GAMMA_EPS, STD_EPS = 1e-7, 1e-8
 """Guards of the gamma transform's [min, max] normalization and its std restore (the CPU path's `_gamma`)."""
