@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -110,10 +112,15 @@ def main() -> None:
         return min(times)
 
     n = args.batches * BATCH
+    before, faults = os.times(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     total = run(lambda ps: ps)
+    after, faults = os.times(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    passes = args.batches * (args.repeat + 1)
     print(f"commit {git_commit()}  device {device}  patch {PATCH} initial {setup.initial_patch_size} batch {BATCH}")
     print(f"augment_batch: {n / total:.0f} samples per {'wall' if device.type == 'cuda' else 'CPU'}-second "
-          f"({1000 * total / args.batches:.1f} ms per batch)")
+          f"({1000 * total / args.batches:.1f} ms per batch; per batch over all passes: user "
+          f"{1000 * (after.user - before.user) / passes:.1f} ms, system "
+          f"{1000 * (after.system - before.system) / passes:.1f} ms, {faults / passes:.0f} page faults)")
     crop = run(lambda ps: [AugParams() for _ in ps])
     print(f"  crop only: {1000 * crop / args.batches:.2f} ms per batch")
     for name, fields in TRANSFORMS.items():

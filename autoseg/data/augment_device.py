@@ -197,9 +197,16 @@ def _resample(data: torch.Tensor, seg: torch.Tensor, moved: Sequence[int], param
     sources = [(b, own(k, grid_in, margins[k]), own(k, box, margins[k] - common)) for k, b in enumerate(moved)]
     labels = _foreground_labels([seg[b][src] for b, src, _ in sources])
     pairs = [(channel, labels[j]) for channel in range(s) for j in range(labels.numel())]
-    # filled sample by sample, each in the box its grid reads; zeros elsewhere (never read, or outside the patch)
-    stacked = torch.zeros((n, c + len(pairs)) + lead + box, dtype=torch.float32, device=data.device)
+    # filled sample by sample, each in the box its grid reads; the rest of the common box is never read
+    # by that sample's grid, zeroed all the same (cheaper than a whole-tensor fill, which costs as much
+    # as the filling itself)
+    stacked = torch.empty((n, c + len(pairs)) + lead + box, dtype=torch.float32, device=data.device)
     for k, (b, src, dst) in enumerate(sources):
+        for axis, (size, band) in enumerate(zip(box, margins[k] - common)):
+            if band > 0:
+                slabs = stacked[k].movedim(stacked.ndim - 1 - len(box) + axis, 0)
+                slabs[:band] = 0.0
+                slabs[size - band:] = 0.0
         stacked[k, :c][dst] = data[b][src]
         for j, (channel, label) in enumerate(pairs):
             # bool viewed as uint8: that conversion to float is vectorized, bool's is not
@@ -213,9 +220,19 @@ def _resample(data: torch.Tensor, seg: torch.Tensor, moved: Sequence[int], param
     if not labels.numel():
         return out, torch.zeros((n, s) + patch, dtype=seg.dtype, device=seg.device)
     scores = out[:, c:].reshape((n, s, labels.numel()) + patch)
-    best, winner = scores.max(dim=2)  # ties keep the smaller label (plain argmax)
-    background = 1.0 - scores.sum(dim=2)
-    out_seg = torch.where(best > background, labels[winner], torch.zeros((), dtype=seg.dtype, device=seg.device))
+    # argmax over a handful of labels as elementwise ops (a reduction over that short middle axis is
+    # slow on the CPU), writing label values directly; strict '>' keeps ties with the smaller label
+    best = scores[:, :, 0]
+    total = best.clone()
+    winner = labels[0].expand(best.shape)
+    for j in range(1, labels.numel()):
+        score = scores[:, :, j]
+        better = score > best
+        winner = torch.where(better, labels[j], winner)
+        best = torch.maximum(best, score)
+        total += score
+    zero = torch.zeros((), dtype=seg.dtype, device=seg.device)
+    out_seg = torch.where(best > 1.0 - total, winner, zero)  # background: 1 minus the other labels
     return out[:, :c], out_seg
 
 

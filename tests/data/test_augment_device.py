@@ -124,6 +124,20 @@ def test_rotation_and_scaling_agree_with_the_cpu_path_within_interpolation_error
     assert set(np.unique(out_s[0])) == {0, 1, 2}
 
 
+def test_rotated_samples_of_one_batch_equal_those_rotated_alone() -> None:
+    """Each sample is resampled from its own box inside the batch's common box: its neighbours never change it."""
+    setup = _setup()
+    rng = np.random.default_rng(1)
+    samples = [(rng.normal(size=(1,) + setup.initial_patch_size).astype(np.float32) + 3.0,
+                rng.integers(0, 3, size=(1,) + setup.initial_patch_size).astype(np.int8)) for _ in ROTATIONS]
+    batch_d, batch_s = augment_batch(torch.from_numpy(np.stack([d for d, _ in samples])),
+                                     torch.from_numpy(np.stack([s for _, s in samples])), ROTATIONS, setup)
+    for k, (params, (data, seg)) in enumerate(zip(ROTATIONS, samples)):
+        alone_d, alone_s = _device(data, seg, [params], setup)
+        np.testing.assert_allclose(batch_d[k].numpy(), alone_d[0], rtol=0, atol=1e-4)  # float32 grid rounding
+        assert np.mean(batch_s[k].numpy() != alone_s[0]) < 0.01  # random labels: exact ties flip with the rounding
+
+
 def test_dummy_2d_rotates_in_plane_only() -> None:
     setup = _setup(CONFIG_DUMMY_2D)
     assert setup.dummy_2d
