@@ -19,7 +19,11 @@ Differences from the CPU path, all within interpolation error:
 - simulated low resolution goes back up linearly in 3D (there is no tricubic resize in torch)
   and bicubically in-plane (2D and dummy 2D), where the CPU path uses cubic splines;
 - noise comes from a ``torch.Generator`` seeded with ``noise_seed`` on the device, so it has the
-  same distribution as the CPU path's, not the same values.
+  same distribution as the CPU path's, not the same values;
+- labels: background scores 1 minus the other labels (no indicator of its own), so a voxel whose
+  interpolation reaches partly outside the initial patch leans to background, where the CPU
+  path takes the argmax of the labels inside; exact ties go to the smaller label (the CPU path:
+  the nearest neighbour's). Either way a voxel only holds a label of the input, or 0 outside.
 
 Cascade one-hot channels are degraded by `degrade_one_hot`, which runs the numpy
 `autoseg.data.cascade.apply_degradation` per degraded sample (distance transforms and connected
@@ -28,7 +32,7 @@ components have no torch equivalent here); samples without a degradation stay on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -80,7 +84,8 @@ def _check_batch(data: torch.Tensor, seg: torch.Tensor, params: Sequence[AugPara
         raise ValueError(f"seg must hold integer labels, got {seg.dtype}")
 
 
-def _selected(params: Sequence[AugParams], device: torch.device, keep) -> tuple[list[int], torch.Tensor]:
+def _selected(params: Sequence[AugParams], device: torch.device,
+              keep: Callable[[AugParams], bool]) -> tuple[list[int], torch.Tensor]:
     """Indices of the samples ``keep(p)`` selects, as a list and as an index tensor on ``device``."""
     chosen = [b for b, p in enumerate(params) if keep(p)]
     return chosen, torch.tensor(chosen, dtype=torch.long, device=device)
@@ -162,10 +167,9 @@ def _foreground_labels(segs: Sequence[torch.Tensor]) -> torch.Tensor:
     low, high = torch.stack([torch.stack([x.amin(), x.amax()]) for x in segs]).to(torch.int64).aminmax()
     low, high = (int(v) for v in torch.stack([low, high]).tolist())
     device, dtype = segs[0].device, segs[0].dtype
-    if high - low < MAX_UNCHECKED_LABELS:
-        labels = torch.arange(low, high + 1, device=device)
-    else:
-        labels = torch.unique(torch.cat([torch.unique(x) for x in segs]))
+    if high - low < MAX_UNCHECKED_LABELS:  # made on the host: no second sync
+        return torch.tensor([v for v in range(low, high + 1) if v != 0], dtype=dtype, device=device)
+    labels = torch.unique(torch.cat([torch.unique(x) for x in segs]))
     return labels[labels != 0].to(dtype)
 
 

@@ -252,7 +252,7 @@ def test_noise_has_the_drawn_std_and_its_seed_reproduces_it() -> None:
 
 
 def test_lowres_agrees_with_the_cpu_path_on_a_smooth_volume() -> None:
-    for config in (CONFIG, CONFIG_DUMMY_2D):
+    for config in (CONFIG, CONFIG_DUMMY_2D, CONFIG_2D):
         setup = _setup(config)
         data, seg = _blob(setup.initial_patch_size)
         params = AugParams(lowres_zoom=(0.6,))
