@@ -18,8 +18,20 @@ from autoseg.data.augment import (
     downsample_seg_for_ds,
     sample_params,
 )
-from autoseg.data.augment_device import augment_batch, degrade_one_hot, deep_supervision_targets
-from autoseg.data.cascade import apply_degradation, one_hot_foreground, sample_degradation
+from autoseg.data.augment_device import (
+    _components,
+    _degrade_on_device,
+    augment_batch,
+    deep_supervision_targets,
+    degrade_one_hot,
+)
+from autoseg.data.cascade import (
+    MORPHOLOGY_OPERATIONS,
+    CascadeDegradation,
+    apply_degradation,
+    one_hot_foreground,
+    sample_degradation,
+)
 from autoseg.nets.unet import deep_supervision_scales
 from tests.data.conftest import make_config
 from tests.helpers import HIPPOCAMPUS_MISSING, HIPPOCAMPUS_MSD, hippocampus_available, hippocampus_case_ids
@@ -309,6 +321,44 @@ def test_cascade_batch_keeps_the_previous_stage_channel_labels() -> None:
         np.testing.assert_array_equal(degraded[k].numpy(), apply_degradation(one_hot[k].numpy(), degradation))
 
 
+def _boxes(rng: np.random.Generator, shape: tuple[int, ...], num_classes: int = 3, count: int = 6) -> np.ndarray:
+    """A label map of a few random overlapping boxes: components of many sizes, touching borders."""
+    seg = np.zeros(shape, np.int64)
+    for _ in range(count):
+        low = [int(rng.integers(0, s - 2)) for s in shape]
+        seg[tuple(slice(a, a + int(rng.integers(1, 6))) for a in low)] = rng.integers(1, num_classes)
+    return seg
+
+
+def test_torch_degradation_equals_the_numpy_one() -> None:
+    """The device path of degrade_one_hot (ball convolutions, label propagation) voxel for voxel."""
+    rng = np.random.default_rng(0)
+    for trial in range(24):
+        shape = (10, 14, 16) if trial % 3 else (18, 20)
+        one_hot = one_hot_foreground(_boxes(rng, shape), 3)
+        operation = MORPHOLOGY_OPERATIONS[trial % 4]
+        degradation = CascadeDegradation(morphology=((trial % 2, operation, float(rng.uniform(1, 8))),
+                                                     (1 - trial % 2, operation, float(rng.uniform(1, 3)))),
+                                         remove_component=((int(rng.integers(2)), float(rng.random())),))
+        expected = apply_degradation(one_hot, degradation)
+        assert not np.array_equal(expected, one_hot)
+        np.testing.assert_array_equal(_degrade_on_device(torch.from_numpy(one_hot), degradation).numpy(), expected,
+                                      err_msg=str(degradation))
+
+
+def test_components_come_in_scipy_label_order() -> None:
+    from scipy.ndimage import label
+
+    rng = np.random.default_rng(1)
+    for shape in ((9, 11, 13), (15, 17)):
+        mask = rng.random(shape) < 0.35
+        labels, count = label(mask)
+        rep = _components(torch.from_numpy(mask)).numpy()
+        starts = np.unique(rep[mask])
+        assert len(starts) == count > 5
+        np.testing.assert_array_equal(np.searchsorted(starts, rep[mask]) + 1, labels[mask])
+
+
 @pytest.mark.skipif(not hippocampus_available(), reason=HIPPOCAMPUS_MISSING)
 def test_real_hippocampus_patches_at_the_planned_shape_agree_with_the_cpu_path() -> None:
     """Real MRI and labels at 3d_fullres's patch (40, 56, 40): every transform drawn, both paths compared."""
@@ -357,6 +407,11 @@ def test_cuda_batch_equals_the_cpu_batch() -> None:
     first, _ = augment_batch(d[:2].cuda(), s[:2].cuda(), noisy, setup)
     second, _ = augment_batch(d[:2].cuda(), s[:2].cuda(), noisy, setup)
     assert torch.equal(first, second)
+    one_hot = torch.from_numpy(np.stack([one_hot_foreground(_boxes(rng, (10, 14, 16)), 3) for _ in range(4)]))
+    degradations = [CascadeDegradation(morphology=((k % 2, MORPHOLOGY_OPERATIONS[k], 2.5 + k),),
+                                       remove_component=((1 - k % 2, 0.3),)) for k in range(4)]
+    np.testing.assert_array_equal(degrade_one_hot(one_hot.cuda(), degradations).cpu().numpy(),
+                                  degrade_one_hot(one_hot, degradations).numpy())
     targets = deep_supervision_targets(gpu_s[:, :1].long(), deep_supervision_scales(CONFIG))
     expected = downsample_seg_for_ds(gpu_s[:, :1].long().cpu().numpy(), deep_supervision_scales(CONFIG))
     for t, e in zip(targets, expected):
