@@ -46,6 +46,16 @@ def dataset_name(dataset_id: int, name: str) -> str:
     return full
 
 
+PLANS_SEPARATOR = "__"
+"""Between the preset and the configuration in a results folder name (nnU-Net's ``Plans__Config``)."""
+
+
+def split_config_dirname(name: str) -> tuple[str, str]:
+    """``"resenc-l__3d_fullres"`` -> ``("resenc-l", "3d_fullres")``; ``"3d_fullres"`` -> ``("default", "3d_fullres")``."""
+    plans, sep, config = name.rpartition(PLANS_SEPARATOR)
+    return (plans, config) if sep and plans and config else (DEFAULT_PLANS, name)
+
+
 @dataclass(frozen=True)
 class TrainingId:
     """One training run: which dataset, configuration, fold, ablation variant and seed.
@@ -54,7 +64,8 @@ class TrainingId:
     for an ordinary run (the TrainerConfig seed applies, no seed folder); sweeps set it.
     ``plans`` names the planner preset whose plans file the run trains with; a preset's runs
     live in ``<preset>__<config>`` (nnU-Net's ``Trainer__Plans__Config``) so they never clobber
-    the default plan's.
+    the default plan's. That folder name is accepted as ``config`` too (find-best discovers it,
+    ``predict -c resenc-l__3d_fullres`` ensembles across presets): it is split into the two.
     """
 
     dataset: str
@@ -64,6 +75,15 @@ class TrainingId:
     seed: int | None = None
     plans: str = DEFAULT_PLANS
 
+    def __post_init__(self) -> None:
+        plans, config = split_config_dirname(self.config)
+        if plans != DEFAULT_PLANS:
+            if self.plans not in (DEFAULT_PLANS, plans):
+                raise AutosegError(f"configuration {self.config!r} names plans {plans!r}, but {self.plans!r} "
+                                   "were asked for", where="--plans")
+            object.__setattr__(self, "config", config)
+            object.__setattr__(self, "plans", plans)
+
     @property
     def fold_dirname(self) -> str:
         return f"fold_{self.fold}"
@@ -71,7 +91,7 @@ class TrainingId:
     @property
     def config_dirname(self) -> str:
         """``3d_fullres`` for the default plans, ``resenc-l__3d_fullres`` for a preset's."""
-        return self.config if self.plans == DEFAULT_PLANS else f"{self.plans}__{self.config}"
+        return self.config if self.plans == DEFAULT_PLANS else f"{self.plans}{PLANS_SEPARATOR}{self.config}"
 
     def relative_dir(self) -> Path:
         parts = [self.dataset, self.config_dirname, self.variant]

@@ -493,6 +493,22 @@ def load_plan(paths: Paths, dataset: str, preset: str = DEFAULT_PRESET) -> Plan:
     return plan
 
 
+def resolve_plans(paths: Paths, dataset: str, plans: str | Path | None = None) -> Plan:
+    """What ``--plans`` names: nothing (plans.json), a preset (``resenc-l``: plans_resenc-l.json) or a file.
+
+    A preset whose plans file is missing fails with the ``autoseg plan --preset`` to run; a
+    value that is neither a preset nor an existing file fails naming the known presets.
+    """
+    from autoseg.planning.presets import PRESETS
+
+    if plans is None or str(plans) in PRESETS:
+        return load_plan(paths, dataset, DEFAULT_PRESET if plans is None else str(plans))
+    file = Path(plans)
+    if not file.is_file():
+        raise AutosegError(f"neither a plans preset ({', '.join(PRESETS)}) nor an existing plans file", file)
+    return load_plan_file(file)
+
+
 def plan_differences(old: Plan, new: Plan) -> list[str]:
     """Human-readable ``key: old -> new`` lines for the numbers that differ (reasons ignored)."""
     a, b = _comparable(old), _comparable(new)
