@@ -25,9 +25,7 @@ from torch import nn
 from autoseg.common.errors import AutosegError
 from autoseg.nets.residual import residual_encoder, zero_last_norm_of_blocks
 from autoseg.planning.plans import Configuration
-
-RESIDUAL_ENCODER = "residual"
-"""``Configuration.encoder`` of the ResEnc presets (`autoseg.planning.presets.RESIDUAL_ENCODER`)."""
+from autoseg.planning.presets import ENCODERS, RESIDUAL_ENCODER
 
 NORM_EPS = 1e-5
 """InstanceNorm epsilon (nnU-Net's norm_op_kwargs)."""
@@ -165,8 +163,8 @@ def _check_topology(config: Configuration) -> None:
         raise AutosegError(f"strides[0] must be all ones, got {config.strides[0]}", where)
     if config.n_conv_per_stage < 1 or any(f < 1 for f in config.features_per_stage):
         raise AutosegError("n_conv_per_stage and features_per_stage must be positive", where)
-    if config.encoder not in ("plain", RESIDUAL_ENCODER):
-        raise AutosegError(f"unknown encoder {config.encoder!r} (plain or {RESIDUAL_ENCODER})", where)
+    if config.encoder not in ENCODERS:
+        raise AutosegError(f"unknown encoder {config.encoder!r} (one of {', '.join(ENCODERS)})", where)
     blocks = config.encoder_blocks_per_stage
     if config.encoder == RESIDUAL_ENCODER and (len(blocks) != n or any(int(b) < 1 for b in blocks)):
         raise AutosegError(f"encoder_blocks_per_stage {list(blocks)} needs {n} positive entries", where)

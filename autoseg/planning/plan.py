@@ -535,8 +535,8 @@ def _comparable(plan: Plan) -> dict[str, Any]:
 class PlanRequest:
     """What ``autoseg plan`` was asked for."""
 
-    gpu_memory_gb: float | None = memory.REFERENCE_GPU_MEMORY_GB
-    """None: the preset's own target (8 / 24 / 40 GB for ResEnc M / L / XL)."""
+    gpu_memory_gb: float | None = None
+    """None: the preset's own target (8 GB for the default planner, 8 / 24 / 40 GB for ResEnc M / L / XL)."""
     configs: tuple[str, ...] | None = None
     overrides: tuple[str, ...] = ()
     num_workers: int = 1

@@ -119,8 +119,10 @@ def test_preset_plans_file_beside_plans_json(phantom_small: Paths, tmp_path) -> 
                                            r"--preset resenc-m` first"):
         resolve_plans(paths, "Dataset999_Phantom", "resenc-m")
     default = plan_and_save(paths, "999", PlanRequest(progress_bar=False))
-    out = plan_and_save(paths, "999", PlanRequest(gpu_memory_gb=None, preset="resenc-m", progress_bar=False))
+    out = plan_and_save(paths, "999", PlanRequest(preset="resenc-m", progress_bar=False))  # its own 8 GB
     assert out.plans_file == paths.preprocessed / "Dataset999_Phantom" / "plans_resenc-m.json"
+    assert out.plan.gpu_memory_gb == 8.0 and plan_and_save(
+        paths, "999", PlanRequest(preset="resenc-l", progress_bar=False)).plan.gpu_memory_gb == 24.0
     assert default.plans_file.name == "plans.json" and default.plans_file.is_file()
     saved = json.loads(out.plans_file.read_text(encoding="utf-8"))
     assert saved["schema"] == "autoseg.plan" and saved["preset"] == "resenc-m"
