@@ -505,6 +505,8 @@ def resolve_plans(paths: Paths, dataset: str, plans: str | Path | None = None) -
         return load_plan(paths, dataset, DEFAULT_PRESET if plans is None else str(plans))
     file = Path(plans)
     if not file.is_file():
+        if file.suffix or len(file.parts) > 1:  # meant as a file
+            raise AutosegError("plan file not found", file)
         raise AutosegError(f"neither a plans preset ({', '.join(PRESETS)}) nor an existing plans file", file)
     return load_plan_file(file)
 
