@@ -24,8 +24,7 @@ from torch import nn
 
 from autoseg.common.errors import AutosegError
 from autoseg.nets.residual import residual_encoder, zero_last_norm_of_blocks
-from autoseg.planning.plans import Configuration
-from autoseg.planning.presets import ENCODERS, RESIDUAL_ENCODER
+from autoseg.planning.plans import ENCODERS, RESIDUAL_ENCODER, Configuration
 
 NORM_EPS = 1e-5
 """InstanceNorm epsilon (nnU-Net's norm_op_kwargs)."""

@@ -26,8 +26,8 @@ from autoseg.common.paths import Paths
 from autoseg.dataset.spec import DatasetSpec, class_labels
 from autoseg.fingerprint import Fingerprint, load_or_extract_fingerprint
 from autoseg.planning import memory, rules
-from autoseg.planning.plans import Configuration, Plan
-from autoseg.planning.presets import DEFAULT_PRESET, RESIDUAL_ENCODER, Preset, get_preset
+from autoseg.planning.plans import RESIDUAL_ENCODER, Configuration, Plan
+from autoseg.planning.presets import DEFAULT_PRESET, Preset, get_preset
 
 log = logging.getLogger(__name__)
 

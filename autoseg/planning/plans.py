@@ -14,6 +14,12 @@ from typing import ClassVar
 from autoseg.common.errors import AutosegError
 from autoseg.dataset.spec import class_labels, ignore_label
 
+PLAIN_ENCODER = "plain"
+RESIDUAL_ENCODER = "residual"
+ENCODERS = (PLAIN_ENCODER, RESIDUAL_ENCODER)
+"""``Configuration.encoder`` values: nnU-Net's PlainConvUNet encoder, or the ResEnc presets'
+residual one (`autoseg.planning.presets`); `autoseg.nets.unet.build_unet` builds either."""
+
 NORMALIZATION_SCHEMES = ("zscore", "ct", "none", "rescale_to_0_1", "rgb_to_0_1")
 """Per-channel intensity normalization names (nnU-Net's: ZScore, CT, NoNorm, RescaleTo01, RGBTo01)."""
 
@@ -56,7 +62,7 @@ class Configuration:
     features_per_stage: tuple[int, ...]
     n_conv_per_stage: int = 2
     """Convs per stage: encoder and decoder of a plain U-Net, the decoder only of a residual one."""
-    encoder: str = "plain"
+    encoder: str = PLAIN_ENCODER
     """``plain`` (nnU-Net's PlainConvUNet) or ``residual`` (ResidualEncoderUNet: a stem, then
     ``encoder_blocks_per_stage`` residual basic blocks per stage); set by the plans preset."""
     encoder_blocks_per_stage: tuple[int, ...] = ()

@@ -18,14 +18,10 @@ from dataclasses import dataclass
 from autoseg.common.errors import ConfigError
 from autoseg.common.paths import DEFAULT_PLANS
 from autoseg.planning import memory, rules
+from autoseg.planning.plans import PLAIN_ENCODER, RESIDUAL_ENCODER
 
 DEFAULT_PRESET = DEFAULT_PLANS
 """The plain-conv U-Net planner (nnU-Net's ``ExperimentPlanner``), written to ``plans.json``."""
-
-PLAIN_ENCODER = "plain"
-RESIDUAL_ENCODER = "residual"
-ENCODERS = (PLAIN_ENCODER, RESIDUAL_ENCODER)
-"""``Configuration.encoder`` values: `autoseg.nets.unet.build_unet` builds one network per kind."""
 
 PLAIN_CONVS_PER_STAGE = 2
 """Convs per encoder and decoder stage of the plain U-Net (nnU-Net ``n_conv_per_stage``)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import SimpleITK as sitk
 
 from autoseg.common.paths import Paths
