@@ -24,9 +24,9 @@ NNUNET_PLANNER = {"resenc-m": "nnUNetPlannerResEncM", "resenc-l": "nnUNetPlanner
 LABELS = {"background": 0, "Anterior": 1, "Posterior": 2}
 
 
-def _nnunet_reference(monkeypatch: pytest.MonkeyPatch, tmp_path, preset: str, spacings, shapes, labels
-                      ) -> dict[str, dict]:
-    """nnunetv2's 3d_fullres and 2d plans of ``preset``'s planner for these case spacings / shapes."""
+def _nnunet_planner(monkeypatch: pytest.MonkeyPatch, tmp_path, preset: str, spacings, shapes, labels):
+    """nnunetv2's ``preset`` planner built by its own ``__init__`` on an in-memory dataset (no file is
+    read or written); returns the planner and its module."""
     pytest.importorskip("nnunetv2", reason="nnunetv2 (the parity reference) is not installed; see README")
     import nnunetv2.experiment_planning.experiment_planners.default_experiment_planner as dep
     from nnunetv2.experiment_planning.experiment_planners.residual_unets import residual_encoder_unet_planners as rp
@@ -35,14 +35,20 @@ def _nnunet_reference(monkeypatch: pytest.MonkeyPatch, tmp_path, preset: str, sp
                     "file_ending": ".nii.gz"}
     fingerprint = {"spacings": [list(map(float, s)) for s in spacings],
                    "shapes_after_crop": [list(map(int, s)) for s in shapes],
-                   "median_relative_size_after_cropping": 1.0}
+                   "median_relative_size_after_cropping": 1.0, "foreground_intensity_properties_per_channel": {}}
     monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
     monkeypatch.setattr(dep, "maybe_convert_to_dataset_name", lambda _: "Dataset100_Test")
     monkeypatch.setattr(dep, "load_json", lambda p: dataset_json if p.endswith("dataset.json") else fingerprint)
     monkeypatch.setattr(dep, "get_filenames_of_train_images_and_targets", lambda *_: {})
     monkeypatch.setattr(dep, "isfile", lambda p: p.endswith("dataset_fingerprint.json"))
-    planner = getattr(rp, NNUNET_PLANNER[preset])("Dataset100_Test")
+    return getattr(rp, NNUNET_PLANNER[preset])("Dataset100_Test"), dep
+
+
+def _nnunet_reference(monkeypatch: pytest.MonkeyPatch, tmp_path, preset: str, spacings, shapes, labels
+                      ) -> dict[str, dict]:
+    """nnunetv2's 3d_fullres and 2d plans of ``preset``'s planner for these case spacings / shapes."""
+    planner, dep = _nnunet_planner(monkeypatch, tmp_path, preset, spacings, shapes, labels)
     forward, _ = planner.determine_transpose()
     target = planner.determine_fullres_target_spacing()
     median = np.median([dep.compute_new_shape(sh, sp, target) for sp, sh in zip(spacings, shapes)], 0)[forward]
@@ -86,6 +92,32 @@ def test_thick_slice_ct_plans_equal_nnunet_resenc_planners(preset: str, monkeypa
     spacings = [(5.0, 0.7, 0.7)] * 4
     reference = _nnunet_reference(monkeypatch, tmp_path, preset, spacings, shapes, LABELS)
     _assert_same(make_fingerprint(shapes, spacings, labels=LABELS), preset, reference)
+
+
+@pytest.mark.slow
+def test_lowres_of_a_preset_equals_nnunets(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Large anisotropic images: nnU-Net's whole plan_experiment (3d_lowres search included) for ResEnc M."""
+    shapes = [(300, 400, 400), (290, 410, 396), (310, 396, 404)]
+    spacings = [(2.0, 0.8, 0.8)] * 3
+    planner, dep = _nnunet_planner(monkeypatch, tmp_path, "resenc-m", spacings, shapes, LABELS)
+    monkeypatch.setattr(dep.shutil, "copy", lambda *_: None)  # it copies dataset.json to nnUNet_preprocessed
+    monkeypatch.setattr(planner, "save_plans", lambda _: None)
+    monkeypatch.setattr(planner, "determine_reader_writer", lambda: dep.ExperimentPlanner)
+    planner.plan_experiment()
+    theirs = planner.plans["configurations"]
+    plan = plan_dataset(make_fingerprint(shapes, spacings, labels=LABELS), preset="resenc-m")
+    assert set(plan.configurations) == set(theirs) == {"2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"}
+    for name in ("2d", "3d_fullres", "3d_lowres"):
+        cfg, ref = plan.configuration(name), theirs[name]
+        arch = ref["architecture"]["arch_kwargs"]
+        assert cfg.patch_size == tuple(int(p) for p in ref["patch_size"]), name
+        assert cfg.batch_size == ref["batch_size"], name
+        np.testing.assert_allclose(cfg.spacing, ref["spacing"], rtol=1e-12)
+        assert cfg.strides == tuple(tuple(s) for s in arch["strides"]), name
+        assert cfg.encoder_blocks_per_stage == tuple(arch["n_blocks_per_stage"]), name
+        assert cfg.batch_dice == ref["batch_dice"], name
+    assert plan.configuration("3d_lowres").data_identifier == "resenc-m_3d_lowres"  # nnU-Net: <plans>_3d_lowres
+    assert theirs["3d_lowres"]["data_identifier"].endswith("_3d_lowres")
 
 
 def test_presets_differ_where_nnunet_says(hippocampus_like_fingerprint: Fingerprint) -> None:
