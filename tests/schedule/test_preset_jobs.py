@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from autoseg.common.paths import Paths
 from autoseg.dataset.phantom import PhantomRecipe, make_phantom_dataset
 from autoseg.planning.plan import PlanRequest, plan_and_save
 from autoseg.schedule.graph import TrainAllRequest, build_train_all_jobs
 from autoseg.schedule.jobs import JobKind
-from tests.schedule.conftest import DATASET
+from autoseg.train.checkpoint import load_checkpoint
+from tests.schedule.conftest import DATASET, TINY_TRAINING, single_thread_env, train_all_command
 
 
 def test_unplanned_preset_gets_plan_preprocess_and_own_train_folders(sched_paths) -> None:
@@ -43,3 +50,19 @@ def test_planned_preset_cascade_links_its_own_lowres(sched_paths) -> None:
     assert prep.preset == "resenc-m" and prep.job_id == f"preprocess:{DATASET}:resenc-m"
     [best] = [j for j in jobs if j.kind is JobKind.FIND_BEST]
     assert best.configs == ("resenc-m__3d_lowres", "resenc-m__3d_cascade_fullres")
+
+
+@pytest.mark.slow
+def test_real_train_all_with_a_preset(phantom_small: Paths, tmp_path: Path) -> None:
+    """``autoseg train-all --plans resenc-m`` with real plan/preprocess/train children."""
+    paths = Paths(phantom_small.raw, tmp_path / "pre", tmp_path / "res")
+    cmd = train_all_command(paths, "--plans", "resenc-m", "--configs", "3d_fullres", "--folds", "0", "--quiet",
+                            "--set", "epochs=1", "--set", "final_validation=off", *TINY_TRAINING)
+    done = subprocess.run(cmd, cwd=tmp_path, env=single_thread_env(), capture_output=True, text=True,
+                          encoding="utf-8", timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert paths.plans_file(DATASET, "resenc-m").is_file() and not paths.plans_file(DATASET).exists()
+    fold = paths.results / DATASET / "resenc-m__3d_fullres" / "default" / "fold_0"
+    ckpt = load_checkpoint(fold / "checkpoint_final.pt")
+    assert ckpt.plan.preset == "resenc-m" and ckpt.config_name == "3d_fullres"
+    assert ckpt.plan.configuration("3d_fullres").encoder == "residual"
