@@ -8,6 +8,7 @@ from autoseg.cli.app import cli, paths_from
 from autoseg.common.errors import AutosegError
 from autoseg.planning.plan import CONFIG_NAMES, PlanRequest, plan_and_save
 from autoseg.planning.plans import Plan
+from autoseg.planning.presets import DEFAULT_PRESET, PRESETS
 
 DEFAULT_GPU_MEMORY_GB = 8.0
 """Budget without a GPU and without --gpu-memory: nnU-Net's 8 GB reference."""
@@ -47,7 +48,8 @@ def detected_gpu_memory_gb() -> float | None:
 
 def render_plan(plan: Plan) -> str:
     """One table per configuration: each number with the reason it is what it is."""
-    lines = [f"Plan of {plan.dataset} for {plan.gpu_memory_gb:g} GB GPU memory"]
+    preset = "" if plan.preset == DEFAULT_PRESET else f", preset {plan.preset}"
+    lines = [f"Plan of {plan.dataset} for {plan.gpu_memory_gb:g} GB GPU memory{preset}"]
     lines += [f"  {k}: {v}" for k, v in plan.reasons.items()]
     if plan.overrides:
         lines.append(f"  overrides: {' '.join(plan.overrides)}")
@@ -59,6 +61,8 @@ def render_plan(plan: Plan) -> str:
                 ("pools per axis", " x ".join(map(str, c.num_pools_per_axis)), "strides"),
                 ("kernels", " ".join("x".join(map(str, k)) for k in c.kernel_sizes), "kernel_sizes"),
                 ("features", ",".join(map(str, c.features_per_stage)), "features_per_stage"),
+                *([("residual blocks", ",".join(map(str, c.encoder_blocks_per_stage)), "encoder")]
+                  if c.encoder_blocks_per_stage else []),
                 ("batch dice", str(c.batch_dice), "batch_dice"),
                 ("memory estimate", f"{c.estimated_vram_gb:.2f} GB", "estimated_vram_gb")]
         if c.previous_stage is not None:
@@ -86,17 +90,24 @@ def render_plan(plan: Plan) -> str:
               help="Copy the configurations (topology, patch, batch, spacing) of SOURCE's plans (a dataset "
                    "or a plans.json), with this dataset's own normalisation: to fine-tune a network "
                    "pretrained on SOURCE (train --pretrained).")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=DEFAULT_PRESET, show_default=True,
+              help="Planner preset: resenc-m/l/xl plan nnU-Net's residual-encoder U-Nets for 8/24/40 GB (their "
+                   "own budget unless --gpu-memory) into plans_<preset>.json beside plans.json.")
 @click.pass_context
 def plan_command(ctx: click.Context, dataset: str, gpu_memory: float | None, configs: tuple[str, ...],
-                 overrides: tuple[str, ...], num_workers: int, force: bool, from_plans: str | None) -> None:
+                 overrides: tuple[str, ...], num_workers: int, force: bool, from_plans: str | None,
+                 preset: str) -> None:
     """Verify DATASET, fingerprint it and write its plans.json (2d, 3d_fullres, 3d_lowres + 3d_cascade_fullres)."""
     names = tuple(n for c in configs for n in c.split(",") if n) or None
-    if from_plans is not None and (gpu_memory is not None or names):
-        raise AutosegError("--gpu-memory and --configs do not apply with --from-plans: the source plans' "
-                           "configurations are taken whole", where="--from-plans")
-    budget = gpu_memory if gpu_memory is not None else (detected_gpu_memory_gb() or DEFAULT_GPU_MEMORY_GB)
+    if from_plans is not None and (gpu_memory is not None or names or preset != DEFAULT_PRESET):
+        raise AutosegError("--gpu-memory, --configs and --preset do not apply with --from-plans: the source "
+                           "plans' configurations are taken whole", where="--from-plans")
+    if gpu_memory is not None or preset != DEFAULT_PRESET:  # a preset plans for its own memory target
+        budget = gpu_memory
+    else:
+        budget = detected_gpu_memory_gb() or DEFAULT_GPU_MEMORY_GB
     request = PlanRequest(gpu_memory_gb=budget, configs=names, overrides=tuple(overrides),
-                          num_workers=num_workers, force=force, from_plans=from_plans)
+                          num_workers=num_workers, force=force, from_plans=from_plans, preset=preset)
     outcome = plan_and_save(paths_from(ctx), dataset, request)
     click.echo(render_plan(outcome.plan))
     state = "written" if outcome.written else "unchanged (identical plan already there)"

@@ -58,6 +58,9 @@ def parse_fold(text: str) -> int | str:
 @click.option("--best", "best_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="best.json from `autoseg find-best` (configs, folds, postprocessing).")
 @click.option("--variant", default="default", show_default=True, help="Training variant folder.")
+@click.option("--plans", default="default", show_default=True, metavar="PRESET",
+              help="Plans preset the folds were trained with (resenc-m, resenc-l, resenc-xl); or name it per "
+                   "configuration, -c resenc-l__3d_fullres.")
 @click.option("--checkpoint", type=click.Choice(CHECKPOINT_CHOICES), default="final", show_default=True)
 @click.option("--step", type=click.FloatRange(0.05, 1.0), default=0.5, show_default=True,
               help="Window step as a fraction of the patch.")
@@ -74,7 +77,7 @@ def parse_fold(text: str) -> int | str:
                                  "predicting them first.")
 @click.pass_context
 def predict_cmd(ctx: click.Context, dataset: str | None, configs: tuple[str, ...], folds: tuple[str, ...],
-                input_dir: Path, output_dir: Path, best_file: Path | None, variant: str, checkpoint: str,
+                input_dir: Path, output_dir: Path, best_file: Path | None, variant: str, plans: str, checkpoint: str,
                 step: float, no_tta: bool, save_probabilities: bool, device: str, batch_size: int,
                 num_workers: int, force: bool, prev_stage_dir: Path | None) -> None:
     """Segment every case of a folder with trained folds (written in each input's own geometry)."""
@@ -93,7 +96,7 @@ def predict_cmd(ctx: click.Context, dataset: str | None, configs: tuple[str, ...
         request = PredictRequest(paths.resolve_dataset(dataset), configs or ("3d_fullres",),
                                  tuple(parse_fold(f) for f in folds) or (0, 1, 2, 3, 4), input_dir, output_dir,
                                  variant, checkpoint, device, save_probabilities, force, options, num_workers,
-                                 prev_stage_dir)
+                                 prev_stage_dir, plans)
         result = run_prediction(paths, request)
     skipped = f", skipped {len(result.skipped)} already predicted (--force to redo)" if result.skipped else ""
     click.echo(f"predicted {len(result.written)} case(s){skipped} -> {result.output_dir}")
@@ -105,17 +108,19 @@ def predict_cmd(ctx: click.Context, dataset: str | None, configs: tuple[str, ...
 @click.option("-f", "--fold", required=True, help="Fold (an integer or 'all').")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="model.onnx")
 @click.option("--variant", default="default", show_default=True)
+@click.option("--plans", default="default", show_default=True, metavar="PRESET",
+              help="Plans preset the fold was trained with (resenc-m, resenc-l, resenc-xl).")
 @click.option("--checkpoint", type=click.Choice(CHECKPOINT_CHOICES), default="final", show_default=True)
 @click.option("--opset", type=click.IntRange(11, 23), default=17, show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 @click.pass_context
 def export_onnx_cmd(ctx: click.Context, dataset: str, config: str, fold: str, output: Path, variant: str,
-                    checkpoint: str, opset: int, force: bool) -> None:
+                    plans: str, checkpoint: str, opset: int, force: bool) -> None:
     """Export one fold's network to ONNX, checked against torch with onnxruntime."""
     from autoseg.infer.onnx_export import export_onnx
 
     paths = paths_from(ctx)
     rec = export_onnx(paths, paths.resolve_dataset(dataset), config, parse_fold(fold), output, variant=variant,
-                      checkpoint=checkpoint, opset=opset, force=force)
+                      checkpoint=checkpoint, opset=opset, force=force, plans=plans)
     click.echo(f"wrote {output} (opset {rec.opset}, input {list(rec.input_shape)}, "
                f"max |onnxruntime - torch| = {rec.max_abs_diff:.2g}) and {output.with_suffix('.json')}")

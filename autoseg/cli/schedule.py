@@ -82,6 +82,9 @@ def render_dry_run(jobs: list[JobSpec], placed: list[Assignment] | None) -> str:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="TrainerConfig override for every training.")
 @click.option("--variant", default="default", show_default=True,
               help="Results sub-folder of every training (train with a changed --set next to the old results).")
+@click.option("--plans", default="default", show_default=True, metavar="PRESET",
+              help="Planner preset (resenc-m, resenc-l, resenc-xl): plans it if needed, trains its "
+                   "<preset>__CONFIG folders.")
 @click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True)
 @click.option("--slurm-partition", default=None)
@@ -96,12 +99,12 @@ def render_dry_run(jobs: list[JobSpec], placed: list[Assignment] | None) -> str:
 @click.pass_context
 def train_all_cmd(ctx: click.Context, datasets: tuple[str, ...], configs: tuple[str, ...], folds: str,
                   gpus: str | None, jobs_per_gpu: int | None, gpu_memory: float | None, overrides: tuple[str, ...],
-                  variant: str, retries: int, executor: str, slurm_partition: str | None, slurm_time: int,
+                  variant: str, plans: str, retries: int, executor: str, slurm_partition: str | None, slurm_time: int,
                   slurm_mem: float | None, slurm_cpus: int, dry_run: bool, cpu_slots: int, quiet: bool) -> None:
     """Plan, preprocess and train every DATASET x config x fold in parallel, one job per GPU; resumable."""
     paths = paths_from(ctx)
     request = TrainAllRequest(datasets=datasets, configs=configs, folds=parse_folds(folds),
-                              trainer_overrides=overrides, gpu_memory_gb=gpu_memory, variant=variant)
+                              trainer_overrides=overrides, gpu_memory_gb=gpu_memory, variant=variant, plans=plans)
     options = TrainAllOptions(request=request, gpus=parse_gpus(gpus) if gpus is not None else None,
                               jobs_per_gpu=jobs_per_gpu, cpu_slots=cpu_slots, retries=retries, executor=executor,
                               slurm=SlurmOptions(slurm_partition, slurm_time, slurm_mem), slurm_cpus_per_job=slurm_cpus,

@@ -10,7 +10,7 @@ import click
 
 from autoseg.cli.app import cli, paths_from
 from autoseg.common.errors import AutosegError
-from autoseg.common.paths import TrainingId
+from autoseg.common.paths import DEFAULT_PLANS, TrainingId
 from autoseg.train.config import TrainerConfig, apply_overrides, default_num_workers
 from autoseg.train.ddp import DistContext
 from autoseg.train.loop import EXIT_INTERRUPTED, TrainingInterrupted
@@ -46,8 +46,9 @@ def dist_from_env() -> DistContext:
                    "trial).")
 @click.option("--variant", default="default", show_default=True, help="Results sub-folder for an ablation.")
 @click.option("--seed", type=int, default=None, help="Seed (adds a seed_<N> folder; overrides --set seed).")
-@click.option("--plans", "plans_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Train with this plans file instead of the dataset's plans.json.")
+@click.option("--plans", "plans", default=None, metavar="PRESET|FILE",
+              help="Train with a preset's plans (resenc-m, resenc-l, resenc-xl: plans_<preset>.json; results in "
+                   "<preset>__CONFIG) or with this plans file, instead of the dataset's plans.json.")
 @click.option("--pretrained", "pretrained", type=click.Path(dir_okay=False, path_type=Path), default=None,
               metavar="CHECKPOINT", help="Start from this checkpoint's weights (fine-tuning; the segmentation "
                                          "heads stay fresh when the class count differs). Same as --set pretrained=.")
@@ -61,14 +62,16 @@ def dist_from_env() -> DistContext:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def train_cmd(ctx: click.Context, dataset: str, config: str, fold: str, resume: bool, force: bool,
-              overrides: tuple[str, ...], variant: str, seed: int | None, plans_file: Path | None,
+              overrides: tuple[str, ...], variant: str, seed: int | None, plans: str | None,
               pretrained: Path | None, device: str, num_workers: int | None, save_probabilities: bool,
               validation_only: bool, quiet: bool) -> None:
     """Train DATASET's CONFIG on FOLD (0-4 or 'all'), then validate the fold."""
-    from autoseg.planning.plan import load_plan_file
+    from autoseg.planning.plan import resolve_plans
 
     paths = paths_from(ctx)
-    tid = TrainingId(paths.resolve_dataset(dataset), config, parse_fold(fold), variant, seed)
+    name = paths.resolve_dataset(dataset)
+    plan = None if plans is None else resolve_plans(paths, name, plans)
+    tid = TrainingId(name, config, parse_fold(fold), variant, seed, plans=plan.preset if plan else DEFAULT_PLANS)
     cfg = apply_overrides(TrainerConfig(), overrides)
     if pretrained is not None:
         if resume or validation_only:
@@ -78,7 +81,6 @@ def train_cmd(ctx: click.Context, dataset: str, config: str, fold: str, resume: 
     dist = dist_from_env()
     workers = num_workers if num_workers is not None else _env_int(
         "AUTOSEG_NUM_WORKERS", default_num_workers(os.cpu_count() or 1, dist.world_size))
-    plan = load_plan_file(plans_file) if plans_file is not None else None
     try:
         r = train_fold(paths, tid, cfg, plan, device, resume, force, workers, quiet, dist,
                        save_probabilities=save_probabilities, validation_only=validation_only)

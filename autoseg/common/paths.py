@@ -5,8 +5,9 @@ explicitly to every function that touches the disk; no other module reads the en
 (except the scheduler, which builds child environments). Folder layout:
 
     raw/DatasetXXX_Name/{dataset.json, imagesTr/, labelsTr/, imagesTs/}
-    preprocessed/DatasetXXX_Name/{fingerprint.json, plans.json, splits.json, <data_identifier>/}
-    results/DatasetXXX_Name/<config>/<variant>/[seed_<s>/]fold_<k>/
+    preprocessed/DatasetXXX_Name/{fingerprint.json, plans.json, plans_<preset>.json, splits.json,
+                                  <data_identifier>/}
+    results/DatasetXXX_Name/[<preset>__]<config>/<variant>/[seed_<s>/]fold_<k>/
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ ENV_VARS: dict[str, tuple[str, str]] = {
 DEFAULT_ROOT = Path("datasets")
 """Without variables or options, everything lives in ./datasets/{raw,preprocessed,results}."""
 
+DEFAULT_PLANS = "default"
+"""The plans of the default planner (plans.json); other names are planner presets (plans_<name>.json)."""
+
 DATASET_NAME_RE = re.compile(r"^Dataset(\d{3})_([A-Za-z0-9][A-Za-z0-9_\-]*)$")
 """nnU-Net v2 naming: three-digit id, underscore, a name."""
 
@@ -42,12 +46,26 @@ def dataset_name(dataset_id: int, name: str) -> str:
     return full
 
 
+PLANS_SEPARATOR = "__"
+"""Between the preset and the configuration in a results folder name (nnU-Net's ``Plans__Config``)."""
+
+
+def split_config_dirname(name: str) -> tuple[str, str]:
+    """``"resenc-l__3d_fullres"`` -> ``("resenc-l", "3d_fullres")``; ``"3d_fullres"`` -> ``("default", "3d_fullres")``."""
+    plans, sep, config = name.rpartition(PLANS_SEPARATOR)
+    return (plans, config) if sep and plans and config else (DEFAULT_PLANS, name)
+
+
 @dataclass(frozen=True)
 class TrainingId:
     """One training run: which dataset, configuration, fold, ablation variant and seed.
 
     ``fold`` is an int 0..k-1 or the string ``"all"`` (train on every case). ``seed`` is None
     for an ordinary run (the TrainerConfig seed applies, no seed folder); sweeps set it.
+    ``plans`` names the planner preset whose plans file the run trains with; a preset's runs
+    live in ``<preset>__<config>`` (nnU-Net's ``Trainer__Plans__Config``) so they never clobber
+    the default plan's. That folder name is accepted as ``config`` too (find-best discovers it,
+    ``predict -c resenc-l__3d_fullres`` ensembles across presets): it is split into the two.
     """
 
     dataset: str
@@ -55,20 +73,35 @@ class TrainingId:
     fold: int | str
     variant: str = "default"
     seed: int | None = None
+    plans: str = DEFAULT_PLANS
+
+    def __post_init__(self) -> None:
+        plans, config = split_config_dirname(self.config)
+        if plans != DEFAULT_PLANS:
+            if self.plans not in (DEFAULT_PLANS, plans):
+                raise AutosegError(f"configuration {self.config!r} names plans {plans!r}, but {self.plans!r} "
+                                   "were asked for", where="--plans")
+            object.__setattr__(self, "config", config)
+            object.__setattr__(self, "plans", plans)
 
     @property
     def fold_dirname(self) -> str:
         return f"fold_{self.fold}"
 
+    @property
+    def config_dirname(self) -> str:
+        """``3d_fullres`` for the default plans, ``resenc-l__3d_fullres`` for a preset's."""
+        return self.config if self.plans == DEFAULT_PLANS else f"{self.plans}{PLANS_SEPARATOR}{self.config}"
+
     def relative_dir(self) -> Path:
-        parts = [self.dataset, self.config, self.variant]
+        parts = [self.dataset, self.config_dirname, self.variant]
         if self.seed is not None:
             parts.append(f"seed_{self.seed}")
         return Path(*parts, self.fold_dirname)
 
     def __str__(self) -> str:
         seed = f"/seed_{self.seed}" if self.seed is not None else ""
-        return f"{self.dataset}/{self.config}/{self.variant}{seed}/fold_{self.fold}"
+        return f"{self.dataset}/{self.config_dirname}/{self.variant}{seed}/fold_{self.fold}"
 
 
 @dataclass(frozen=True)
@@ -147,8 +180,10 @@ class Paths:
     def fingerprint_file(self, dataset: str) -> Path:
         return self.preprocessed / dataset / "fingerprint.json"
 
-    def plans_file(self, dataset: str) -> Path:
-        return self.preprocessed / dataset / "plans.json"
+    def plans_file(self, dataset: str, preset: str = DEFAULT_PLANS) -> Path:
+        """``plans.json``, or ``plans_<preset>.json`` beside it for a planner preset."""
+        name = "plans.json" if preset == DEFAULT_PLANS else f"plans_{preset}.json"
+        return self.preprocessed / dataset / name
 
     def splits_file(self, dataset: str) -> Path:
         return self.preprocessed / dataset / "splits.json"

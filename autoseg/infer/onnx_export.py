@@ -24,7 +24,7 @@ import torch
 
 from autoseg.common.errors import AutosegError
 from autoseg.common.jsonio import save_record
-from autoseg.common.paths import Paths, TrainingId
+from autoseg.common.paths import DEFAULT_PLANS, Paths, TrainingId
 from autoseg.planning.plans import ChannelNormalization
 from autoseg.infer.predict import load_model
 
@@ -68,6 +68,8 @@ class OnnxExportRecord:
     tolerance: float
     torch_version: str
     onnxruntime_version: str
+    plans: str = DEFAULT_PLANS
+    """The planner preset the fold was trained with."""
 
 
 def _check_with_onnxruntime(onnx_path: Path, net: torch.nn.Module, x: torch.Tensor) -> float:
@@ -84,7 +86,7 @@ def _check_with_onnxruntime(onnx_path: Path, net: torch.nn.Module, x: torch.Tens
 
 def export_onnx(paths: Paths, dataset: str, config: str, fold: int | str, output: Path, variant: str = "default",
                 checkpoint: str = "final", opset: int = DEFAULT_OPSET, atol: float = DEFAULT_ATOL,
-                force: bool = False, seed: int = 0) -> OnnxExportRecord:
+                force: bool = False, seed: int = 0, plans: str = DEFAULT_PLANS) -> OnnxExportRecord:
     """Export one fold to ``output`` (+ ``.json`` record) after checking onnxruntime agrees with torch."""
     import onnxruntime as ort
 
@@ -92,7 +94,9 @@ def export_onnx(paths: Paths, dataset: str, config: str, fold: int | str, output
     record_path = output.with_suffix(".json")
     if output.exists() and not force:
         raise AutosegError("exists; use --force to overwrite", output)
-    fold_dir = paths.training_dir(TrainingId(dataset, config, fold, variant))
+    tid = TrainingId(dataset, config, fold, variant, plans=plans)
+    config, plans = tid.config, tid.plans
+    fold_dir = paths.training_dir(tid)
     model = load_model([fold_dir], device="cpu", checkpoint=checkpoint)
     net = model.nets[0].float().eval()
     patch = tuple(int(p) for p in model.config.patch_size)
@@ -123,7 +127,7 @@ def export_onnx(paths: Paths, dataset: str, config: str, fold: int | str, output
         labels=dict(model.plan.labels), patch_size=patch, spacing=tuple(model.config.spacing),
         transpose_forward=model.plan.transpose_forward, normalization=model.plan.normalization,
         mirror_axes=model.mirror_axes, max_abs_diff=diff, tolerance=atol, torch_version=torch.__version__,
-        onnxruntime_version=ort.__version__)
+        onnxruntime_version=ort.__version__, plans=plans)
     save_record(record_path, record)
     log.info("exported %s (max |onnx - torch| = %.2g)", output, diff)
     return record

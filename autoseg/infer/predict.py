@@ -34,7 +34,7 @@ from torch import nn
 
 from autoseg.common.errors import AutosegError
 from autoseg.common.jsonio import atomic_write_bytes, load_record, save_record
-from autoseg.common.paths import Paths, TrainingId
+from autoseg.common.paths import DEFAULT_PLANS, Paths, TrainingId
 from autoseg.common.progress import progress
 from autoseg.dataset.io import SUPPORTED_ENDINGS, Geometry, file_ending, read_case, read_image, write_image
 from autoseg.dataset.spec import warn_stray_files
@@ -191,20 +191,23 @@ def load_model(fold_dirs: Sequence[Path], device: str | torch.device = "cpu",
 
 
 def fold_dirs_for(paths: Paths, dataset: str, config: str, folds: Sequence[int | str],
-                  variant: str = "default") -> list[Path]:
-    """results/<dataset>/<config>/<variant>/fold_<k>/ for each fold."""
-    return [paths.training_dir(TrainingId(dataset, config, f, variant)) for f in folds]
+                  variant: str = "default", plans: str = DEFAULT_PLANS) -> list[Path]:
+    """results/<dataset>/[<plans>__]<config>/<variant>/fold_<k>/ for each fold."""
+    return [paths.training_dir(TrainingId(dataset, config, f, variant, plans=plans)) for f in folds]
 
 
 def load_configuration(paths: Paths, dataset: str, config: str, folds: Sequence[int | str],
                        variant: str = "default", device: str | torch.device = "cpu", checkpoint: str = "final",
-                       prev_stage_dir: Path | None = None) -> LoadedModel:
+                       prev_stage_dir: Path | None = None, plans: str = DEFAULT_PLANS) -> LoadedModel:
     """`load_model` of one configuration's folds; a cascade also gets its previous stage.
 
     That is ``prev_stage_dir`` (existing label maps in the inputs' geometry) when given, else
-    the previous configuration's model with the same variant, folds and checkpoint.
+    the previous configuration's model with the same variant, folds, checkpoint and plans.
+    ``config`` may name its plans as its results folder does (``resenc-l__3d_fullres``).
     """
-    model = load_model(fold_dirs_for(paths, dataset, config, folds, variant), device, checkpoint)
+    tid = TrainingId(dataset, config, 0, variant, plans=plans)
+    config, plans = tid.config, tid.plans
+    model = load_model(fold_dirs_for(paths, dataset, config, folds, variant, plans), device, checkpoint)
     prev = model.config.previous_stage
     if prev is None:
         return model
@@ -214,7 +217,7 @@ def load_configuration(paths: Paths, dataset: str, config: str, folds: Sequence[
         model.previous_stage = PreviousStage(folder=Path(prev_stage_dir))
     else:
         model.previous_stage = PreviousStage(model=load_configuration(paths, dataset, prev, folds, variant, device,
-                                                                      checkpoint))
+                                                                      checkpoint, plans=plans))
     return model
 
 
@@ -602,6 +605,8 @@ class PredictRequest:
     """Threads that read and preprocess upcoming cases while the network runs."""
     prev_stage_dir: Path | None = None
     """Cascade configurations: existing previous-stage predictions instead of predicting them."""
+    plans: str = DEFAULT_PLANS
+    """The planner preset the folds were trained with (their ``<preset>__<config>`` folders)."""
 
 
 def run_prediction(paths: Paths, request: PredictRequest, show_progress: bool = True) -> FolderResult:
@@ -609,7 +614,7 @@ def run_prediction(paths: Paths, request: PredictRequest, show_progress: bool = 
     if not request.configs:
         raise AutosegError("give at least one configuration", "-c")
     models = [load_configuration(paths, request.dataset, c, request.folds, request.variant, request.device,
-                                 request.checkpoint, request.prev_stage_dir) for c in request.configs]
+                                 request.checkpoint, request.prev_stage_dir, request.plans) for c in request.configs]
     if request.prev_stage_dir is not None and not any(m.config.previous_stage for m in models):
         raise AutosegError(f"none of {', '.join(request.configs)} is a cascade stage (3d_cascade_fullres)",
                            "--prev-stage-predictions")

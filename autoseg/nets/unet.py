@@ -8,6 +8,10 @@ kernel, and a 1x1 segmentation head. With deep supervision, `DynamicUNet.forward
 logit map per decoder stage, full resolution first; `deep_supervision_scales` gives their
 per-axis scale relative to the patch, in the same order (the data pipeline downsamples the
 targets to these scales).
+
+A residual-encoder configuration (``encoder == "residual"``, the ResEnc presets) swaps the
+encoder for `autoseg.nets.residual.residual_encoder` (a stem plus residual blocks per stage);
+``n_conv_per_stage`` then counts the decoder's convs only.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import torch
 from torch import nn
 
 from autoseg.common.errors import AutosegError
-from autoseg.planning.plans import Configuration
+from autoseg.nets.residual import residual_encoder, zero_last_norm_of_blocks
+from autoseg.planning.plans import ENCODERS, RESIDUAL_ENCODER, Configuration
 
 NORM_EPS = 1e-5
 """InstanceNorm epsilon (nnU-Net's norm_op_kwargs)."""
@@ -51,22 +56,26 @@ class DynamicUNet(nn.Module):
 
     ``deep_supervision`` is a plain attribute: inference and ONNX export set it to False to get
     one full-resolution tensor; training sets it to True to get the list of decoder outputs.
-    The parameters (and so the state dict) are the same either way.
+    The parameters (and so the state dict) are the same either way. ``encoder_blocks`` (one
+    count per stage) builds a residual encoder instead of the plain one.
     """
 
     def __init__(self, ndim: int, in_channels: int, num_classes: int, features: tuple[int, ...],
                  strides: tuple[tuple[int, ...], ...], kernel_sizes: tuple[tuple[int, ...], ...],
-                 n_conv_per_stage: int, deep_supervision: bool = True) -> None:
+                 n_conv_per_stage: int, deep_supervision: bool = True, encoder_blocks: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.ndim = ndim
         self.num_classes = num_classes
         self.deep_supervision = deep_supervision
         n = len(features)
-        self.encoder = nn.ModuleList()
-        ch = in_channels
-        for s in range(n):
-            self.encoder.append(_conv_block(ndim, ch, features[s], kernel_sizes[s], strides[s], n_conv_per_stage))
-            ch = features[s]
+        if encoder_blocks:
+            self.encoder = residual_encoder(ndim, in_channels, features, strides, kernel_sizes, encoder_blocks)
+        else:
+            self.encoder = nn.ModuleList()
+            ch = in_channels
+            for s in range(n):
+                self.encoder.append(_conv_block(ndim, ch, features[s], kernel_sizes[s], strides[s], n_conv_per_stage))
+                ch = features[s]
         self.upsample = nn.ModuleList()
         self.decoder = nn.ModuleList()
         self.heads = nn.ModuleList()
@@ -79,6 +88,8 @@ class DynamicUNet(nn.Module):
                                             (1,) * ndim, n_conv_per_stage))
             self.heads.append(_CONV[ndim](features[skip], num_classes, 1, 1, 0, bias=True))
         self.apply(_he_init)
+        if encoder_blocks:
+            self.apply(zero_last_norm_of_blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """Logits (B, num_classes, *patch); with deep supervision a list, full resolution first."""
@@ -151,6 +162,11 @@ def _check_topology(config: Configuration) -> None:
         raise AutosegError(f"strides[0] must be all ones, got {config.strides[0]}", where)
     if config.n_conv_per_stage < 1 or any(f < 1 for f in config.features_per_stage):
         raise AutosegError("n_conv_per_stage and features_per_stage must be positive", where)
+    if config.encoder not in ENCODERS:
+        raise AutosegError(f"unknown encoder {config.encoder!r} (one of {', '.join(ENCODERS)})", where)
+    blocks = config.encoder_blocks_per_stage
+    if config.encoder == RESIDUAL_ENCODER and (len(blocks) != n or any(int(b) < 1 for b in blocks)):
+        raise AutosegError(f"encoder_blocks_per_stage {list(blocks)} needs {n} positive entries", where)
     total = [math.prod(s[a] for s in config.strides) for a in range(ndim)]
     bad = [a for a in range(ndim) if config.patch_size[a] % total[a]]
     if bad:
@@ -160,7 +176,8 @@ def _check_topology(config: Configuration) -> None:
 
 def build_unet(config: Configuration, in_channels: int, num_classes: int,
                deep_supervision: bool = True) -> DynamicUNet:
-    """The U-Net for one planned configuration (2D or 3D by ``len(config.patch_size)``)."""
+    """The U-Net for one planned configuration (2D or 3D by ``len(config.patch_size)``; plain or
+    residual encoder by ``config.encoder``)."""
     _check_topology(config)
     if in_channels < 1 or num_classes < 2:
         raise AutosegError(f"need >= 1 input channel and >= 2 classes, got {in_channels} and {num_classes}",
@@ -170,7 +187,9 @@ def build_unet(config: Configuration, in_channels: int, num_classes: int,
         features=tuple(int(f) for f in config.features_per_stage),
         strides=tuple(tuple(int(v) for v in s) for s in config.strides),
         kernel_sizes=tuple(tuple(int(v) for v in k) for k in config.kernel_sizes),
-        n_conv_per_stage=config.n_conv_per_stage, deep_supervision=deep_supervision)
+        n_conv_per_stage=config.n_conv_per_stage, deep_supervision=deep_supervision,
+        encoder_blocks=(tuple(int(b) for b in config.encoder_blocks_per_stage)
+                        if config.encoder == RESIDUAL_ENCODER else ()))
 
 
 def deep_supervision_scales(config: Configuration) -> list[tuple[float, ...]]:

@@ -26,7 +26,8 @@ from autoseg.common.paths import Paths
 from autoseg.dataset.spec import DatasetSpec, class_labels
 from autoseg.fingerprint import Fingerprint, load_or_extract_fingerprint
 from autoseg.planning import memory, rules
-from autoseg.planning.plans import Configuration, Plan
+from autoseg.planning.plans import RESIDUAL_ENCODER, Configuration, Plan
+from autoseg.planning.presets import DEFAULT_PRESET, Preset, get_preset
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,9 @@ LOWRES_STAGES = ("3d_lowres", "3d_cascade_fullres")
 CASCADE_PREVIOUS_STAGE = "3d_lowres"
 """The stage whose predictions 3d_cascade_fullres takes as extra input channels."""
 
-NOT_OVERRIDABLE = ("name", "reasons", "estimated_vram_gb")
-"""Configuration fields `--set` cannot change: identity, and values always derived from the others."""
+NOT_OVERRIDABLE = ("name", "reasons", "estimated_vram_gb", "encoder")
+"""Configuration fields `--set` cannot change: identity, values always derived from the others,
+and the network family (chosen with ``--preset``)."""
 
 USER_REASON = "set by user ({})"
 
@@ -49,19 +51,23 @@ USER_REASON = "set by user ({})"
 
 
 def plan_configuration(name: str, spacing: tuple[float, ...], median_shape: np.ndarray, dataset_voxels: float,
-                       num_classes: int, gpu_memory_gb: float) -> Configuration:
+                       num_classes: int, gpu_memory_gb: float, preset: Preset | None = None) -> Configuration:
     """One configuration at a given target spacing and median shape (both in transposed order).
 
     Patch and topology fitted to the memory budget, batch size from the budget and the 5 %
     dataset cap (`rules.batch_size`). ``dataset_voxels`` is the median image's voxels times the
     number of cases at this configuration's resolution (nnU-Net passes the 3D count to 2D too).
+    ``preset`` (default: the plain U-Net) sets the network, its memory calibration and the cap.
     """
+    preset = preset or get_preset(DEFAULT_PRESET)
     ndim = len(spacing)
-    fit = rules.fit_patch_to_budget(spacing, median_shape, num_classes, gpu_memory_gb)
+    fit = rules.fit_patch_to_budget(spacing, median_shape, num_classes, gpu_memory_gb, preset)
     topo = fit.value.topology
     feats = rules.features_per_stage(len(topo.strides), ndim)
-    bs = rules.batch_size(fit.value.feature_map_voxels, topo.patch_size, ndim, gpu_memory_gb, dataset_voxels)
-    vram = memory.estimated_vram_gb(fit.value.feature_map_voxels, bs.value, ndim)
+    bs = rules.batch_size(fit.value.feature_map_voxels, topo.patch_size, ndim, gpu_memory_gb, dataset_voxels,
+                          preset)
+    ref = preset.reference
+    vram = memory.estimated_vram_gb(fit.value.feature_map_voxels, bs.value, ndim, ref)
     cap = rules.MAX_FEATURES_3D if ndim == 3 else rules.MAX_FEATURES_2D
     reasons = {
         "patch_size": fit.reason,
@@ -72,21 +78,28 @@ def plan_configuration(name: str, spacing: tuple[float, ...], median_shape: np.n
                          "1 before (thick slices are not mixed early)"),
         "features_per_stage": f"{rules.BASE_FEATURES} doubling per stage, capped at {cap} ({ndim}D)",
         "estimated_vram_gb": (f"{fit.value.feature_map_voxels / 1e6:.1f} M feature-map voxels per sample x batch "
-                              f"{bs.value}, against nnU-Net's reference of {memory.reference_voxels(ndim) / 1e6:g} M "
-                              f"x {memory.reference_batch_size(ndim)} for {memory.REFERENCE_GPU_MEMORY_GB:g} GB, plus "
+                              f"{bs.value}, against nnU-Net's reference of {memory.reference_voxels(ndim, ref) / 1e6:g} M "
+                              f"x {memory.reference_batch_size(ndim, ref)} for {ref.gpu_memory_gb:g} GB, plus "
                               f"{memory.FIXED_OVERHEAD_GB:g} GB fixed"),
         "median_shape": "median of the cases' cropped shapes resampled to the target spacing",
     }
+    blocks: tuple[int, ...] = ()
+    if preset.encoder == RESIDUAL_ENCODER:
+        blocks = preset.blocks_for(len(topo.strides))
+        reasons["encoder"] = (f"residual encoder ({preset.name}): a stem conv, then {list(blocks)} basic blocks per "
+                              f"stage; {preset.decoder_convs} conv per decoder stage (nnU-Net ResEnc)")
     return Configuration(
         name=name, data_identifier=name, spacing=tuple(float(s) for s in spacing),
         patch_size=topo.patch_size, batch_size=bs.value,
         median_shape=tuple(int(round(float(m))) for m in median_shape),
         strides=topo.strides, kernel_sizes=topo.kernel_sizes, features_per_stage=feats,
+        n_conv_per_stage=preset.decoder_convs, encoder=preset.encoder, encoder_blocks_per_stage=blocks,
         estimated_vram_gb=vram, reasons=reasons)
 
 
 def _lowres(full: Configuration, median: np.ndarray, n_cases: int, num_classes: int,
-            gpu_memory_gb: float, forced: bool = False) -> tuple[Configuration | None, str]:
+            gpu_memory_gb: float, forced: bool = False, preset: Preset | None = None
+            ) -> tuple[Configuration | None, str]:
     """nnU-Net's 3d_lowres search: coarsen the spacing 3 % at a time until the patch covers 25 %.
 
     ``forced`` (the user named the cascade in ``configs``) keeps coarsening until the median
@@ -108,7 +121,7 @@ def _lowres(full: Configuration, median: np.ndarray, n_cases: int, num_classes: 
         scaled = full_spacing / np.asarray(spacing) * median
         median_voxels = float(np.prod(scaled, dtype=np.float64))
         low = plan_configuration("3d_lowres", spacing, np.round(scaled), median_voxels * n_cases,
-                                 num_classes, gpu_memory_gb)
+                                 num_classes, gpu_memory_gb, preset)
         patch_voxels = float(np.prod(low.patch_size, dtype=np.float64))
     ratio = full_voxels / median_voxels
     if low is None or ratio < rules.LOWRES_MIN_VOXEL_RATIO:
@@ -123,7 +136,11 @@ def _lowres(full: Configuration, median: np.ndarray, n_cases: int, num_classes: 
         need = rules.Decision(True, "forced: the cascade was named in --configs")
     reasons = {**low.reasons, "spacing": why, "batch_dice": "False for 3d_lowres (nnU-Net)",
                "next_stage": "3d_cascade_fullres refines this stage's predictions (nnU-Net's cascade)"}
-    return replace(low, batch_dice=False, next_stage="3d_cascade_fullres", reasons=reasons), need.reason
+    # a preset's lowres spacing is its own (its patch differs): it must not share the default's data
+    # (nnU-Net's ResEnc planners name it <plans>_3d_lowres too); 2d / 3d_fullres data are shared
+    ident = low.name if preset is None or preset.name == DEFAULT_PRESET else f"{preset.name}_{low.name}"
+    return replace(low, data_identifier=ident, batch_dice=False, next_stage="3d_cascade_fullres",
+                   reasons=reasons), need.reason
 
 
 def cascade_configuration(full: Configuration) -> Configuration:
@@ -146,14 +163,19 @@ def _check_config_names(configs: typing.Iterable[str] | None) -> tuple[str, ...]
     return names
 
 
-def plan_dataset(fingerprint: Fingerprint, gpu_memory_gb: float = memory.REFERENCE_GPU_MEMORY_GB,
-                 configs: tuple[str, ...] | None = None, overrides: typing.Sequence[str] = ()) -> Plan:
+def plan_dataset(fingerprint: Fingerprint, gpu_memory_gb: float | None = None,
+                 configs: tuple[str, ...] | None = None, overrides: typing.Sequence[str] = (),
+                 preset: str = DEFAULT_PRESET) -> Plan:
     """The plan of a dataset: dataset-level decisions plus 2d / 3d_fullres / 3d_lowres, then overrides.
 
-    ``gpu_memory_gb`` is the memory budget of one training (8 GB is nnU-Net's reference);
-    ``configs`` restricts which configurations are planned (3d_lowres only appears when the
-    rules call for it); ``overrides`` are ``CONFIG.KEY=VALUE`` strings (`apply_plan_overrides`).
+    ``gpu_memory_gb`` is the memory budget of one training (default: the preset's target, 8 GB
+    for nnU-Net's default planner); ``configs`` restricts which configurations are planned
+    (3d_lowres only appears when the rules call for it); ``overrides`` are ``CONFIG.KEY=VALUE``
+    strings (`apply_plan_overrides`); ``preset`` names a planner preset (`autoseg.planning.presets`).
     """
+    chosen = get_preset(preset)
+    if gpu_memory_gb is None:
+        gpu_memory_gb = chosen.default_gpu_memory_gb
     if not gpu_memory_gb > 0:
         raise ConfigError(f"GPU memory must be > 0 GB, got {gpu_memory_gb:g}", "--gpu-memory")
     if not fingerprint.cases:
@@ -169,13 +191,16 @@ def plan_dataset(fingerprint: Fingerprint, gpu_memory_gb: float = memory.REFEREN
     n_cases, num_classes = len(fingerprint.cases), len(class_labels(fingerprint.labels))
     dataset_voxels = float(np.prod(median, dtype=np.float64)) * n_cases
     reasons = {"transpose": transpose.reason, "target_spacing": target.reason}
+    if chosen.name != DEFAULT_PRESET:
+        reasons["preset"] = f"{chosen.name}: {chosen.description}"
     out: dict[str, Configuration] = {}
     if median[0] == 1:
         reasons["3d_fullres"] = reasons["3d_lowres"] = "not planned: the images are 2D (one slice)"
     elif any(n in names for n in ("3d_fullres", *LOWRES_STAGES)):
-        full = plan_configuration("3d_fullres", spacing_t, median, dataset_voxels, num_classes, gpu_memory_gb)
+        full = plan_configuration("3d_fullres", spacing_t, median, dataset_voxels, num_classes, gpu_memory_gb,
+                                  chosen)
         forced = configs is not None and any(n in names for n in LOWRES_STAGES)
-        low, low_reason = _lowres(full, median, n_cases, num_classes, gpu_memory_gb, forced)
+        low, low_reason = _lowres(full, median, n_cases, num_classes, gpu_memory_gb, forced, chosen)
         reasons["3d_lowres"] = low_reason
         full = replace(full, batch_dice=low is not None, reasons={
             **full.reasons, "spacing": target.reason,
@@ -192,7 +217,7 @@ def plan_dataset(fingerprint: Fingerprint, gpu_memory_gb: float = memory.REFEREN
         elif low is None:
             reasons["3d_cascade_fullres"] = "not planned: no 3d_lowres"
     if "2d" in names:
-        two = plan_configuration("2d", spacing_t[1:], median[1:], dataset_voxels, num_classes, gpu_memory_gb)
+        two = plan_configuration("2d", spacing_t[1:], median[1:], dataset_voxels, num_classes, gpu_memory_gb, chosen)
         out["2d"] = replace(two, reasons={**two.reasons, "spacing": "in-plane part of the target spacing; "
                                           "the slice axis keeps its own spacing",
                                           "batch_dice": "True for 2d (nnU-Net)"})
@@ -207,7 +232,7 @@ def plan_dataset(fingerprint: Fingerprint, gpu_memory_gb: float = memory.REFEREN
         original_median_spacing=tuple(float(v) for v in np.median(spacings, axis=0)),  # type: ignore[arg-type]
         original_median_shape=tuple(int(round(v)) for v in np.median(shapes, axis=0)),  # type: ignore[arg-type]
         normalization=tuple(d.value for d in norm),
-        configurations={n: out[n] for n in CONFIG_NAMES if n in out},
+        configurations={n: out[n] for n in CONFIG_NAMES if n in out}, preset=chosen.name,
         reasons=reasons)
     return apply_plan_overrides(plan, overrides) if overrides else plan
 
@@ -373,14 +398,19 @@ def _override_configuration(cfg: Configuration, changes: dict[str, tuple[Any, st
     if len(new.features_per_stage) != len(new.strides) and "features_per_stage" not in values:
         new = replace(new, features_per_stage=rules.features_per_stage(len(new.strides), cfg.ndim))
         derived["features_per_stage"] = new.features_per_stage
+    if (new.encoder == RESIDUAL_ENCODER and len(new.encoder_blocks_per_stage) != len(new.strides)
+            and "encoder_blocks_per_stage" not in values):
+        new = replace(new, encoder_blocks_per_stage=get_preset(plan.preset).blocks_for(len(new.strides)))
+        derived["encoder_blocks_per_stage"] = new.encoder_blocks_per_stage
     _check_topology(new)
     for k in derived:
         if k not in values:
             reasons[k] = f"re-derived after {', '.join(values)} was set by user"
-    voxels = memory.conv_feature_map_voxels(new.patch_size, new.strides, new.features_per_stage,
-                                            plan.num_classes, new.n_conv_per_stage)
-    vram = memory.estimated_vram_gb(voxels, new.batch_size, cfg.ndim)
-    fits = voxels * new.batch_size <= memory.voxel_budget(cfg.ndim, plan.gpu_memory_gb) * memory.reference_batch_size(cfg.ndim)
+    voxels = feature_map_voxels(new, plan.num_classes)
+    ref = get_preset(plan.preset).reference
+    vram = memory.estimated_vram_gb(voxels, new.batch_size, cfg.ndim, ref)
+    fits = (voxels * new.batch_size
+            <= memory.voxel_budget(cfg.ndim, plan.gpu_memory_gb, ref) * memory.reference_batch_size(cfg.ndim, ref))
     reasons["estimated_vram_gb"] = (f"recomputed after overrides: {voxels / 1e6:.1f} M feature-map voxels per sample x "
                                     f"batch {new.batch_size}" + ("" if fits else
                                     f"; EXCEEDS the {plan.gpu_memory_gb:g} GB budget"))
@@ -388,6 +418,15 @@ def _override_configuration(cfg: Configuration, changes: dict[str, tuple[Any, st
         log.warning("%s: the overridden configuration exceeds the %g GB budget (estimate %.1f GB)",
                     cfg.name, plan.gpu_memory_gb, vram)
     return replace(new, estimated_vram_gb=vram, reasons=reasons)
+
+
+def feature_map_voxels(cfg: Configuration, num_classes: int) -> int:
+    """The memory model's count for a configuration's own network (plain or residual encoder)."""
+    if cfg.encoder == RESIDUAL_ENCODER:
+        return memory.residual_feature_map_voxels(cfg.patch_size, cfg.strides, cfg.features_per_stage, num_classes,
+                                                  cfg.encoder_blocks_per_stage, cfg.n_conv_per_stage)
+    return memory.conv_feature_map_voxels(cfg.patch_size, cfg.strides, cfg.features_per_stage, num_classes,
+                                          cfg.n_conv_per_stage)
 
 
 def _kernels_for_strides(spacing: tuple[float, ...], strides: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
@@ -419,6 +458,10 @@ def _check_topology(cfg: Configuration) -> None:
                               f"{cfg.name}.patch_size")
     if any(f < 1 for f in cfg.features_per_stage) or cfg.n_conv_per_stage < 1:
         raise ConfigError("features_per_stage and n_conv_per_stage must be >= 1", f"{cfg.name}.features_per_stage")
+    if cfg.encoder == RESIDUAL_ENCODER and (len(cfg.encoder_blocks_per_stage) != n
+                                            or any(b < 1 for b in cfg.encoder_blocks_per_stage)):
+        raise ConfigError(f"a residual encoder needs {n} positive encoder_blocks_per_stage, got "
+                          f"{list(cfg.encoder_blocks_per_stage)}", f"{cfg.name}.encoder_blocks_per_stage")
     if not (0 <= cfg.resample_order_data <= 5 and 0 <= cfg.resample_order_seg <= 5):
         raise ConfigError("resampling orders are spline orders 0..5", f"{cfg.name}.resample_order_data")
 
@@ -427,8 +470,8 @@ def _check_topology(cfg: Configuration) -> None:
 
 
 def save_plan(paths: Paths, plan: Plan) -> Path:
-    """Write ``preprocessed/<dataset>/plans.json`` atomically."""
-    return save_record(paths.plans_file(plan.dataset), plan)
+    """Write ``preprocessed/<dataset>/plans.json`` (``plans_<preset>.json`` for a preset) atomically."""
+    return save_record(paths.plans_file(plan.dataset, plan.preset), plan)
 
 
 def load_plan_file(path: str | Path) -> Plan:
@@ -436,11 +479,35 @@ def load_plan_file(path: str | Path) -> Plan:
     return load_record(path, Plan)
 
 
-def load_plan(paths: Paths, dataset: str) -> Plan:
-    """The saved plan of a dataset, or an error telling the user to run ``autoseg plan``."""
-    file = paths.plans_file(dataset)
+def load_plan(paths: Paths, dataset: str, preset: str = DEFAULT_PRESET) -> Plan:
+    """The saved plan of a dataset (of a preset), or an error telling the user to run ``autoseg plan``."""
+    get_preset(preset)
+    file = paths.plans_file(dataset, preset)
     if not file.exists():
-        raise AutosegError(f"no plan yet; run `autoseg plan {dataset}` first", file)
+        if preset == DEFAULT_PRESET:
+            raise AutosegError(f"no plan yet; run `autoseg plan {dataset}` first", file)
+        raise AutosegError(f"no {preset} plan yet; run `autoseg plan {dataset} --preset {preset}` first", file)
+    plan = load_plan_file(file)
+    if plan.preset != preset:
+        raise AutosegError(f"this file holds a {plan.preset!r} plan, expected {preset!r}", file)
+    return plan
+
+
+def resolve_plans(paths: Paths, dataset: str, plans: str | Path | None = None) -> Plan:
+    """What ``--plans`` names: nothing (plans.json), a preset (``resenc-l``: plans_resenc-l.json) or a file.
+
+    A preset whose plans file is missing fails with the ``autoseg plan --preset`` to run; a
+    value that is neither a preset nor an existing file fails naming the known presets.
+    """
+    from autoseg.planning.presets import PRESETS
+
+    if plans is None or str(plans) in PRESETS:
+        return load_plan(paths, dataset, DEFAULT_PRESET if plans is None else str(plans))
+    file = Path(plans)
+    if not file.is_file():
+        if file.suffix or len(file.parts) > 1:  # meant as a file
+            raise AutosegError("plan file not found", file)
+        raise AutosegError(f"neither a plans preset ({', '.join(PRESETS)}) nor an existing plans file", file)
     return load_plan_file(file)
 
 
@@ -470,7 +537,8 @@ def _comparable(plan: Plan) -> dict[str, Any]:
 class PlanRequest:
     """What ``autoseg plan`` was asked for."""
 
-    gpu_memory_gb: float = memory.REFERENCE_GPU_MEMORY_GB
+    gpu_memory_gb: float | None = None
+    """None: the preset's own target (8 GB for the default planner, 8 / 24 / 40 GB for ResEnc M / L / XL)."""
     configs: tuple[str, ...] | None = None
     overrides: tuple[str, ...] = ()
     num_workers: int = 1
@@ -480,6 +548,9 @@ class PlanRequest:
     from_plans: str | None = None
     """Take the configurations of this dataset's plans (or plans.json file) instead of planning
     them (`autoseg.planning.transfer`): the topology a pretrained network needs."""
+    preset: str = DEFAULT_PRESET
+    """Planner preset (`autoseg.planning.presets`); a preset other than the default writes
+    ``plans_<preset>.json`` beside plans.json."""
 
 
 @dataclass(frozen=True)
@@ -503,10 +574,12 @@ def plan_and_save(paths: Paths, dataset: str, request: PlanRequest = PlanRequest
     """Verify, fingerprint (cached), plan and write plans.json (``autoseg plan``).
 
     With ``request.from_plans`` the configurations come from another dataset's plans
-    (`autoseg.planning.transfer.transfer_plan`) and only the fingerprint is this dataset's. An existing, different plans.json is replaced only with ``request.force``: preprocessed
-    data and trainings were made with it.
+    (`autoseg.planning.transfer.transfer_plan`) and only the fingerprint is this dataset's. An
+    existing, different plans file is replaced only with ``request.force``: preprocessed data and
+    trainings were made with it.
     """
     _check_config_names(request.configs)
+    get_preset(request.preset)
     check_override_syntax(request.overrides)  # fail on a typo before reading any image
     name = paths.resolve_dataset(dataset)
     source = None
@@ -517,11 +590,11 @@ def plan_and_save(paths: Paths, dataset: str, request: PlanRequest = PlanRequest
     fp = load_or_extract_fingerprint(paths, name, request.num_workers, request.force, spec=spec,
                                      progress_bar=request.progress_bar)
     if source is None:
-        plan = plan_dataset(fp, request.gpu_memory_gb, request.configs, request.overrides)
+        plan = plan_dataset(fp, request.gpu_memory_gb, request.configs, request.overrides, request.preset)
     else:
         from autoseg.planning.transfer import transfer_plan
         plan = transfer_plan(source, fp, request.overrides)
-    file = paths.plans_file(name)
+    file = paths.plans_file(name, request.preset)
     if file.exists():
         try:
             diffs = plan_differences(load_plan_file(file), plan)

@@ -14,6 +14,12 @@ from typing import Any, ClassVar
 from autoseg.common.errors import AutosegError
 from autoseg.dataset.spec import class_labels, ignore_label
 
+PLAIN_ENCODER = "plain"
+RESIDUAL_ENCODER = "residual"
+ENCODERS = (PLAIN_ENCODER, RESIDUAL_ENCODER)
+"""``Configuration.encoder`` values: nnU-Net's PlainConvUNet encoder, or the ResEnc presets'
+residual one (`autoseg.planning.presets`); `autoseg.nets.unet.build_unet` builds either."""
+
 NORMALIZATION_SCHEMES = ("zscore", "ct", "none", "rescale_to_0_1", "rgb_to_0_1")
 """Per-channel intensity normalization names (nnU-Net's: ZScore, CT, NoNorm, RescaleTo01, RGBTo01)."""
 
@@ -55,6 +61,12 @@ class Configuration:
     """Per encoder stage conv kernel (3, or 1 along axes still too coarse)."""
     features_per_stage: tuple[int, ...]
     n_conv_per_stage: int = 2
+    """Convs per stage: encoder and decoder of a plain U-Net, the decoder only of a residual one."""
+    encoder: str = PLAIN_ENCODER
+    """``plain`` (nnU-Net's PlainConvUNet) or ``residual`` (ResidualEncoderUNet: a stem, then
+    ``encoder_blocks_per_stage`` residual basic blocks per stage); set by the plans preset."""
+    encoder_blocks_per_stage: tuple[int, ...] = ()
+    """Residual blocks per encoder stage (``residual`` only; one entry per stage)."""
     resample_order_data: int = 3
     resample_order_seg: int = 1
     batch_dice: bool = True
@@ -100,6 +112,9 @@ class Plan:
     """Median shape after crop, raw spacing, (z, y, x) before transpose."""
     normalization: tuple[ChannelNormalization, ...]
     configurations: dict[str, Configuration]
+    preset: str = "default"
+    """The planner preset (`autoseg.planning.presets`) that made this plan; it names the plans
+    file (``plans.json`` or ``plans_<preset>.json``) and the results folders of its trainings."""
     overrides: tuple[str, ...] = ()
     """The ``--set`` overrides applied on top of the rules, as given."""
     reasons: dict[str, str] = field(default_factory=dict)

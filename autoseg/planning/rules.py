@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from autoseg.common.errors import ConfigError
 from autoseg.fingerprint import IntensityStats
 from autoseg.planning import memory
 from autoseg.planning.plans import ChannelNormalization
+
+if TYPE_CHECKING:
+    from autoseg.planning.presets import Preset
 
 T = TypeVar("T")
 
@@ -287,21 +290,32 @@ class PatchFit:
     shrink_steps: int
 
 
+def _default_preset() -> "Preset":
+    from autoseg.planning.presets import DEFAULT_PRESET, PRESETS  # presets imports this module
+
+    return PRESETS[DEFAULT_PRESET]
+
+
 def fit_patch_to_budget(spacing: Sequence[float], median_shape: Sequence[float], num_classes: int,
-                        gpu_memory_gb: float) -> Decision[PatchFit]:
+                        gpu_memory_gb: float, preset: "Preset | None" = None) -> Decision[PatchFit]:
     """Shrink the initial patch until a batch of `MIN_BATCH_SIZE` fits the memory budget.
 
     Each step takes the axis with the largest patch / median-shape ratio (the one most out of
     the data's aspect) down by one divisibility step (recomputed for the smaller patch, so no
-    valid size is skipped), then re-derives the topology (nnU-Net's planning loop).
+    valid size is skipped), then re-derives the topology (nnU-Net's planning loop). The
+    ``preset`` gives the network whose memory is counted and its calibration; ResEnc presets
+    shrink until the reference batch fits (nnU-Net's ResEnc planners).
     """
+    preset = preset or _default_preset()
     ndim = len(spacing)
-    budget = memory.voxel_budget(ndim, gpu_memory_gb) * memory.reference_batch_size(ndim)
+    ref_bs = memory.reference_batch_size(ndim, preset.reference)
+    budget = memory.voxel_budget(ndim, gpu_memory_gb, preset.reference) * ref_bs
+    fit_bs = ref_bs if preset.shrink_to_reference_batch else MIN_BATCH_SIZE
     topo = network_topology(spacing, initial_patch_size(spacing, median_shape))
     start = topo.patch_size
-    voxels = _voxels(topo, num_classes)
+    voxels = _voxels(topo, num_classes, preset)
     steps = 0
-    while voxels * MIN_BATCH_SIZE > budget:
+    while voxels * fit_bs > budget:
         patch = list(topo.patch_size)
         ratios = [p / m for p, m in zip(patch, median_shape)]
         axis = max(a for a in range(ndim) if ratios[a] == max(ratios))  # last of ties, like nnU-Net
@@ -310,44 +324,46 @@ def fit_patch_to_budget(spacing: Sequence[float], median_shape: Sequence[float],
         patch[axis] -= network_topology(spacing, smaller).divisor[axis] if smaller[axis] > 0 else 1
         if patch[axis] < 1:
             raise ConfigError(f"a GPU memory budget of {gpu_memory_gb:g} GB cannot fit a batch of "
-                              f"{MIN_BATCH_SIZE} even for the smallest patch", "--gpu-memory")
+                              f"{fit_bs} even for the smallest patch", "--gpu-memory")
         topo = network_topology(spacing, patch)
-        voxels = _voxels(topo, num_classes)
+        voxels = _voxels(topo, num_classes, preset)
         steps += 1
     if steps:
         why = (f"started at {_fmt(start)} (256^3/2048^2 voxels in the 1/spacing aspect, clipped to the median "
                f"shape); shrunk {steps} step(s), largest patch/median axis first, until a batch of "
-               f"{MIN_BATCH_SIZE} fits {gpu_memory_gb:g} GB")
+               f"{fit_bs} fits {gpu_memory_gb:g} GB")
     else:
         why = (f"the median shape {_fmt(np.round(median_shape, 1))} rounded up to a multiple of "
                f"{_fmt(topo.divisor)} (2^pools): it fits {gpu_memory_gb:g} GB whole")
     return Decision(PatchFit(topo, voxels, steps), why)
 
 
-def _voxels(topo: Topology, num_classes: int) -> int:
+def _voxels(topo: Topology, num_classes: int, preset: "Preset") -> int:
     feats = features_per_stage(len(topo.strides), len(topo.patch_size))
-    return memory.conv_feature_map_voxels(topo.patch_size, topo.strides, feats, num_classes)
+    return preset.feature_map_voxels(topo.patch_size, topo.strides, feats, num_classes)
 
 
 def batch_size(feature_map_voxels: int, patch_size: Sequence[int], ndim: int, gpu_memory_gb: float,
-               dataset_voxels: float) -> Decision[int]:
+               dataset_voxels: float, preset: "Preset | None" = None) -> Decision[int]:
     """As many samples as the budget allows, at most 5 % of the dataset's voxels, at least 2.
 
-    Budget: nnU-Net's reference batch (2 in 3D, 12 in 2D) scaled by reference voxels / this
-    network's voxels. The 5 % cap (`MAX_DATASET_FRACTION_PER_BATCH`) keeps small datasets from
-    being seen whole in a few steps.
+    Budget: the preset's reference batch (2 in 3D, 12 in 2D) scaled by reference voxels / this
+    network's voxels. The 5 % cap (`MAX_DATASET_FRACTION_PER_BATCH`; the ResEnc presets lift
+    it to 100 %) keeps small datasets from being seen whole in a few steps.
     """
-    by_memory = round(memory.voxel_budget(ndim, gpu_memory_gb) / feature_map_voxels
-                      * memory.reference_batch_size(ndim))
-    by_dataset = round(dataset_voxels * MAX_DATASET_FRACTION_PER_BATCH / float(np.prod(patch_size, dtype=np.float64)))
+    preset = preset or _default_preset()
+    ref_bs = memory.reference_batch_size(ndim, preset.reference)
+    fraction = preset.max_dataset_fraction_per_batch
+    by_memory = round(memory.voxel_budget(ndim, gpu_memory_gb, preset.reference) / feature_map_voxels * ref_bs)
+    by_dataset = round(dataset_voxels * fraction / float(np.prod(patch_size, dtype=np.float64)))
     value = max(min(by_memory, by_dataset), MIN_BATCH_SIZE)
     if value == MIN_BATCH_SIZE and min(by_memory, by_dataset) < MIN_BATCH_SIZE:
-        why = f"the minimum of {MIN_BATCH_SIZE} (memory allows {by_memory}, 5 % of the dataset {by_dataset})"
+        why = f"the minimum of {MIN_BATCH_SIZE} (memory allows {by_memory}, {fraction:.0%} of the dataset {by_dataset})"
     elif by_dataset < by_memory:
-        why = (f"capped so a batch covers at most {MAX_DATASET_FRACTION_PER_BATCH:.0%} of the dataset's "
+        why = (f"capped so a batch covers at most {fraction:.0%} of the dataset's "
                f"voxels ({gpu_memory_gb:g} GB would allow {by_memory})")
     else:
-        why = f"what fits {gpu_memory_gb:g} GB (reference batch {memory.reference_batch_size(ndim)} scaled by memory)"
+        why = f"what fits {gpu_memory_gb:g} GB (reference batch {ref_bs} scaled by memory)"
     return Decision(int(value), why)
 
 

@@ -291,7 +291,8 @@ def build_sweep_report(spec: SweepSpec, paths: Paths) -> SweepReport:
                     for fold in spec.folds:
                         key = RunKey(ds, cfg, v.name, seed, fold)
                         expected[(ds, cfg, v.name)] = expected.get((ds, cfg, v.name), 0) + 1
-                        folder = paths.training_dir(TrainingId(ds, cfg, fold, v.run_name(spec.name), seed))
+                        folder = paths.training_dir(TrainingId(ds, cfg, fold, v.run_name(spec.name), seed,
+                                                               plans=spec.preset(v)))
                         run = read_run(folder, key)
                         runs.append(run)
                         if not run.finished:

@@ -11,8 +11,9 @@ import re
 from dataclasses import dataclass, replace
 
 from autoseg.common.errors import AutosegError
-from autoseg.common.paths import Paths
-from autoseg.schedule.jobs import CASCADE_FOLDS, JobKind, JobSpec, Resources, link_cascades, previous_stage_of
+from autoseg.common.paths import DEFAULT_PLANS, Paths
+from autoseg.schedule.jobs import (CASCADE_FOLDS, JobKind, JobSpec, Resources, link_cascades, previous_stage_of,
+                                   qualified_config)
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,10 @@ def estimate_train_seconds(patch_size: tuple[int, ...], batch_size: int, overrid
     return voxels * batch * steps / REFERENCE_VOXELS_PER_S
 
 
-def _planned(paths: Paths, dataset: str):  # type: ignore[no-untyped-def]
+def _planned(paths: Paths, dataset: str, preset: str = DEFAULT_PLANS):  # type: ignore[no-untyped-def]
     from autoseg.planning.plan import load_plan
 
-    return load_plan(paths, dataset) if paths.plans_file(dataset).is_file() else None
+    return load_plan(paths, dataset, preset) if paths.plans_file(dataset, preset).is_file() else None
 
 
 def _missing_preprocessing(paths: Paths, dataset: str, plan, configs: tuple[str, ...]) -> tuple[str, ...]:  # type: ignore[no-untyped-def]
@@ -90,6 +91,8 @@ class TrainAllRequest:
     trainer_overrides: tuple[str, ...] = ()
     gpu_memory_gb: float | None = None
     variant: str = "default"
+    plans: str = DEFAULT_PLANS
+    """Planner preset (``--plans resenc-l``): its plans file, and ``<preset>__<config>`` results."""
 
 
 def build_train_all_jobs(paths: Paths, request: TrainAllRequest) -> list[JobSpec]:
@@ -97,6 +100,9 @@ def build_train_all_jobs(paths: Paths, request: TrainAllRequest) -> list[JobSpec
     if not VARIANT_RE.fullmatch(request.variant):
         raise AutosegError(f"variant name {request.variant!r} must use letters, digits, '.', '_' or '-' only",
                            "--variant")
+    from autoseg.planning.presets import get_preset
+
+    get_preset(request.plans)
     names = [paths.resolve_dataset(d) for d in request.datasets] or paths.list_raw_datasets()
     if not names:
         raise AutosegError("no datasets found (DatasetXXX_Name folders)", paths.raw)
@@ -154,7 +160,7 @@ def _final_validation_off(overrides: tuple[str, ...]) -> bool:
 
 def _dataset_jobs(paths: Paths, ds: str, req: TrainAllRequest) -> list[JobSpec]:
     check_folds(paths, ds, req.folds)
-    plan = _planned(paths, ds)
+    plan = _planned(paths, ds, req.plans)
     configs = req.configs or (tuple(plan.configurations) if plan else DEFAULT_CONFIGS_UNPLANNED)
     if plan is not None:
         for name in configs:
@@ -165,15 +171,16 @@ def _dataset_jobs(paths: Paths, ds: str, req: TrainAllRequest) -> list[JobSpec]:
     jobs: list[JobSpec] = []
     train_deps: tuple[str, ...] = ()
     if plan is None:
-        plan_job = JobSpec.make(JobKind.PLAN, ds, configs=configs,
+        plan_job = JobSpec.make(JobKind.PLAN, ds, configs=configs, preset=req.plans,
                                 resources=Resources(gpus=0, gpu_memory_gb=req.gpu_memory_gb))
-        prep = JobSpec.make(JobKind.PREPROCESS, ds, configs=configs, depends_on=(plan_job.job_id,))
+        prep = JobSpec.make(JobKind.PREPROCESS, ds, configs=configs, depends_on=(plan_job.job_id,),
+                            preset=req.plans)
         jobs += [plan_job, prep]
         train_deps = (prep.job_id,)
     else:
         missing = _missing_preprocessing(paths, ds, plan, configs)
         if missing:
-            prep = JobSpec.make(JobKind.PREPROCESS, ds, configs=missing)
+            prep = JobSpec.make(JobKind.PREPROCESS, ds, configs=missing, preset=req.plans)
             jobs.append(prep)
             train_deps = (prep.job_id,)
     train_ids: list[str] = []
@@ -187,19 +194,21 @@ def _dataset_jobs(paths: Paths, ds: str, req: TrainAllRequest) -> list[JobSpec]:
                                                               req.trainer_overrides) if conf else None)
         folds = tuple(dict.fromkeys((*CASCADE_FOLDS, *req.folds))) if name in previous else req.folds
         for fold in folds:
-            job = JobSpec.make(JobKind.TRAIN, ds, config=name, fold=fold, variant=req.variant,
+            job = JobSpec.make(JobKind.TRAIN, ds, config=qualified_config(name, req.plans), fold=fold,
+                               variant=req.variant,
                                trainer_overrides=req.trainer_overrides, depends_on=train_deps, resources=res,
                                save_probabilities=ensembles)
             jobs.append(job)
             train_ids.append(job.job_id)
             if ensembles and _needs_probabilities(paths, job):
-                val = JobSpec.make(JobKind.VALIDATE, ds, config=name, fold=fold, variant=req.variant,
+                val = JobSpec.make(JobKind.VALIDATE, ds, config=qualified_config(name, req.plans), fold=fold,
+                                   variant=req.variant,
                                    depends_on=(job.job_id,), save_probabilities=True,
                                    resources=replace(res, est_duration_s=None))
                 jobs.append(val)
                 train_ids.append(val.job_id)
         if validated and set(range(5)) <= set(folds):
-            complete_configs.append(name)
+            complete_configs.append(qualified_config(name, req.plans))
     if complete_configs:
         jobs.append(JobSpec.make(JobKind.FIND_BEST, ds, configs=tuple(complete_configs), variant=req.variant,
                                  depends_on=tuple(train_ids)))

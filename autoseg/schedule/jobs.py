@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from autoseg.common.errors import AutosegError
-from autoseg.common.paths import Paths, TrainingId
+from autoseg.common.paths import DEFAULT_PLANS, PLANS_SEPARATOR, Paths, TrainingId, split_config_dirname
 from autoseg.planning.plans import Plan
 
 CASCADE_FOLDS: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -90,12 +90,16 @@ class JobSpec:
     resources: Resources = field(default_factory=Resources)
     save_probabilities: bool = False
     """Train jobs: keep the validation softmax maps (``--npz``) so find-best can score ensembles."""
+    preset: str = DEFAULT_PLANS
+    """Plan / preprocess jobs: the planner preset (``plan --preset``, ``preprocess --plans``). Train
+    jobs name a preset's plans in their config instead (``resenc-l__3d_fullres``, `TrainingId`)."""
 
     @classmethod
     def make(cls, kind: JobKind, dataset: str, **fields: object) -> "JobSpec":
         """Build a spec whose ``job_id`` is derived from its fields (`make_job_id`)."""
         job_id = make_job_id(kind, dataset, config=fields.get("config"), fold=fields.get("fold"),  # type: ignore[arg-type]
-                             variant=fields.get("variant", "default"), seed=fields.get("seed"))  # type: ignore[arg-type]
+                             variant=fields.get("variant", "default"), seed=fields.get("seed"),  # type: ignore[arg-type]
+                             preset=fields.get("preset", DEFAULT_PLANS))  # type: ignore[arg-type]
         return cls(job_id=job_id, kind=kind, dataset=dataset, **fields)  # type: ignore[arg-type]
 
     @property
@@ -143,6 +147,8 @@ class JobSpec:
             argv.append("--quiet")
         elif self.kind is JobKind.PLAN:
             argv += ["plan", self.dataset]
+            if self.preset != DEFAULT_PLANS:
+                argv += ["--preset", self.preset]
             if self.configs:
                 argv += ["--configs", *self.configs]
             if self.resources.gpu_memory_gb:
@@ -155,8 +161,8 @@ class JobSpec:
                 argv += ["--configs", *self.configs]
             if num_workers is not None:
                 argv += ["-j", str(num_workers)]
-            if self.plans_file:
-                argv += ["--plans", self.plans_file]
+            if self.plans_file or self.preset != DEFAULT_PLANS:
+                argv += ["--plans", self.plans_file or self.preset]
         elif self.kind is JobKind.FIND_BEST:
             # the job only runs when its trainings changed, so a stale best.json is replaced
             argv += ["find-best", self.dataset, "--variant", self.variant, "--force"]
@@ -166,18 +172,26 @@ class JobSpec:
 
 
 def make_job_id(kind: JobKind, dataset: str, config: str | None = None, fold: int | str | None = None,
-                variant: str = "default", seed: int | None = None) -> str:
+                variant: str = "default", seed: int | None = None, preset: str = DEFAULT_PLANS) -> str:
     """``train:Dataset004_Hippocampus:3d_fullres:default:fold_0`` (``...:seed_1:fold_0``); plan/
-    preprocess/find-best ids name the kind, dataset and variant (derived plans are per variant)."""
+    preprocess/find-best ids name the kind, dataset, preset and variant (derived plans are per variant)."""
     parts = [JobKind(kind).value, dataset]
     if kind in (JobKind.TRAIN, JobKind.VALIDATE):
         parts += [str(config), variant]
         if seed is not None:
             parts.append(f"seed_{seed}")
         parts.append(f"fold_{fold}")
-    elif variant != "default":
-        parts.append(variant)
+    else:
+        if preset != DEFAULT_PLANS:
+            parts.append(preset)
+        if variant != "default":
+            parts.append(variant)
     return ":".join(parts)
+
+
+def qualified_config(config: str, preset: str) -> str:
+    """A configuration as the jobs and results folders of ``preset``'s plans name it (`TrainingId`)."""
+    return config if preset == DEFAULT_PLANS else f"{preset}{PLANS_SEPARATOR}{config}"
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.\-]")
@@ -267,9 +281,12 @@ def previous_stage_of(plan: Plan | None, config: str | None) -> str | None:
     """The configuration whose predictions ``config`` takes as input (a cascade), or None."""
     if config is None:
         return None
+    preset, config = split_config_dirname(config)  # a preset's stage is followed by its own previous stage
     if plan is not None and config in plan.configurations:
-        return plan.configurations[config].previous_stage
-    return CASCADE_STAGE_BY_NAME.get(config)
+        prev = plan.configurations[config].previous_stage
+    else:
+        prev = CASCADE_STAGE_BY_NAME.get(config)
+    return None if prev is None else qualified_config(prev, preset)
 
 
 def link_cascades(jobs: Sequence[JobSpec], plans: Mapping[str, Plan | None]) -> list[JobSpec]:

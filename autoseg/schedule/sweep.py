@@ -20,7 +20,9 @@ naming the file and the key). YAML is read with YAML 1.2 floats (``1e-3`` is a n
 PyYAML's YAML 1.1 reads as a string) and YAML 1.1 booleans (``on``/``off``/``yes``/``no``);
 on/off knobs take booleans, ``0`` and ``1`` (``compile: false``, ``amp: off``). Trainer keys are
 checked by applying them to a `TrainerConfig`; ``plan.<config>.<field>``
-keys against `Configuration`'s fields.
+keys against `Configuration`'s fields. ``plan.preset`` picks a planner preset (``resenc-l``: its
+plans_resenc-l.json, results in ``resenc-l__<config>``), e.g. ``grid: {plan.preset: [default,
+resenc-l]}``; it is carried as the plan override ``preset=<name>`` (`split_preset`).
 
 This module is the sweep *file*: `SweepSpec`, `Variant`, parsing, validation and naming. What a
 spec becomes on disk and as jobs (derived plans, the job graph, ``sweep.json``) is in
@@ -52,6 +54,7 @@ from autoseg.common.jsonio import from_jsonable, load_record, to_jsonable
 from autoseg.common.paths import DATASET_NAME_RE, Paths
 from autoseg.planning.plan import apply_plan_overrides
 from autoseg.planning.plans import Configuration, Plan
+from autoseg.planning.presets import DEFAULT_PRESET, PRESETS
 from autoseg.train.config import SWITCH_WORDS, TrainerConfig, apply_overrides
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,9 @@ DEFAULT_SEEDS: tuple[int, ...] = (0,)
 
 PLAN_PREFIX = "plan."
 """Keys ``plan.<config>.<field>`` override a field of one planned `Configuration`."""
+
+PRESET_FIELD = "preset"
+"""``plan.preset``: the planner preset a variant trains with (`autoseg.planning.presets`)."""
 
 PLAN_FIELDS_NOT_OVERRIDABLE = frozenset({
     "name", "data_identifier", "median_shape", "previous_stage", "next_stage", "estimated_vram_gb",
@@ -155,6 +161,23 @@ class SweepSpec:
 
     def plan_overrides(self, variant: Variant) -> tuple[str, ...]:
         return self.base_plan_overrides + variant.plan_overrides
+
+    def preset(self, variant: Variant) -> str:
+        """The planner preset a variant trains with (``plan.preset``; the variant's wins over base)."""
+        return split_preset(self.plan_overrides(variant))[0]
+
+
+def split_preset(overrides: typing.Sequence[str]) -> tuple[str, tuple[str, ...]]:
+    """``("preset=resenc-l", "3d_fullres.batch_size=2")`` -> ``("resenc-l", ("3d_fullres.batch_size=2",))``;
+    the last ``preset=`` wins, none means the default plans."""
+    preset, rest = DEFAULT_PRESET, []
+    for text in overrides:
+        key, _, value = text.partition("=")
+        if key == PRESET_FIELD:
+            preset = value
+        else:
+            rest.append(text)
+    return preset, tuple(rest)
 
 
 # --------------------------------------------------------------------------- value helpers
@@ -295,7 +318,7 @@ class _PlanKey:
 
     @property
     def text(self) -> str:
-        return f"{PLAN_PREFIX}{self.config}.{self.field}"
+        return f"{PLAN_PREFIX}{self.field}" if self.field == PRESET_FIELD else f"{PLAN_PREFIX}{self.config}.{self.field}"
 
 
 _CONFIGURATION_TYPES = typing.get_type_hints(Configuration)
@@ -303,6 +326,8 @@ _CONFIGURATION_TYPES = typing.get_type_hints(Configuration)
 
 def _parse_plan_key(key: str, configs: tuple[str, ...], where: str) -> _PlanKey:
     rest = key[len(PLAN_PREFIX):]
+    if rest == PRESET_FIELD:
+        return _PlanKey("", PRESET_FIELD)
     config, _, fld = rest.partition(".")
     if not config or not fld:
         raise ConfigError("plan keys look like plan.<config>.<field> (e.g. plan.3d_fullres.patch_size)", where)
@@ -319,6 +344,10 @@ def _parse_plan_key(key: str, configs: tuple[str, ...], where: str) -> _PlanKey:
 
 def _canonical_plan_value(pk: _PlanKey, value: Any, where: str) -> tuple[str, str]:
     """Type-check a plan value; return (canonical text for comparisons, override string)."""
+    if pk.field == PRESET_FIELD:
+        if not isinstance(value, str) or value not in PRESETS:
+            raise ConfigError(f"expected a plans preset ({', '.join(PRESETS)}), got {value!r}", where)
+        return canonical_json(value), f"{PRESET_FIELD}={value}"
     tp = _CONFIGURATION_TYPES[pk.field]
     if not _yaml_type_ok(value, tp):
         raise ConfigError(f"expected {_type_name(tp)}, got {value!r}", where)
@@ -360,6 +389,7 @@ class _Ctx:
     configs: tuple[str, ...]
     base_cfg: TrainerConfig
     problems: _Problems = field(default_factory=_Problems)
+    base_preset: str = DEFAULT_PRESET
 
     def where(self, key: str) -> str:
         return f"{self.source}:{key}"
@@ -551,7 +581,8 @@ def _named_points(ctx: _Ctx, variants: Any) -> list[tuple[str, _Point]]:
 
 def _point_identity(ctx: _Ctx, point: _Point) -> str:
     cfg = _apply_trainer(ctx.base_cfg, [f"{k}={format_value(v)}" for k, v in point.trainer], point.where)
-    plan = sorted((pk.text, _canonical_plan_value(pk, v, point.where)[0]) for pk, v in point.plan)
+    plan = sorted((pk.text, _canonical_plan_value(pk, v, point.where)[0]) for pk, v in point.plan
+                  if not _is_base_preset(ctx, pk, v))
     return canonical_json({"trainer": cfg, "plan": plan})
 
 
@@ -567,10 +598,17 @@ def _grid_variant(ctx: _Ctx, point: _Point) -> Variant:
             trainer.append(f"{key}={format_value(value)}")
     plan = []
     for pk, value in point.plan:
+        if _is_base_preset(ctx, pk, value):  # plan.preset: [default, resenc-l]: the default is the baseline
+            continue
         parts.append(f"{pk.text}={name_value(value)}")
         plan.append(_canonical_plan_value(pk, value, point.where)[1])
     name = safe_name(",".join(parts)) if parts else BASELINE_NAME
     return Variant(name=name, trainer_overrides=tuple(trainer), plan_overrides=tuple(plan), origin="grid")
+
+
+def _is_base_preset(ctx: _Ctx, pk: _PlanKey, value: Any) -> bool:
+    """A ``plan.preset`` value that is what the variant would get anyway (the base's, or the default)."""
+    return pk.field == PRESET_FIELD and value == ctx.base_preset
 
 
 def _named_variant(name: str, point: _Point) -> Variant:
@@ -620,6 +658,7 @@ def parse_sweep(data: Any, source: str | Path, paths: Paths | None = None) -> Sw
         ctx.base_cfg = _apply_trainer(ctx.base_cfg, base_trainer_strings, ctx.where("base"))
     base_plan_strings = tuple(_canonical_plan_value(pk, v, ctx.where(f"base.{pk.text}"))[1]
                               for pk, v in base_plan)
+    ctx.base_preset = split_preset(base_plan_strings)[0]
 
     grid: list[_Point] = []
     named: list[tuple[str, _Point]] = []
@@ -661,17 +700,23 @@ def parse_sweep(data: Any, source: str | Path, paths: Paths | None = None) -> Sw
 def _check_against_plans(spec: SweepSpec, paths: Paths, wheres: dict[str, str]) -> None:
     """Where a dataset is planned already: its configs exist and every plan override applies."""
     for ds in spec.datasets:
-        if not paths.plans_file(ds).is_file():
+        for preset in dict.fromkeys(spec.preset(v) for v in spec.variants):
+            _check_against_plan(spec, paths, ds, preset, wheres)
+
+
+def _check_against_plan(spec: SweepSpec, paths: Paths, ds: str, preset: str, wheres: dict[str, str]) -> None:
+    if not paths.plans_file(ds, preset).is_file():
+        return
+    plan = load_record(paths.plans_file(ds, preset), Plan)
+    for c in spec.configs:
+        if c not in plan.configurations:
+            raise ConfigError(f"configuration {c!r} is not in the plan of {ds} "
+                              f"(planned: {', '.join(plan.configurations)})", f"{spec.source}:configs")
+    for v in spec.variants:
+        if spec.preset(v) != preset:
             continue
-        plan = load_record(paths.plans_file(ds), Plan)
-        for c in spec.configs:
-            if c not in plan.configurations:
-                raise ConfigError(f"configuration {c!r} is not in the plan of {ds} "
-                                  f"(planned: {', '.join(plan.configurations)})", f"{spec.source}:configs")
-        for v in spec.variants:
-            overrides = spec.plan_overrides(v)
-            if not overrides:
-                continue
+        overrides = split_preset(spec.plan_overrides(v))[1]
+        if overrides:
             try:
                 apply_plan_overrides(plan, list(overrides))
             except AutosegError as e:

@@ -1,6 +1,7 @@
 """A sweep's files, derived plans and job graph: what `autoseg sweep` runs, built from a `SweepSpec`.
 
-Each variant trains under ``results/<dataset>/<config>/<sweep>.<variant>/seed_<s>/fold_<k>/``;
+Each variant trains under ``results/<dataset>/<config>/<sweep>.<variant>/seed_<s>/fold_<k>/``
+(``<preset>__<config>`` for a variant with ``plan.preset``, trained from that preset's plans);
 the sweep name is part of the folder so that two sweeps that both have a ``baseline`` never
 resume each other's checkpoints. Plan overrides give a derived plan stored at
 ``results/<dataset>/<config>/<sweep>.<variant>/plans.json``; its preprocessed data is shared with
@@ -26,9 +27,9 @@ from autoseg.dataset.spec import load_dataset
 from autoseg.planning.plan import apply_plan_overrides
 from autoseg.planning.plans import Configuration, Plan
 from autoseg.preprocess import list_preprocessed_cases
-from autoseg.schedule.jobs import JobKind, JobSpec, Resources, link_cascades
+from autoseg.schedule.jobs import JobKind, JobSpec, Resources, link_cascades, qualified_config
 from autoseg.schedule.graph import check_folds, estimate_train_seconds
-from autoseg.schedule.sweep import SweepSpec, Variant, canonical_json
+from autoseg.schedule.sweep import SweepSpec, Variant, canonical_json, split_preset
 
 SWEEP_FILENAME = "sweep.json"
 """The sweep record in `sweep_dir`: the spec as first run, so a re-run can check it still means the same."""
@@ -52,8 +53,9 @@ def sweep_record_file(paths: Paths, name: str) -> Path:
 
 
 def derived_plan_file(paths: Paths, spec: SweepSpec, dataset: str, config: str, variant: Variant) -> Path:
-    """``results/<dataset>/<config>/<sweep>.<variant>/plans.json``: the plan a variant trains with."""
-    return paths.results / dataset / config / variant.run_name(spec.name) / "plans.json"
+    """``results/<dataset>/[<preset>__]<config>/<sweep>.<variant>/plans.json``: the plan a variant trains with."""
+    return paths.results / dataset / qualified_config(config, spec.preset(variant)) / variant.run_name(spec.name) \
+        / "plans.json"
 
 
 def _variant_signature(spec: SweepSpec, v: Variant) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -150,23 +152,30 @@ def _preprocessed_complete(paths: Paths, dataset: str, plan: Plan, configs: tupl
     return True
 
 
+def _presets(spec: SweepSpec) -> tuple[str, ...]:
+    """The planner presets the sweep's variants train with, in order of first use."""
+    return tuple(dict.fromkeys(spec.preset(v) for v in spec.variants))
+
+
 def setup_jobs(spec: SweepSpec, paths: Paths) -> list[JobSpec]:
-    """Plan (if plans.json is missing) and preprocess (if data is missing) jobs per dataset.
+    """Plan (if its plans file is missing) and preprocess (if data is missing) jobs per dataset and preset.
 
     The preprocess job id names the configurations, so a ``train-all`` preprocess of other
     configurations (DONE in the store) does not stand in for this one.
     """
     jobs = []
     for ds in spec.datasets:
-        planned = paths.plans_file(ds).is_file()
-        deps: tuple[str, ...] = ()
-        if not planned:
-            plan_job = JobSpec.make(JobKind.PLAN, ds, configs=spec.configs)
-            jobs.append(plan_job)
-            deps = (plan_job.job_id,)
-        if not planned or not _preprocessed_complete(paths, ds, load_record(paths.plans_file(ds), Plan), spec.configs):
-            jobs.append(JobSpec.make(JobKind.PREPROCESS, ds, variant="+".join(spec.configs), configs=spec.configs,
-                                     depends_on=deps))
+        for preset in _presets(spec):
+            file = paths.plans_file(ds, preset)
+            planned = file.is_file()
+            deps: tuple[str, ...] = ()
+            if not planned:
+                plan_job = JobSpec.make(JobKind.PLAN, ds, configs=spec.configs, preset=preset)
+                jobs.append(plan_job)
+                deps = (plan_job.job_id,)
+            if not planned or not _preprocessed_complete(paths, ds, load_record(file, Plan), spec.configs):
+                jobs.append(JobSpec.make(JobKind.PREPROCESS, ds, variant="+".join(spec.configs), configs=spec.configs,
+                                         depends_on=deps, preset=preset))
     return jobs
 
 
@@ -192,16 +201,19 @@ def build_sweep_jobs(spec: SweepSpec, paths: Paths, write_plans: bool = True) ->
     for ds in spec.datasets:  # an unknown fold fails now, in one line, not as failed jobs
         check_folds(paths, ds, spec.folds, where=f"{spec.source}:folds")
     setup = setup_jobs(spec, paths)
-    setup_ids = {ds: tuple(j.job_id for j in setup if j.dataset == ds and j.kind is JobKind.PREPROCESS)
-                 for ds in spec.datasets}
+    setup_ids = {(ds, p): tuple(j.job_id for j in setup if j.dataset == ds and j.kind is JobKind.PREPROCESS
+                                and j.preset == p) for ds in spec.datasets for p in _presets(spec)}
     jobs: list[JobSpec] = list(setup)
-    unplanned = tuple(ds for ds in spec.datasets if not paths.plans_file(ds).is_file())
+    unplanned = tuple(dict.fromkeys(ds for ds in spec.datasets for p in _presets(spec)
+                                    if not paths.plans_file(ds, p).is_file()))
     prep_jobs: dict[tuple[str, tuple[str, ...]], JobSpec] = {}
     for ds in spec.datasets:
-        plan = None if ds in unplanned else load_record(paths.plans_file(ds), Plan)
+        plans_of = {p: load_record(paths.plans_file(ds, p), Plan) if paths.plans_file(ds, p).is_file() else None
+                    for p in _presets(spec)}
         for v in spec.variants:
-            overrides = spec.plan_overrides(v)
-            deps = setup_ids[ds]
+            preset, overrides = split_preset(spec.plan_overrides(v))
+            plan = plans_of[preset]
+            deps = setup_ids[(ds, preset)]
             plans_files: dict[str, str | None] = {c: None for c in spec.configs}
             derived = plan
             if overrides:
@@ -227,8 +239,10 @@ def build_sweep_jobs(spec: SweepSpec, paths: Paths, write_plans: bool = True) ->
                 for seed in spec.seeds:
                     for fold in spec.folds:
                         jobs.append(JobSpec.make(
-                            JobKind.TRAIN, ds, config=c, fold=fold, variant=v.run_name(spec.name), seed=seed,
+                            JobKind.TRAIN, ds, config=qualified_config(c, preset), fold=fold,
+                            variant=v.run_name(spec.name), seed=seed,
                             trainer_overrides=spec.trainer_overrides(v), plans_file=plans_files[c],
                             depends_on=deps, resources=resources))
-    plans = {ds: None if ds in unplanned else load_record(paths.plans_file(ds), Plan) for ds in spec.datasets}
+    plans = {ds: None if not paths.plans_file(ds).is_file() else load_record(paths.plans_file(ds), Plan)
+             for ds in spec.datasets}  # cascade links: a preset's stages are named like the default's
     return SweepJobs(setup=tuple(setup), jobs=tuple(link_cascades(jobs, plans)), unplanned=unplanned)

@@ -13,7 +13,7 @@ from autoseg.schedule.executors import Executor
 from autoseg.schedule.lock import RunLock
 from autoseg.schedule.runner import RunOptions, RunSummary, run_jobs
 from autoseg.schedule.store import StateStore
-from autoseg.schedule.sweep import SweepSpec
+from autoseg.schedule.sweep import SweepSpec, split_preset
 from autoseg.schedule.sweep_jobs import SweepJobs, build_sweep_jobs, record_sweep
 
 
@@ -43,8 +43,9 @@ def run_sweep(spec: SweepSpec, paths: Paths, executor: Executor, options: RunOpt
         spec = record_sweep(spec, paths)
         if options.run_id is None:  # setup and trainings: one run in `autoseg status`
             options = replace(options, run_id=store.new_run_id())
-        needs_setup_first = any(spec.plan_overrides(v) for v in spec.variants) and any(
-            not paths.plans_file(ds).is_file() for ds in spec.datasets)
+        needs_setup_first = any(split_preset(spec.plan_overrides(v))[1]
+                                and not paths.plans_file(ds, spec.preset(v)).is_file()
+                                for v in spec.variants for ds in spec.datasets)
         if needs_setup_first:
             first = build_sweep_jobs(spec, paths, write_plans=False)
             summary = run_jobs(list(first.setup), executor, paths, store, options)

@@ -146,7 +146,10 @@ def _train_fold_locked(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: 
                                for n in (ckpt_files.LATEST, ckpt_files.PREVIOUS, ckpt_files.FINAL))
     if plan is None and not resumable:  # fail on a missing plan before touching the fold dir
         from autoseg.planning.plan import load_plan
-        plan = load_plan(paths, tid.dataset)
+        plan = load_plan(paths, tid.dataset, tid.plans)
+    if plan is not None and plan.preset != tid.plans:
+        raise AutosegError(f"the plan is a {plan.preset!r} plan but the run is filed under {tid.plans!r} plans",
+                           where=fold_dir)
     if plan is not None:  # a cascade fold without its previous stage fails before touching the fold dir
         from autoseg.infer.cascade import previous_stage_exports
         previous_stage_exports(paths, tid, plan)
@@ -184,7 +187,7 @@ def _train_fold_locked(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: 
             rt = resolve_runtime(cfg, rt.device.type, dist, rt.quiet)  # amp/compile as the run began
         elif plan is None:  # resumable files vanished meanwhile
             from autoseg.planning.plan import load_plan
-            plan = load_plan(paths, tid.dataset)
+            plan = load_plan(paths, tid.dataset, tid.plans)
         workers = cfg.num_workers if cfg.num_workers is not None else (
             num_workers if num_workers is not None else default_num_workers(os.cpu_count() or 1, dist.world_size))
         if dist.is_main:

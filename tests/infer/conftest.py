@@ -21,9 +21,9 @@ TINY_FEATURES = 4
 """Channel cap for test networks: the topology is the planned one, the width is tiny (CPU speed)."""
 
 
-def tiny_plan(paths: Paths, dataset: str) -> Plan:
-    """The real plan of a raw dataset with every configuration's widths capped at TINY_FEATURES."""
-    plan = plan_dataset(extract_fingerprint(load_dataset(paths.raw_dataset(dataset))))
+def tiny_plan(paths: Paths, dataset: str, preset: str = "default") -> Plan:
+    """The real plan (of a planner preset) of a raw dataset with every configuration's widths capped at TINY_FEATURES."""
+    plan = plan_dataset(extract_fingerprint(load_dataset(paths.raw_dataset(dataset))), preset=preset)
     configs = {n: dataclasses.replace(c, features_per_stage=tuple(min(f, TINY_FEATURES * 2 ** i)
                                                                   for i, f in enumerate(c.features_per_stage)))
                for n, c in plan.configurations.items()}
@@ -45,7 +45,7 @@ def save_untrained_fold(paths: Paths, plan: Plan, config: str, fold: int | str, 
                       best_ema_pseudo_dice=None, history=[], rng=RngState(torch_cpu=torch.get_rng_state()),
                       trainer_config=tc, plan=plan, config_name=config, dataset=plan.dataset, fold=fold,
                       num_input_channels=plan.num_channels, num_classes=plan.num_classes)
-    fold_dir = paths.training_dir(TrainingId(plan.dataset, config, fold, variant))
+    fold_dir = paths.training_dir(TrainingId(plan.dataset, config, fold, variant, plans=plan.preset))
     save_checkpoint(fold_dir / f"checkpoint_{which}.pt", ckpt)
     return fold_dir
 
