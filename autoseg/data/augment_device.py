@@ -317,7 +317,8 @@ def _contrast(data: torch.Tensor, params: Sequence[AugParams]) -> None:
 
 
 def _lowres(data: torch.Tensor, params: Sequence[AugParams], setup: AugmentSetup) -> None:
-    """Nearest down by the zoom, back up (linear in 3D, bicubic in-plane); ignored axes keep their size."""
+    """Down by the zoom and back up with the CPU path's modes (`LOWRES_MODE_DOWN`/`UP`: nearest-exact, then
+    bilinear in-plane or trilinear); ignored axes keep their size."""
     shape = np.array(data.shape[2:])
     in_plane = len(shape) == 2 or 0 in setup.lowres_ignore_axes
     for b, p in enumerate(params):
@@ -331,7 +332,7 @@ def _lowres(data: torch.Tensor, params: Sequence[AugParams], setup: AugmentSetup
             if in_plane:  # 2D, or dummy 2D: each slice along axis 0 on its own
                 x = x.reshape((-1, 1) + tuple(shape[-2:]))
                 small = F.interpolate(x, size=tuple(int(t) for t in target[-2:]), mode="nearest-exact")
-                x = F.interpolate(small, size=tuple(int(s) for s in shape[-2:]), mode="bicubic", align_corners=False)
+                x = F.interpolate(small, size=tuple(int(s) for s in shape[-2:]), mode="bilinear", align_corners=False)
             else:
                 small = F.interpolate(x[None, None], size=tuple(int(t) for t in target), mode="nearest-exact")
                 x = F.interpolate(small, size=tuple(int(s) for s in shape), mode="trilinear", align_corners=False)
