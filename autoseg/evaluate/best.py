@@ -29,8 +29,8 @@ from autoseg.common.jsonio import load_record, save_record
 from autoseg.common.paths import Paths, TrainingId
 from autoseg.common.progress import progress
 from autoseg.dataset.io import read_image
-from autoseg.dataset.spec import class_labels, ignore_label
-from autoseg.evaluate.postprocess import (PostprocessingRules, apply_postprocessing, class_dice,
+from autoseg.dataset.spec import LabelScheme
+from autoseg.evaluate.postprocess import (PostprocessingRules, Targets, apply_postprocessing, class_dice,
                                           determine_postprocessing)
 from autoseg.evaluate.summary import SUMMARY_FILE, Summary
 
@@ -52,7 +52,8 @@ class CandidateResult:
 
     configs: tuple[str, ...]
     foreground_dice: float
-    class_dice: dict[int, float]
+    class_dice: dict[int | str, float]
+    """Per class value, or per region name (region-based training)."""
     num_cases: int
 
     @property
@@ -76,7 +77,7 @@ class BestConfig:
     cv_dice: float
     """Mean foreground Dice of the chosen candidate over the cross-validation cases."""
     cv_dice_postprocessed: float
-    class_dice_postprocessed: dict[int, float]
+    class_dice_postprocessed: dict[int | str, float]
     candidates: tuple[CandidateResult, ...] = field(default_factory=tuple)
 
 
@@ -126,7 +127,7 @@ def _cv_cases(paths: Paths, dataset: str, config: str, folds: Sequence[int], var
 
 
 def _candidate(configs: tuple[str, ...], segs: Sequence[np.ndarray], refs: Sequence[np.ndarray],
-               labels: Sequence[int], ignore: int | None) -> CandidateResult:
+               labels: Targets, ignore: int | None) -> CandidateResult:
     per_case = [class_dice(s, r, labels, ignore) for s, r in zip(segs, refs)]
     mean = {v: float(np.mean([d[v] for d in per_case])) for v in labels}
     return CandidateResult(configs, float(np.mean(list(mean.values()))), mean, len(segs))
@@ -146,11 +147,12 @@ def _ensemble_segs(cv: dict[str, dict[str, _CVCase]], configs: tuple[str, ...], 
                 return None
     segs = []
     for cid in progress(case_ids, total=len(case_ids), desc=" + ".join(configs), unit="case"):
-        total = None
+        total, rec = None, None
         for c in configs:
-            probs, _ = load_probabilities(cv[c][cid].validation_dir, cid)
+            probs, rec = load_probabilities(cv[c][cid].validation_dir, cid)
             total = probs if total is None else total + probs
-        segs.append(labels_from_probabilities(total))
+        # the mean, not the sum: region probabilities are thresholded at 0.5
+        segs.append(labels_from_probabilities(total / len(configs), rec.label_scheme if rec else None))
     return segs
 
 
@@ -180,8 +182,8 @@ def find_best(paths: Paths, dataset: str, configs: Sequence[str] | None = None, 
     if not case_ids:
         raise AutosegError("the configurations share no validation case", paths.results_dataset(dataset))
     first = load_record(cv[configs[0]][case_ids[0]].validation_dir / SUMMARY_FILE, Summary)
-    labels = sorted(v for v in class_labels(first.labels).values() if v != 0)
-    ignore = ignore_label(first.labels)
+    scheme = LabelScheme.from_labels(first.labels)
+    labels, ignore = scheme.eval_targets, scheme.ignore_label  # classes, or regions by name
     refs = [read_image(cv[configs[0]][cid].reference)[0] for cid in case_ids]
     segs_by: dict[tuple[str, ...], list[np.ndarray]] = {}
     for c in configs:

@@ -9,12 +9,16 @@ nnU-Net's rule, in two steps, each decided on the cross-validation predictions:
    when its mean Dice improves and no other class's mean Dice gets worse.
 
 Components are 26-connected (full 3D neighbourhood), via ``cc3d``.
+
+Region-based datasets (BraTS style) are scored per region (the mask of every label value a
+region covers) and step 2 runs per region: voxels of the region outside its largest
+component become background, as nnU-Net does.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import cc3d
@@ -31,16 +35,26 @@ MIN_DICE_GAIN = 1e-6
 """A change smaller than this is numerical noise, not an improvement."""
 
 
+Targets = Sequence[int] | Mapping[int | str, tuple[int, ...]]
+"""What is scored: label values (classes), or key -> label values (regions keyed by name, as in summary.json)."""
+
+
+def _targets(labels: Targets) -> dict[int | str, tuple[int, ...]]:
+    return dict(labels) if isinstance(labels, Mapping) else {int(v): (int(v),) for v in labels}
+
+
 @dataclass(frozen=True)
 class PostprocessingRules:
-    """Which largest-component filters to apply, in order (foreground first, then classes)."""
+    """Which largest-component filters to apply, in order (foreground first, then classes, then regions)."""
 
     keep_largest_foreground: bool = False
     keep_largest_classes: tuple[int, ...] = ()
+    keep_largest_regions: tuple[tuple[int, ...], ...] = ()
+    """Region-based datasets: the label values of each region filtered to its largest component."""
 
     @property
     def is_noop(self) -> bool:
-        return not self.keep_largest_foreground and not self.keep_largest_classes
+        return not (self.keep_largest_foreground or self.keep_largest_classes or self.keep_largest_regions)
 
     def describe(self) -> str:
         parts = []
@@ -48,6 +62,8 @@ class PostprocessingRules:
             parts.append("largest foreground component")
         if self.keep_largest_classes:
             parts.append("largest component of class(es) " + ", ".join(map(str, self.keep_largest_classes)))
+        if self.keep_largest_regions:
+            parts.append("largest component of region(s) " + ", ".join(str(list(r)) for r in self.keep_largest_regions))
         return "; ".join(parts) if parts else "none"
 
 
@@ -71,9 +87,9 @@ def keep_largest_foreground(seg: np.ndarray) -> np.ndarray:
     return out
 
 
-def keep_largest_of_class(seg: np.ndarray, label: int) -> np.ndarray:
-    """Set voxels of ``label`` outside its largest component to background."""
-    mask = seg == label
+def keep_largest_of_class(seg: np.ndarray, label: int | tuple[int, ...]) -> np.ndarray:
+    """Set voxels of ``label`` (or of a region's labels) outside its largest component to background."""
+    mask = np.isin(seg, label)
     keep = largest_component_mask(mask)
     out = seg.copy()
     out[mask & ~keep] = 0
@@ -85,26 +101,26 @@ def apply_postprocessing(seg: np.ndarray, rules: PostprocessingRules) -> np.ndar
     out = seg
     if rules.keep_largest_foreground:
         out = keep_largest_foreground(out)
-    for label in rules.keep_largest_classes:
+    for label in (*rules.keep_largest_classes, *rules.keep_largest_regions):
         out = keep_largest_of_class(out, label)
     return out
 
 
-def class_dice(seg: np.ndarray, ref: np.ndarray, labels: Sequence[int],
-               ignore_label: int | None = None) -> dict[int, float]:
-    """Dice per label; voxels that are ``ignore_label`` in the reference count for nothing."""
+def class_dice(seg: np.ndarray, ref: np.ndarray, labels: Targets,
+               ignore_label: int | None = None) -> dict[int | str, float]:
+    """Dice per label (or region); voxels that are ``ignore_label`` in the reference count for nothing."""
     if ignore_label is not None:
         seg = np.where(ref == ignore_label, ignore_label, seg)
-    return {v: dice_from_counts(*overlap_counts(seg == v, ref == v)) for v in labels}
+    return {k: dice_from_counts(*overlap_counts(np.isin(seg, v), np.isin(ref, v))) for k, v in _targets(labels).items()}
 
 
-def _mean_dice(segs: Sequence[np.ndarray], refs: Sequence[np.ndarray], labels: Sequence[int],
-               ignore_label: int | None) -> dict[int, float]:
+def _mean_dice(segs: Sequence[np.ndarray], refs: Sequence[np.ndarray], labels: Targets,
+               ignore_label: int | None) -> dict[int | str, float]:
     per_case = [class_dice(s, r, labels, ignore_label) for s, r in zip(segs, refs)]
     return {v: float(np.mean([d[v] for d in per_case])) for v in labels}
 
 
-def _better(after: dict[int, float], before: dict[int, float], target: Sequence[int]) -> bool:
+def _better(after: dict[int | str, float], before: dict[int | str, float], target: Sequence[int | str]) -> bool:
     """Target classes improve on average and no class gets worse."""
     gain = np.mean([after[v] for v in target]) - np.mean([before[v] for v in target])
     worse = any(after[v] < before[v] - MIN_DICE_GAIN for v in before)
@@ -116,12 +132,12 @@ class PostprocessingDecision:
     """The adopted rules and the cross-validation mean Dice per class before and after."""
 
     rules: PostprocessingRules
-    dice_before: dict[int, float]
-    dice_after: dict[int, float]
+    dice_before: dict[int | str, float]
+    dice_after: dict[int | str, float]
 
 
 def determine_postprocessing(segs: Sequence[np.ndarray], refs: Sequence[np.ndarray],
-                             foreground_labels: Sequence[int],
+                             foreground_labels: Targets,
                              ignore_label: int | None = None) -> PostprocessingDecision:
     """Decide the rules on cross-validation label maps (predictions and references, paired).
 
@@ -130,21 +146,24 @@ def determine_postprocessing(segs: Sequence[np.ndarray], refs: Sequence[np.ndarr
     """
     if len(segs) != len(refs) or not segs:
         raise ValueError("need the same, non-zero number of predictions and references")
-    labels = list(foreground_labels)
-    base = _mean_dice(segs, refs, labels, ignore_label)
+    targets = _targets(foreground_labels)
+    labels = list(targets)
+    base = _mean_dice(segs, refs, targets, ignore_label)
     current, current_dice = list(segs), base
     fg_rule = False
     candidate = [keep_largest_foreground(s) for s in current]
-    cand_dice = _mean_dice(candidate, refs, labels, ignore_label)
+    cand_dice = _mean_dice(candidate, refs, targets, ignore_label)
     if _better(cand_dice, current_dice, labels):
         fg_rule, current, current_dice = True, candidate, cand_dice
         log.info("postprocessing: keeping the largest foreground component helps")
-    class_rules = []
+    class_rules, region_rules = [], []
     for v in labels:
-        candidate = [keep_largest_of_class(s, v) for s in current]
-        cand_dice = _mean_dice(candidate, refs, labels, ignore_label)
+        candidate = [keep_largest_of_class(s, targets[v]) for s in current]
+        cand_dice = _mean_dice(candidate, refs, targets, ignore_label)
         if _better(cand_dice, current_dice, [v]):
-            class_rules.append(v)
+            (region_rules.append(targets[v]) if isinstance(v, str) else class_rules.append(v))
             current, current_dice = candidate, cand_dice
-            log.info("postprocessing: keeping the largest component of class %d helps", v)
-    return PostprocessingDecision(PostprocessingRules(fg_rule, tuple(class_rules)), base, current_dice)
+            log.info("postprocessing: keeping the largest component of %s %s helps",
+                     "region" if isinstance(v, str) else "class", v)
+    rules = PostprocessingRules(fg_rule, tuple(class_rules), tuple(region_rules))
+    return PostprocessingDecision(rules, base, current_dice)

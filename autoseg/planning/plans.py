@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from autoseg.common.errors import AutosegError
-from autoseg.dataset.spec import class_labels, ignore_label
+from autoseg.dataset.spec import LabelScheme, LabelValue, ignore_label
 
 NORMALIZATION_SCHEMES = ("zscore", "ct", "none", "rescale_to_0_1", "rgb_to_0_1")
 """Per-channel intensity normalization names (nnU-Net's: ZScore, CT, NoNorm, RescaleTo01, RGBTo01)."""
@@ -85,7 +85,7 @@ class Plan:
     dataset: str
     gpu_memory_gb: float
     channel_names: dict[int, str]
-    labels: dict[str, int]
+    labels: dict[str, LabelValue]
     transpose_forward: tuple[int, int, int]
     transpose_backward: tuple[int, int, int]
     original_median_spacing: tuple[float, float, float]
@@ -97,11 +97,18 @@ class Plan:
     overrides: tuple[str, ...] = ()
     """The ``--set`` overrides applied on top of the rules, as given."""
     reasons: dict[str, str] = field(default_factory=dict)
+    regions_class_order: tuple[int, ...] = ()
+    """Region-based training only: the label value each region is written as (dataset.json)."""
+
+    @property
+    def label_scheme(self) -> LabelScheme:
+        """Classes or regions, and the conversions between label maps and network outputs."""
+        return LabelScheme.from_labels(self.labels, self.regions_class_order)
 
     @property
     def num_classes(self) -> int:
-        """Network output channels: every label but the ignore label (it is never predicted)."""
-        return len(class_labels(self.labels))
+        """Network output channels: every class but the ignore label (never predicted), or one per region."""
+        return self.label_scheme.num_outputs
 
     @property
     def ignore_label(self) -> int | None:
