@@ -110,7 +110,7 @@ def summarize(cases: Sequence[CaseEvaluation], labels: dict[str, LabelValue],
     fg_mean = MeanMetrics(dice=_nanmean([m.dice for m in means])[0], iou=_nanmean([m.iou for m in means])[0],
                           hd95=hd_fg, nsd=_nanmean([m.nsd for m in means])[0],
                           n_cases=len(cases), n_hd95=min((m.n_hd95 for m in means), default=0))
-    return Summary(labels=dict(labels), tolerance_mm=float(tolerance_mm), cases=tuple(cases), mean=mean,
+    return Summary(labels=LabelScheme.from_labels(labels).labels, tolerance_mm=float(tolerance_mm), cases=tuple(cases), mean=mean,
                    foreground_mean=fg_mean)
 
 
