@@ -91,3 +91,11 @@ def test_a_tiny_dataset_with_regions_over_its_two_classes_loads(paths: Paths) ->
     edit_dataset_json(root, labels={"background": 0, "whole": [1, 2], "posterior": 2}, regions_class_order=[1, 2])
     spec = load_dataset(root)
     assert spec.label_scheme.regions == ((1, 2), (2,)) and spec.num_classes == 2
+
+
+def test_verify_prints_the_regions(paths: Paths) -> None:
+    make_region_phantom_dataset(paths.raw, PhantomRecipe(num_training=2, num_test=0, shape=(6, 20, 20)))
+    result = CliRunner().invoke(cli, ["--raw", str(paths.raw), "verify", "Dataset997_RegionPhantom"])
+    assert result.exit_code == 0, result.output
+    assert ("3 regions (whole=[1, 2, 3], core=[2, 3], enhancing=[3]; regions_class_order [1, 2, 3])"
+            in result.output)
