@@ -24,8 +24,8 @@ from autoseg.dataset.spec import LabelScheme
 from autoseg.evaluate.best import load_best
 from autoseg.evaluate.summary import Summary
 from autoseg.train.checkpoint import load_checkpoint
-from tests.helpers import hippocampus_available, hippocampus_case_ids, HIPPOCAMPUS_MISSING, \
-    link_hippocampus_subset, run_cli_ok
+from tests.helpers import (HIPPOCAMPUS_MISSING, hippocampus_available, hippocampus_case_ids,
+                           link_hippocampus_subset, run_cli_ok)
 
 TINY = ["epochs=2", "iterations_per_epoch=3", "val_iterations=1", "batch_size=2", "num_workers=0"]
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from autoseg.cli import cli
 from autoseg.common.errors import AutosegError, DatasetError
 from autoseg.common.paths import Paths
-from autoseg.dataset.io import read_image, write_image
+from autoseg.dataset.io import read_image
 from autoseg.dataset.phantom import PhantomRecipe, make_region_phantom_dataset
 from autoseg.dataset.spec import LabelScheme, load_dataset
 from autoseg.dataset.verify import verify_dataset
@@ -99,3 +99,21 @@ def test_verify_prints_the_regions(paths: Paths) -> None:
     assert result.exit_code == 0, result.output
     assert ("3 regions (whole=[1, 2, 3], core=[2, 3], enhancing=[3]; regions_class_order [1, 2, 3])"
             in result.output)
+
+
+def test_conversions_equal_nnunets_label_manager_and_region_transform() -> None:
+    """nnU-Net as the reference: LabelManager's regions and label maps, ConvertSegmentationToRegionsTransform."""
+    lm_mod = pytest.importorskip("nnunetv2.utilities.label_handling.label_handling",
+                                 reason="nnunetv2 (the parity reference) is not installed")
+    from batchgeneratorsv2.transforms.utils.seg_to_regions import ConvertSegmentationToRegionsTransform
+
+    ours = LabelScheme.from_labels(BRATS, ORDER)
+    theirs = lm_mod.LabelManager(BRATS, regions_class_order=list(ORDER))
+    assert theirs.has_regions and theirs.num_segmentation_heads == ours.num_outputs
+    assert [tuple(r) if isinstance(r, (list, tuple)) else (r,) for r in theirs.foreground_regions] == list(ours.regions)
+    rng = np.random.default_rng(1)
+    probs = rng.random((3, 6, 7, 8)).astype(np.float32)
+    np.testing.assert_array_equal(ours.label_map(probs), theirs.convert_probabilities_to_segmentation(probs))
+    seg = torch.from_numpy(rng.integers(0, 4, size=(1, 6, 7, 8)))
+    expected = ConvertSegmentationToRegionsTransform(theirs.foreground_regions)._apply_to_segmentation(seg)
+    np.testing.assert_array_equal(ours.region_targets(seg[None])[0].numpy(), expected.numpy().astype(np.float32))

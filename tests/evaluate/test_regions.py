@@ -9,8 +9,7 @@ import numpy as np
 from autoseg.common.jsonio import load_record, record_to_dict
 from autoseg.evaluate.postprocess import PostprocessingRules, apply_postprocessing, determine_postprocessing
 from autoseg.evaluate.summary import Summary, evaluate_folder, format_summary_table
-from tests.evaluate.conftest import GEOM, make_ref
-from autoseg.dataset.io import write_image
+from tests.evaluate.conftest import make_ref
 
 REGIONS = {"background": 0, "whole": [1, 2], "inner": 2}
 
