@@ -6,7 +6,9 @@ arrays a nnU-Net user expects:
 1. transpose the axes by ``plan.transpose_forward`` (the coarse axis first);
 2. crop to the bounding box of the nonzero region (any channel != 0, holes filled);
 3. normalize each channel by ``plan.normalization`` (z-score inside the nonzero mask when
-   ``use_nonzero_mask``, so the zero background outside it stays 0);
+   ``use_nonzero_mask``, so the zero background outside it stays 0); when a channel is
+   normalized inside the mask, background labels outside it become -1 (`OUTSIDE_MASK_LABEL`),
+   so that training can put those voxels back to 0 after intensity augmentation;
 4. resample to the configuration's target spacing: images with cubic splines, labels by
    linear interpolation of each class's one-hot mask followed by argmax (a voxel can only
    take a label that was there). When the spacing is anisotropic (max/min > 3, nnU-Net's
@@ -21,7 +23,7 @@ Cropping commutes with transposing, so the crop box is found and stored in the o
 last, so a case is complete exactly when its json exists):
 
     <data_identifier>/CASE.npy      float32 (C, *spatial)
-    <data_identifier>/CASE_seg.npy  int8 (1, *spatial)
+    <data_identifier>/CASE_seg.npy  int8 (1, *spatial); -1 outside the nonzero mask (masked normalization)
     <data_identifier>/CASE_fg.npz   class_<k> -> (N, 3) int32 sampled voxel coordinates
     <data_identifier>/CASE.json     CaseProperties
 
@@ -41,7 +43,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 from scipy.ndimage import binary_fill_holes
@@ -73,6 +75,12 @@ NORM_EPS = 1e-8
 
 FG_SEED = 1234
 """Base seed of the per-case foreground sampling when preprocessing a dataset (mixed with the case id)."""
+
+OUTSIDE_MASK_LABEL = -1
+"""Written into the labels where the label is background and the voxel outside the nonzero mask, when any
+channel is normalized inside that mask (nnU-Net 2.8.1's ``crop_to_nonzero(nonzero_label=-1)``). Never a
+class: training zeroes masked channels there after augmentation and then counts it as background
+(`autoseg.data.augment.restore_masked_background`)."""
 
 SETTINGS_FILENAME = "preprocessing.json"
 """Record, in each data folder, of the settings the cases there were made with."""
@@ -111,6 +119,11 @@ class CaseProperties:
     """Label values found in the case's segmentation (empty without one)."""
 
 
+def migrate_v1_to_v2(body: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 (before 2026-12-05) never marked outside the nonzero mask in the labels."""
+    return {**body, "outside_mask_label": None}
+
+
 @dataclass(frozen=True)
 class PreprocessingSettings:
     """The plan settings that determine a data folder's content (spacing, normalization, ...).
@@ -121,7 +134,8 @@ class PreprocessingSettings:
     """
 
     SCHEMA: ClassVar[str] = "autoseg.preprocessing_settings"
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
+    MIGRATIONS: ClassVar[dict[int, Callable[[dict[str, Any]], dict[str, Any]]]] = {1: migrate_v1_to_v2}
 
     dataset: str
     data_identifier: str
@@ -132,6 +146,8 @@ class PreprocessingSettings:
     labels: dict[str, LabelValue]
     resample_order_data: int
     resample_order_seg: int
+    outside_mask_label: int | None
+    """`OUTSIDE_MASK_LABEL` when the labels carry it outside the nonzero mask, None when they never do."""
 
 
 @dataclass
@@ -353,6 +369,10 @@ def preprocess_case(data: np.ndarray, geometry: Geometry, seg: np.ndarray | None
     out_seg, fg = None, {}
     if cropped_seg is not None:
         seg_t = np.ascontiguousarray(cropped_seg.transpose(tf)).astype(np.int16)
+        outside = outside_mask_label(plan.normalization)
+        if outside is not None:
+            seg_t[(seg_t == 0) & ~mask] = outside
+            labels = sorted(labels + [outside])
         out_seg = resample_seg(seg_t, new_shape, labels, config.resample_order_seg, axis).astype(np.int8)[None]
         # oversampling targets annotated foreground: the ignore label is not a class
         fg = sample_foreground(out_seg[0], [c for c in labels if c not in (0, plan.ignore_label)],
@@ -445,13 +465,19 @@ def load_preprocessed_case(folder: Path, case_id: str, mmap: bool = True) -> Pre
 # ----------------------------------------------------------------------------- dataset
 
 
+def outside_mask_label(normalization: Sequence[ChannelNormalization]) -> int | None:
+    """`OUTSIDE_MASK_LABEL` when some channel is normalized inside the nonzero mask, else None."""
+    return OUTSIDE_MASK_LABEL if any(n.use_nonzero_mask for n in normalization) else None
+
+
 def settings_for(plan: Plan, config: Configuration) -> PreprocessingSettings:
     """The preprocessing-relevant part of a plan for one configuration."""
     return PreprocessingSettings(
         dataset=plan.dataset, data_identifier=config.data_identifier, ndim=config.ndim,
         spacing=tuple(float(s) for s in config.spacing), transpose_forward=tuple(plan.transpose_forward),
         normalization=tuple(plan.normalization), labels=dict(plan.labels),
-        resample_order_data=config.resample_order_data, resample_order_seg=config.resample_order_seg)
+        resample_order_data=config.resample_order_data, resample_order_seg=config.resample_order_seg,
+        outside_mask_label=outside_mask_label(plan.normalization))
 
 
 def _case_seed(case_id: str) -> np.random.Generator:
@@ -487,6 +513,12 @@ def _check_settings(folder: Path, settings: PreprocessingSettings, force: bool) 
     path = folder / SETTINGS_FILENAME
     if path.exists() and not force:
         old = load_record(path, PreprocessingSettings)
+        if old.outside_mask_label != settings.outside_mask_label:
+            raise AutosegError(
+                f"this folder's labels {'do not mark' if old.outside_mask_label is None else 'mark'} the outside "
+                f"of the nonzero mask with {OUTSIDE_MASK_LABEL}, the plan's normalization needs them "
+                f"{'marked' if settings.outside_mask_label is not None else 'unmarked'} (made by an older "
+                "autoseg or another plan); rerun with --force to redo it", path)
         if old != settings:
             raise AutosegError("this folder was preprocessed with different settings (spacing, normalization, "
                                "labels or transpose); rerun with --force to redo it, or give the plan's "

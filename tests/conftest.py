@@ -20,6 +20,19 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(f"WARNING: real-data tests skipped: {HIPPOCAMPUS_MISSING}", yellow=True, bold=True)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu``-marked tests need CUDA: skipped, with that reason, on a machine without it
+    (benchmarks/gpu_check.sh runs them with ``-m gpu`` where a GPU is lent)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skipif(True, reason="needs a CUDA GPU (run by benchmarks/gpu_check.sh)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def paths(tmp_path: Path) -> Paths:
     """Fresh raw/preprocessed/results roots under the test's tmp dir."""

@@ -14,12 +14,12 @@ import SimpleITK as sitk
 
 
 def dice_of_files(prediction: str | Path, reference: str | Path, label: int) -> float:
-    """2|P∩R| / (|P|+|R|) of one label value; 1.0 when both masks are empty (autoseg's convention)."""
+    """2|P∩R| / (|P|+|R|) of one label value; NaN when both masks are empty (nnU-Net's and autoseg's convention)."""
     p = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction))) == label
     r = sitk.GetArrayFromImage(sitk.ReadImage(str(reference))) == label
     assert p.shape == r.shape, (prediction, p.shape, r.shape)
     total = int(p.sum()) + int(r.sum())
-    return 1.0 if total == 0 else 2.0 * int((p & r).sum()) / total
+    return float("nan") if total == 0 else 2.0 * int((p & r).sum()) / total
 
 
 def check_summary_against_files(validation_dir: Path, summary) -> dict[str, dict[int, float]]:  # type: ignore[no-untyped-def]
@@ -33,10 +33,12 @@ def check_summary_against_files(validation_dir: Path, summary) -> dict[str, dict
         assert prediction.is_file(), prediction
         recount[case.case_id] = {v: dice_of_files(prediction, case.reference, v) for v in case.metrics}
         for v, m in case.metrics.items():
-            assert abs(m.dice - recount[case.case_id][v]) < 1e-6, (case.case_id, v, m.dice, recount[case.case_id][v])
+            expected = recount[case.case_id][v]
+            assert np.isclose(m.dice, expected, atol=1e-6, equal_nan=True), (case.case_id, v, m.dice, expected)
     labels = sorted(summary.mean)
-    class_means = {v: float(np.mean([recount[c][v] for c in recount])) for v in labels}
+    class_means = {v: float(np.nanmean([recount[c][v] for c in recount])) for v in labels}
     for v in labels:
-        assert abs(summary.mean[v].dice - class_means[v]) < 1e-6, (v, summary.mean[v].dice, class_means[v])
-    assert abs(summary.foreground_dice - float(np.mean(list(class_means.values())))) < 1e-6
+        assert np.isclose(summary.mean[v].dice, class_means[v], atol=1e-6, equal_nan=True), (v, summary.mean[v].dice,
+                                                                                             class_means[v])
+    assert np.isclose(summary.foreground_dice, float(np.mean(list(class_means.values()))), atol=1e-6, equal_nan=True)
     return recount

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from autoseg.cli.app import cli, paths_from
+from autoseg.common.errors import AutosegError
 from autoseg.planning.plan import CONFIG_NAMES, PlanRequest, plan_and_save
 from autoseg.planning.plans import Plan
 
@@ -81,14 +82,21 @@ def render_plan(plan: Plan) -> str:
               help="Override a planned number, e.g. 3d_fullres.patch_size=48,64,48 (repeatable).")
 @click.option("-j", "--num-workers", type=click.IntRange(min=1), default=1, help="Processes reading cases.")
 @click.option("--force", is_flag=True, help="Re-extract the fingerprint and replace a different plans.json.")
+@click.option("--from-plans", "from_plans", default=None, metavar="SOURCE",
+              help="Copy the configurations (topology, patch, batch, spacing) of SOURCE's plans (a dataset "
+                   "or a plans.json), with this dataset's own normalisation: to fine-tune a network "
+                   "pretrained on SOURCE (train --pretrained).")
 @click.pass_context
 def plan_command(ctx: click.Context, dataset: str, gpu_memory: float | None, configs: tuple[str, ...],
-                 overrides: tuple[str, ...], num_workers: int, force: bool) -> None:
+                 overrides: tuple[str, ...], num_workers: int, force: bool, from_plans: str | None) -> None:
     """Verify DATASET, fingerprint it and write its plans.json (2d, 3d_fullres, 3d_lowres + 3d_cascade_fullres)."""
     names = tuple(n for c in configs for n in c.split(",") if n) or None
+    if from_plans is not None and (gpu_memory is not None or names):
+        raise AutosegError("--gpu-memory and --configs do not apply with --from-plans: the source plans' "
+                           "configurations are taken whole", where="--from-plans")
     budget = gpu_memory if gpu_memory is not None else (detected_gpu_memory_gb() or DEFAULT_GPU_MEMORY_GB)
     request = PlanRequest(gpu_memory_gb=budget, configs=names, overrides=tuple(overrides),
-                          num_workers=num_workers, force=force)
+                          num_workers=num_workers, force=force, from_plans=from_plans)
     outcome = plan_and_save(paths_from(ctx), dataset, request)
     click.echo(render_plan(outcome.plan))
     state = "written" if outcome.written else "unchanged (identical plan already there)"

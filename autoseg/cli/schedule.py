@@ -8,11 +8,13 @@ import sys
 import click
 
 from autoseg.cli.app import cli, paths_from
-from autoseg.cli.planning import GreedyMultiOption
-from autoseg.report.tables import render_status, render_table
+from autoseg.cli.planning import DEFAULT_GPU_MEMORY_GB, GreedyMultiOption
+from autoseg.report.tables import format_duration, render_status, render_table
 from autoseg.schedule.executors import SlurmOptions
 from autoseg.schedule.resources import parse_folds, parse_gpus
 from autoseg.schedule.graph import TrainAllRequest
+from autoseg.schedule.jobs import JobKind, JobSpec
+from autoseg.schedule.runner import Assignment
 from autoseg.schedule.status import collect_status, latest_run
 from autoseg.schedule.train_all import TrainAllOptions, observer_rows, preview, train_all
 
@@ -44,6 +46,31 @@ class LiveTable:
         self.lines = text.count("\n") + 1
 
 
+DRY_RUN_HEADERS = ("job", "GPU", "CPUs", "workers", "augment", "start", "after")
+
+
+def render_dry_run(jobs: list[JobSpec], placed: list[Assignment] | None) -> str:
+    """The ``--dry-run`` table: each job's GPU, CPU share, data workers, augmentation device and
+    estimated start (local runs), plus what the plan jobs plan for."""
+    where = {a.job_id: a for a in placed or []}
+    rows = []
+    for j in jobs:
+        a = where.get(j.job_id)
+        cells = [a.gpu, a.cpus, a.workers, a.augment_device, format_duration(a.start_s)] if a else [None] * 5
+        rows.append([j.job_id, *cells, ", ".join(j.depends_on) or None])
+    lines = [render_table(DRY_RUN_HEADERS, rows, max_width={len(DRY_RUN_HEADERS) - 1: 60})]
+    if placed:
+        lines.append("CPU shares are decided as jobs start: the first wave (start 0s) gets these; later ones "
+                     "get the cores free when they start (estimated here)")
+    for j in jobs:
+        if j.kind is JobKind.PLAN:
+            memory = (f"{j.resources.gpu_memory_gb:g} GB of GPU memory" if j.resources.gpu_memory_gb else
+                      f"{DEFAULT_GPU_MEMORY_GB:g} GB of GPU memory (autoseg plan's default: no --gpu-memory, no GPU "
+                      "to ask)")
+            lines.append(f"{j.job_id} plans for {memory}")
+    return "\n".join(lines)
+
+
 @cli.command("train-all")
 @click.argument("datasets", nargs=-1)
 @click.option("--configs", cls=GreedyMultiOption, multiple=True, metavar="NAME...",
@@ -61,7 +88,8 @@ class LiveTable:
 @click.option("--slurm-time", type=click.IntRange(min=1), default=24 * 60, show_default=True, metavar="MIN")
 @click.option("--slurm-mem", type=float, default=None, metavar="GB")
 @click.option("--slurm-cpus", type=click.IntRange(min=1), default=8, show_default=True, help="CPUs per Slurm job.")
-@click.option("--dry-run", is_flag=True, help="Print the job graph and which GPU each job would get.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the job graph: each job's GPU, CPU cores, data workers and augmentation device.")
 @click.option("-j", "--cpu-slots", type=click.IntRange(min=1), default=1, show_default=True,
               help="Concurrent CPU-only jobs (plan, preprocess, find-best).")
 @click.option("--quiet", is_flag=True, help="No live table.")
@@ -79,11 +107,7 @@ def train_all_cmd(ctx: click.Context, datasets: tuple[str, ...], configs: tuple[
                               slurm=SlurmOptions(slurm_partition, slurm_time, slurm_mem), slurm_cpus_per_job=slurm_cpus,
                               fake_gpus=fake_gpus_from_env())
     if dry_run:
-        jobs, placed = preview(paths, options)
-        where = {a.job_id: a for a in placed or []}
-        rows = [[j.job_id, ", ".join(j.depends_on) or None, where[j.job_id].gpu if j.job_id in where else None,
-                 where[j.job_id].cpus if j.job_id in where else None] for j in jobs]
-        click.echo(render_table(("job", "after", "GPU", "CPUs"), rows, max_width={1: 60}))
+        click.echo(render_dry_run(*preview(paths, options)))
         return
     summary = train_all(paths, options, observer=LiveTable(paths, not quiet))
     click.echo(summary.one_line(), err=not summary.ok)

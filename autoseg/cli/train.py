@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -47,6 +48,9 @@ def dist_from_env() -> DistContext:
 @click.option("--seed", type=int, default=None, help="Seed (adds a seed_<N> folder; overrides --set seed).")
 @click.option("--plans", "plans_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Train with this plans file instead of the dataset's plans.json.")
+@click.option("--pretrained", "pretrained", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              metavar="CHECKPOINT", help="Start from this checkpoint's weights (fine-tuning; the segmentation "
+                                         "heads stay fresh when the class count differs). Same as --set pretrained=.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--num-workers", type=click.IntRange(min=0), default=None,
               help="Data-augmentation workers (default: $AUTOSEG_NUM_WORKERS, else a share of the CPUs).")
@@ -58,14 +62,19 @@ def dist_from_env() -> DistContext:
 @click.pass_context
 def train_cmd(ctx: click.Context, dataset: str, config: str, fold: str, resume: bool, force: bool,
               overrides: tuple[str, ...], variant: str, seed: int | None, plans_file: Path | None,
-              device: str, num_workers: int | None, save_probabilities: bool, validation_only: bool,
-              quiet: bool) -> None:
+              pretrained: Path | None, device: str, num_workers: int | None, save_probabilities: bool,
+              validation_only: bool, quiet: bool) -> None:
     """Train DATASET's CONFIG on FOLD (0-4 or 'all'), then validate the fold."""
     from autoseg.planning.plan import load_plan_file
 
     paths = paths_from(ctx)
     tid = TrainingId(paths.resolve_dataset(dataset), config, parse_fold(fold), variant, seed)
     cfg = apply_overrides(TrainerConfig(), overrides)
+    if pretrained is not None:
+        if resume or validation_only:
+            raise AutosegError("--pretrained starts a run; a fine-tuned run resumes from its own checkpoint "
+                               "with plain --continue", where="--pretrained")
+        cfg = dataclasses.replace(cfg, pretrained=str(pretrained.expanduser().resolve()))
     dist = dist_from_env()
     workers = num_workers if num_workers is not None else _env_int(
         "AUTOSEG_NUM_WORKERS", default_num_workers(os.cpu_count() or 1, dist.world_size))

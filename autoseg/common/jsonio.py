@@ -14,6 +14,7 @@ import dataclasses
 import enum
 import errno
 import json
+import math
 import os
 import tempfile
 import types
@@ -134,7 +135,12 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 
 
 def to_jsonable(obj: Any) -> Any:
-    """Convert dataclasses, tuples, enums, paths and numpy scalars into plain JSON values."""
+    """Convert dataclasses, tuples, enums, paths and numpy scalars into plain JSON values.
+
+    NaN becomes null (strict JSON has no NaN); a ``float`` field reads null back as NaN.
+    """
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else obj
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, enum.Enum):
@@ -146,9 +152,9 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "shape", None) == ():
-        return obj.item()  # numpy scalar
+        return to_jsonable(obj.item())  # numpy scalar
     if hasattr(obj, "tolist") and callable(obj.tolist):
-        return obj.tolist()  # numpy array
+        return to_jsonable(obj.tolist())  # numpy array
     return obj
 
 
@@ -261,6 +267,8 @@ def from_jsonable(tp: Any, value: Any, where: str = "<record>") -> Any:
 
         return {key(k): from_jsonable(vt, v, where) for k, v in value.items()}
     if tp is float:
+        if value is None:
+            return math.nan  # written by to_jsonable for NaN
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise AutosegError(f"expected a number, got {value!r}", where)
         return float(value)

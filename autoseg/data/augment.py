@@ -6,14 +6,16 @@
 ranges, "dummy 2D" for anisotropic 3D patches, mirror axes). Per sample, `sample_params` draws
 an `AugParams` record from a `np.random.Generator` and `apply_augmentation` applies it
 deterministically, so a seed reproduces a batch exactly and a sample's augmentation can be
-logged and replayed. The spatial part uses batchgenerators' coordinate helpers
-(``create_zero_centered_coordinate_mesh``, ``rotate_coords_*``, ``interpolate_img``).
+logged and replayed. The spatial part rotates batchgenerators' coordinates (``rotate_coords_*``)
+and resamples linearly, as nnU-Net 2.8.1 does (`autoseg.data.interpolate`).
 
 Order, as in nnU-Net: rotation/scaling (+ crop to the patch), Gaussian noise, Gaussian blur,
-multiplicative brightness, contrast, simulated low resolution, inverted gamma, gamma, mirroring.
+multiplicative brightness, contrast, simulated low resolution, inverted gamma, gamma, mirroring,
+then `restore_masked_background` (masked channels zeroed outside the nonzero mask, label -1 -> 0).
 Arrays are one sample: data (C, *spatial) float32, seg (1, *spatial) integer labels.
 Labels are moved only by flips, crops and per-label interpolation + argmax, so an output
-voxel always holds a label present in the input (the ignore label included).
+voxel always holds a label present in the input (the ignore label included) or background
+where the patch reaches outside the case.
 """
 
 from __future__ import annotations
@@ -21,23 +23,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
-from batchgenerators.augmentations.utils import (
-    create_zero_centered_coordinate_mesh,
-    interpolate_img,
-    rotate_coords_2d,
-    rotate_coords_3d,
-    scale_coords,
-)
+from batchgenerators.augmentations.utils import rotate_coords_2d, rotate_coords_3d, scale_coords
 from scipy.ndimage import gaussian_filter
-from skimage.transform import resize
 
 from autoseg.common.errors import ConfigError
-from autoseg.planning.plans import Configuration
+from autoseg.data.interpolate import LinearSampler, simulate_low_resolution
+from autoseg.planning.plans import ChannelNormalization, Configuration
 
 logger = logging.getLogger(__name__)
+
+ArrayT = TypeVar("ArrayT")
+"""A numpy array or a torch tensor (`restore_masked_background` runs on both)."""
 
 DUMMY_2D_ANISOTROPY_RATIO = 3.0
 """A 3D patch with max(patch) / patch[0] > 3 is rotated/scaled in-plane only ("dummy 2D", nnU-Net's ANISO_THRESHOLD)."""
@@ -48,14 +49,21 @@ ELONGATED_2D_RATIO = 1.5
 ENLARGEMENT_MIN_SCALE = 0.85
 """The initial patch is divided by this to leave room for scaling (nnU-Net uses (0.85, 1.25) there, not 0.7)."""
 
-ORDER_DATA = 3
-"""Spline order for images under rotation/scaling (nnU-Net: 3)."""
+ORDER_DATA = 1
+"""Images under rotation/scaling are interpolated linearly (nnU-Net 2.8.1's SpatialTransform:
+``mode_image='bilinear'``, i.e. torch ``grid_sample`` linear in 2D and 3D; batchgenerators v1 used 3)."""
 
 ORDER_SEG = 1
-"""Segmentations are resampled linearly per label, then argmax (nnU-Net: order 1)."""
+"""Segmentations are resampled linearly per label, then argmax (nnU-Net 2.8.1: ``mode_seg='bilinear'``)."""
 
-LOWRES_ORDER_DOWN, LOWRES_ORDER_UP = 0, 3
-"""Simulated low resolution: nearest down, cubic back up (nnU-Net's SimulateLowResolutionTransform)."""
+PAD_LABEL = -1
+"""Label of everything outside the case (patch padding) and outside the nonzero mask when a channel is
+normalized inside it (nnU-Net 2.8.1: ``padding_value_seg=-1``, the loader's seg padding -1, and
+preprocessing's ``nonzero_label=-1``); `restore_masked_background` turns it into background."""
+
+LOWRES_MODE_DOWN, LOWRES_MODE_UP = "nearest-exact", "linear"
+"""Simulated low resolution: down with nearest-exact, back up linearly (nnU-Net 2.8.1's
+SimulateLowResolutionTransform: torch ``interpolate`` modes ``nearest-exact`` and ``(bi|tri)linear``)."""
 
 AUGMENT_DEVICES = ("auto", "cpu", "device")
 """Where augmentation runs: ``cpu`` in the data-loader workers (per sample, numpy/scipy, as nnU-Net);
@@ -168,6 +176,9 @@ class AugmentSetup:
     dummy_2d: bool
     mirror_axes: tuple[int, ...]
     lowres_ignore_axes: tuple[int, ...]
+    masked_channels: tuple[int, ...] = ()
+    """Image channels normalized inside the nonzero mask: zeroed where the label is `PAD_LABEL` after
+    the intensity transforms (`restore_masked_background`)."""
 
 
 @dataclass(frozen=True)
@@ -249,8 +260,28 @@ def initial_patch_size(patch_size: tuple[int, ...], rotation_max_rad: tuple[floa
     return tuple(result)
 
 
-def augmentation_setup(config: Configuration, augment: AugmentConfig) -> AugmentSetup:
-    """Resolve rotation ranges, dummy 2D, mirror axes and the enlarged initial patch for ``config``."""
+def resolve_augment_device(setting: str, device_type: str) -> str:
+    """``cpu`` or ``device``: where augmentation of a run on ``device_type`` (cpu, cuda) takes place.
+
+    ``auto`` means ``device`` on a GPU, where one process augments faster than a dozen CPU workers
+    (benchmarks/bench_augment.py), and ``cpu`` on the CPU, where data workers overlap augmentation
+    with the training step on other cores instead of adding it to the step's own core. One rule
+    for the trainer (which picks its pipeline by it) and the scheduler (which sizes a training's
+    CPU share by it: a device-augmented training needs 1-2 cores, a CPU-augmented one many).
+    """
+    if setting not in AUGMENT_DEVICES:
+        raise ConfigError(f"must be one of {list(AUGMENT_DEVICES)}, got {setting!r}", where="augment.device")
+    if setting != "auto":
+        return setting
+    return "device" if device_type == "cuda" else "cpu"
+
+
+def augmentation_setup(config: Configuration, augment: AugmentConfig,
+                       masked_channels: tuple[int, ...] = ()) -> AugmentSetup:
+    """Resolve rotation ranges, dummy 2D, mirror axes and the enlarged initial patch for ``config``.
+
+    ``masked_channels``: image channels normalized inside the nonzero mask (see `masked_channels`).
+    """
     patch = tuple(int(p) for p in config.patch_size)
     dummy = is_dummy_2d(patch, augment)
     if len(patch) == 2:
@@ -267,7 +298,7 @@ def augmentation_setup(config: Configuration, augment: AugmentConfig) -> Augment
     _warn_no_ops(augment)
     return AugmentSetup(augment=augment, patch_size=patch, initial_patch_size=initial, rotation_max_rad=rotation,
                         dummy_2d=dummy, mirror_axes=training_mirror_axes(config, augment),
-                        lowres_ignore_axes=(0,) if dummy else ())
+                        lowres_ignore_axes=(0,) if dummy else (), masked_channels=tuple(masked_channels))
 
 
 _SWITCH_PROBABILITIES = {"rotation": ("p_rotation",), "scaling": ("p_scaling",), "noise": ("p_noise",),
@@ -285,9 +316,14 @@ def _warn_no_ops(augment: AugmentConfig) -> None:
                            switch, " / ".join(probabilities), switch)
 
 
-def crop_only_setup(config: Configuration) -> AugmentSetup:
+def crop_only_setup(config: Configuration, masked_channels: tuple[int, ...] = ()) -> AugmentSetup:
     """No augmentation and no enlargement: validation batches are plain crops of the patch size."""
-    return augmentation_setup(config, AugmentConfig.disabled())
+    return augmentation_setup(config, AugmentConfig.disabled(), masked_channels)
+
+
+def masked_channels(normalization: Sequence[ChannelNormalization]) -> tuple[int, ...]:
+    """Channels normalized inside the nonzero mask (``use_nonzero_mask``): nnU-Net's ``use_mask_for_norm``."""
+    return tuple(c for c, n in enumerate(normalization) if n.use_nonzero_mask)
 
 
 # ----------------------------------------------------------------------------------- sampling
@@ -345,41 +381,47 @@ def center_crop(array: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
     return array[(slice(None),) + tuple(slice(b, b + p) for b, p in zip(starts, size))]
 
 
+def _sampling_points(grid_shape: tuple[int, ...], params: AugParams, spatial_in: tuple[int, ...]) -> np.ndarray:
+    """Input voxel coordinates (ndim, *grid_shape) of the final patch's voxels: the patch grid, centred,
+    rotated and scaled, placed at the centre of the initial patch.
+
+    batchgenerators' ``rotate_coords_*`` and ``scale_coords`` are linear, so they are applied once to
+    the unit vectors and the grid is built from the resulting matrix by broadcasting.
+    """
+    ndim = len(grid_shape)
+    matrix = np.eye(ndim)
+    if params.rotation_rad is not None:
+        matrix = (rotate_coords_3d(matrix, *params.rotation_rad) if ndim == 3
+                  else rotate_coords_2d(matrix, params.rotation_rad[0]))
+    if params.scale is not None:
+        matrix = scale_coords(matrix, params.scale)
+    axes = [np.arange(n, dtype=np.float64) - (n - 1) / 2.0 for n in grid_shape]
+    coords = np.empty((ndim,) + tuple(grid_shape), np.float64)
+    for d in range(ndim):
+        coords[d] = spatial_in[d] / 2.0 - 0.5
+        for k in range(ndim):
+            shape = [1] * ndim
+            shape[k] = grid_shape[k]
+            coords[d] += matrix[d, k] * axes[k].reshape(shape)
+    return coords
+
+
 def _spatial_transform(data: np.ndarray, seg: np.ndarray, params: AugParams,
                        setup: AugmentSetup) -> tuple[np.ndarray, np.ndarray]:
-    """Rotate/scale the sampling grid about the centre of the initial patch and interpolate the final patch."""
-    in_plane = setup.dummy_2d
-    grid_shape = setup.patch_size[1:] if in_plane else setup.patch_size
-    coords = create_zero_centered_coordinate_mesh(grid_shape)
-    if params.rotation_rad is not None:
-        if len(grid_shape) == 3:
-            coords = rotate_coords_3d(coords, *params.rotation_rad)
-        else:
-            coords = rotate_coords_2d(coords, params.rotation_rad[0])
-    if params.scale is not None:
-        coords = scale_coords(coords, params.scale)
-    spatial_in = data.shape[2:] if in_plane else data.shape[1:]
-    for d in range(len(grid_shape)):
-        coords[d] += spatial_in[d] / 2.0 - 0.5
-    out_data = np.zeros((data.shape[0],) + setup.patch_size, dtype=np.float32)
-    out_seg = np.zeros((seg.shape[0],) + setup.patch_size, dtype=seg.dtype)
-    if in_plane:
-        # dummy 2D: the same in-plane transform for every slice along axis 0 (the patch keeps that axis)
+    """Rotate/scale the sampling grid about the centre of the initial patch and interpolate the final patch.
+
+    Images linearly (outside: 0), labels per label linearly + argmax (outside: `PAD_LABEL`).
+    Dummy 2D applies one in-plane transform to every slice of the centre ``patch_size[0]`` slices.
+    """
+    if setup.dummy_2d:
         z0 = (data.shape[1] - setup.patch_size[0]) // 2
-        for z in range(setup.patch_size[0]):
-            _resample_into(out_data[:, z], out_seg[:, z], data[:, z0 + z], seg[:, z0 + z], coords)
+        data = data[:, z0:z0 + setup.patch_size[0]]
+        seg = seg[:, z0:z0 + setup.patch_size[0]]
+        grid_shape, spatial_in = setup.patch_size[1:], data.shape[2:]
     else:
-        _resample_into(out_data, out_seg, data, seg, coords)
-    return out_data, out_seg
-
-
-def _resample_into(out_data: np.ndarray, out_seg: np.ndarray, data: np.ndarray, seg: np.ndarray,
-                   coords: np.ndarray) -> None:
-    """Interpolate every channel at ``coords``: images cubic, labels linear per label + argmax; outside = 0."""
-    for c in range(data.shape[0]):
-        out_data[c] = interpolate_img(np.asarray(data[c], dtype=np.float32), coords, ORDER_DATA, "constant", 0.0)
-    for c in range(seg.shape[0]):
-        out_seg[c] = interpolate_img(np.asarray(seg[c]), coords, ORDER_SEG, "constant", 0, is_seg=True)
+        grid_shape, spatial_in = setup.patch_size, data.shape[1:]
+    sampler = LinearSampler.at(_sampling_points(grid_shape, params, spatial_in), tuple(spatial_in))
+    return sampler.images(data), sampler.labels(np.asarray(seg), PAD_LABEL)
 
 
 def _gamma(x: np.ndarray, gamma: float, invert: bool) -> np.ndarray:
@@ -393,13 +435,12 @@ def _gamma(x: np.ndarray, gamma: float, invert: bool) -> np.ndarray:
 
 
 def _lowres(x: np.ndarray, zoom: float, ignore_axes: tuple[int, ...]) -> np.ndarray:
-    """Downsample by ``zoom`` (nearest) and back up (cubic): simulates a coarser scan."""
+    """Downsample by ``zoom`` and back up (`LOWRES_MODE_DOWN`/`LOWRES_MODE_UP`): simulates a coarser scan."""
     shape = np.array(x.shape)
     target = np.maximum(np.round(shape * zoom).astype(int), 1)
     for a in ignore_axes:
         target[a] = shape[a]
-    small = resize(x.astype(np.float64), target, order=LOWRES_ORDER_DOWN, mode="edge", anti_aliasing=False)
-    return resize(small, shape, order=LOWRES_ORDER_UP, mode="edge", anti_aliasing=False)
+    return simulate_low_resolution(x, tuple(int(t) for t in target))
 
 
 def apply_augmentation(data: np.ndarray, seg: np.ndarray, params: AugParams,
@@ -438,7 +479,27 @@ def apply_augmentation(data: np.ndarray, seg: np.ndarray, params: AugParams,
         axes = tuple(a + 1 for a in params.mirror_axes)
         data = np.flip(data, axes)
         seg = np.flip(seg, axes)
-    return np.ascontiguousarray(data, dtype=np.float32), np.ascontiguousarray(seg)
+    data, seg = np.ascontiguousarray(data, dtype=np.float32), np.ascontiguousarray(seg)
+    return restore_masked_background(data, seg, setup.masked_channels)
+
+
+def restore_masked_background(data: ArrayT, seg: ArrayT, masked: Sequence[int],
+                              channel_axis: int = 0) -> tuple[ArrayT, ArrayT]:
+    """Zero the ``masked`` image channels where label channel 0 is negative, then make negative labels 0.
+
+    The last step of augmentation (nnU-Net 2.8.1's MaskImageTransform, then RemoveLabelTransform(-1, 0)):
+    preprocessing marks outside the nonzero mask `PAD_LABEL` (when a channel is normalized inside it),
+    as is patch padding, and the intensity transforms have moved those voxels away from the 0 they
+    hold at test time. In place, on numpy arrays or torch tensors alike (indexing only):
+    ``channel_axis`` 0 for one sample (C, *spatial) / (S, *spatial), 1 for a batch (B, C, *spatial).
+    """
+    lead = (slice(None),) * channel_axis
+    if len(masked):
+        outside = seg[lead + (0,)] < 0
+        for c in masked:
+            data[lead + (c,)][outside] = 0
+    seg[seg < 0] = 0
+    return data, seg
 
 
 def downsample_seg_for_ds(seg: np.ndarray, scales: list[tuple[float, ...]]) -> list[np.ndarray]:

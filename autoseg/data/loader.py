@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -33,6 +34,7 @@ import torch
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 
 from autoseg.common.errors import AutosegError
+from autoseg.common.jsonio import load_record
 from autoseg.common.procs import die_with_parent
 from autoseg.data.augment import (
     AugmentConfig,
@@ -41,8 +43,12 @@ from autoseg.data.augment import (
     augmentation_setup,
     crop_only_setup,
     downsample_seg_for_ds,
+    masked_channels,
+    resolve_augment_device,
+    restore_masked_background,
     sample_params,
 )
+from autoseg.data.augment_device import augment_batch, deep_supervision_targets, degrade_one_hot
 from autoseg.data.cascade import apply_degradation, one_hot_foreground, sample_degradation
 from autoseg.data.sampling import (
     OVERSAMPLE_FOREGROUND,
@@ -54,6 +60,7 @@ from autoseg.data.sampling import (
 )
 from autoseg.nets.unet import deep_supervision_scales
 from autoseg.planning.plans import Configuration
+from autoseg.preprocess import SETTINGS_FILENAME, PreprocessingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +87,9 @@ class LoaderSpec:
     int (1, *spatial) on this configuration's preprocessed grid; empty for other configurations."""
     num_classes: int = 0
     """Classes K (background included) of the previous stage's one-hot channels; cascade only."""
+    masked_channels: tuple[int, ...] | None = None
+    """Image channels normalized inside the nonzero mask, zeroed where the label is -1 after augmentation;
+    None: as the data folder's ``preprocessing.json`` says (`data_masked_channels`)."""
 
 
 class _BatchSource:
@@ -90,10 +100,13 @@ class _BatchSource:
     and ties the worker's life to the process that made this source (`die_with_parent`).
     """
 
-    def __init__(self, spec: LoaderSpec, setup: AugmentSetup, augment: bool) -> None:
+    def __init__(self, spec: LoaderSpec, setup: AugmentSetup, augment: bool, deferred: bool = False) -> None:
         self.spec = spec
         self.setup = setup
         self.augment = augment
+        self.deferred = deferred
+        """Only crop the initial patch and draw the parameters (same draws, same order); augmentation
+        happens later, batched on the training device (`DeviceAugmentedLoader`)."""
         self.files = [CaseFiles.of(Path(spec.data_dir), c) for c in spec.case_ids]
         self.ds_scales = deep_supervision_scales(spec.config) if spec.deep_supervision else None
         self._foreground: dict[int, dict[int, np.ndarray]] = {}
@@ -117,7 +130,7 @@ class _BatchSource:
 
     def __next__(self) -> dict[str, Any]:
         spec, setup, rng = self.spec, self.setup, self.rng
-        datas, segs = [], []
+        datas, segs, params_list, degradations = [], [], [], []
         for i in range(spec.batch_size):
             index = int(rng.integers(len(self.files)))
             data, seg = load_arrays(self.files[index])
@@ -126,8 +139,17 @@ class _BatchSource:
             data_patch, seg_patch = sample_patch(rng, data, seg, self._case_foreground(index),
                                                  setup.initial_patch_size, setup.patch_size, forced, previous)
             params = sample_params(rng, setup, data.shape[0]) if self.augment else None
+            if self.deferred:  # the training process augments the whole batch on its device
+                params_list.append(params)
+                if previous is not None:
+                    degradations.append(sample_degradation(rng, spec.num_classes - 1))
+                datas.append(data_patch)
+                segs.append(seg_patch)
+                continue
             if params is not None:
                 data_patch, seg_patch = apply_augmentation(data_patch, seg_patch, params, setup)
+            else:
+                data_patch, seg_patch = restore_masked_background(data_patch, seg_patch, setup.masked_channels)
             if previous is not None:
                 one_hot = one_hot_foreground(seg_patch[1], spec.num_classes)
                 if self.augment:
@@ -135,6 +157,9 @@ class _BatchSource:
                 data_patch, seg_patch = np.concatenate([data_patch, one_hot]), seg_patch[:1]
             datas.append(data_patch)
             segs.append(seg_patch.astype(np.int64))
+        if self.deferred:
+            return {"data": np.stack(datas).astype(np.float32, copy=False), "seg": np.stack(segs),
+                    "params": params_list, "degradations": degradations}
         target = np.stack(segs)
         return {"data": np.stack(datas).astype(np.float32, copy=False),
                 "target": downsample_seg_for_ds(target, self.ds_scales) if self.ds_scales else target}
@@ -172,13 +197,16 @@ class BatchLoader:
                 self.close()
                 raise AutosegError("data loading failed in a worker process (its traceback is above)",
                                    where=self._source.spec.data_dir) from None
-        data = torch.from_numpy(batch["data"])
-        target = batch["target"]
-        target = [torch.from_numpy(t) for t in target] if isinstance(target, list) else torch.from_numpy(target)
-        if self._pin:
-            data = data.pin_memory()
-            target = [t.pin_memory() for t in target] if isinstance(target, list) else target.pin_memory()
-        return {"data": data, "target": target}
+        return {key: self._tensors(value) for key, value in batch.items()}
+
+    def _tensors(self, value: Any) -> Any:
+        """numpy arrays (and lists of them) -> torch tensors, pinned for fast copies to a GPU; rest as is."""
+        if isinstance(value, np.ndarray):
+            tensor = torch.from_numpy(value)
+            return tensor.pin_memory() if self._pin else tensor
+        if isinstance(value, list) and value and isinstance(value[0], np.ndarray):
+            return [self._tensors(v) for v in value]
+        return value
 
     def close(self) -> None:
         """Stop and join the worker processes (idempotent)."""
@@ -200,6 +228,56 @@ class BatchLoader:
             pass
 
 
+class DeviceAugmentedLoader:
+    """Training batches augmented as torch ops on ``device`` (``augment.device=device``).
+
+    The workers of the wrapped loader only sample and cut the enlarged initial patch and draw
+    each sample's parameters (into pinned memory on CUDA); this process copies the batch
+    without blocking and applies `autoseg.data.augment_device.augment_batch`, then builds the
+    cascade's one-hot channels and the deep-supervision targets on the device. The draws are the
+    CPU path's, so a seed gives the same parameters on either path.
+    """
+
+    def __init__(self, loader: BatchLoader, device: torch.device) -> None:
+        self._loader = loader
+        self._source = loader._source
+        self.device = torch.device(device)
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        return self._loader.patch_size
+
+    def __iter__(self) -> "DeviceAugmentedLoader":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        raw = next(self._loader)
+        spec, setup = self._source.spec, self._source.setup
+        data = raw["data"].to(self.device, non_blocking=True)
+        seg = raw["seg"].to(self.device, non_blocking=True)
+        # labels go through as label + 1: the patch padding and outside-mask label -1 becomes 0, the
+        # value augment_batch fills in outside the patch (nnU-Net: outside is -1 too), so both stay "outside"
+        data, seg = augment_batch(data, seg + 1, raw["params"], setup)
+        data, seg = restore_masked_background(data, seg - 1, setup.masked_channels, channel_axis=1)
+        if spec.previous_stage:
+            previous = seg[:, 1]
+            one_hot = torch.stack([previous == k for k in range(1, spec.num_classes)], 1).to(data.dtype)
+            data = torch.cat([data, degrade_one_hot(one_hot, raw["degradations"])], 1)
+        target = seg[:, :1].long()
+        scales = self._source.ds_scales
+        return {"data": data, "target": deep_supervision_targets(target, scales) if scales else target}
+
+    def close(self) -> None:
+        self._loader.close()
+
+    def __enter__(self) -> "DeviceAugmentedLoader":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
 def load_previous_stage(path: Path, seg_shape: tuple[int, ...]) -> np.ndarray:
     """A previous-stage segmentation (1, *spatial), memory-mapped, checked against the case's grid."""
     try:
@@ -210,6 +288,29 @@ def load_previous_stage(path: Path, seg_shape: tuple[int, ...]) -> np.ndarray:
         raise AutosegError(f"previous-stage segmentation has shape {tuple(prev.shape)}, the case {tuple(seg_shape)} "
                            "(exported for another plan? retrain the previous stage)", where=path)
     return prev
+
+
+def data_masked_channels(data_dir: Path) -> tuple[int, ...] | None:
+    """Channels a preprocessed folder's labels mark -1 outside the nonzero mask for (its ``preprocessing.json``);
+    None for a folder without that record (arrays written by hand)."""
+    path = Path(data_dir) / SETTINGS_FILENAME
+    if not path.is_file():
+        return None
+    settings = load_record(path, PreprocessingSettings)
+    return masked_channels(settings.normalization) if settings.outside_mask_label is not None else ()
+
+
+def _masked_channels(spec: LoaderSpec) -> tuple[int, ...]:
+    """The spec's masked channels, checked against (or, when None, taken from) the data folder's record."""
+    made = data_masked_channels(spec.data_dir)
+    if spec.masked_channels is None:
+        return made or ()
+    if made is not None and tuple(made) != tuple(spec.masked_channels):
+        raise AutosegError(f"the labels mark the outside of the nonzero mask for channel(s) {list(made)}, the "
+                           f"plan normalizes channel(s) {list(spec.masked_channels)} inside it (preprocessed by an "
+                           "older autoseg or another plan); rerun `autoseg preprocess --force`",
+                           where=Path(spec.data_dir) / SETTINGS_FILENAME)
+    return tuple(spec.masked_channels)
 
 
 def _check_spec(spec: LoaderSpec) -> None:
@@ -241,19 +342,43 @@ def _check_spec(spec: LoaderSpec) -> None:
                            where=f"plans.json:configurations.{spec.config.name}")
 
 
-def make_train_loader(spec: LoaderSpec) -> BatchLoader:
-    """Augmented, foreground-oversampled training batches (nnU-Net's training pipeline)."""
+def make_train_loader(spec: LoaderSpec, device: torch.device | str = "cpu"
+                      ) -> BatchLoader | DeviceAugmentedLoader:
+    """Augmented, foreground-oversampled training batches (nnU-Net's training pipeline).
+
+    ``device`` is where the network trains; ``spec.augment.device`` (resolved for it by
+    `resolve_augment_device`) decides whether the workers augment each sample on the CPU or
+    only crop, leaving the batch to be augmented on ``device``.
+    """
     _check_spec(spec)
-    setup = augmentation_setup(spec.config, spec.augment)
-    logger.info("train loader: %d cases, batch %d, patch %s cut at %s, dummy 2D %s, mirror axes %s, %d workers",
-                len(spec.case_ids), spec.batch_size, setup.patch_size, setup.initial_patch_size, setup.dummy_2d,
-                setup.mirror_axes, spec.num_workers)
-    source = _BatchSource(spec, setup, augment=True)
-    return BatchLoader(source, spec.num_workers, spec.pin_memory)
+    setup = augmentation_setup(spec.config, spec.augment, _masked_channels(spec))
+    where = resolve_augment_device(spec.augment.device, torch.device(device).type)
+    logger.info("train loader: %d cases, batch %d, patch %s cut at %s, dummy 2D %s, mirror axes %s, %d workers, "
+                "augmentation on %s", len(spec.case_ids), spec.batch_size, setup.patch_size,
+                setup.initial_patch_size, setup.dummy_2d, setup.mirror_axes, spec.num_workers,
+                "the CPU workers" if where == "cpu" else torch.device(device).type)
+    source = _BatchSource(spec, setup, augment=True, deferred=where == "device")
+    loader = BatchLoader(source, spec.num_workers, spec.pin_memory)
+    return DeviceAugmentedLoader(loader, torch.device(device)) if where == "device" else loader
 
 
 def make_val_loader(spec: LoaderSpec) -> BatchLoader:
     """Validation batches for pseudo-Dice: patch-sized crops, foreground-oversampled, no augmentation."""
     _check_spec(spec)
-    source = _BatchSource(spec, crop_only_setup(spec.config), augment=False)
+    source = _BatchSource(spec, crop_only_setup(spec.config, _masked_channels(spec)), augment=False)
     return BatchLoader(source, spec.num_workers, spec.pin_memory)
+
+
+def samples_per_cpu_second(loader: BatchLoader, batches: int) -> float:
+    """Samples made per second of this process's CPU time over ``batches`` batches, after one warm-up batch.
+
+    Meaningful for an in-process loader (``num_workers=0``; run with ``OMP_NUM_THREADS=1``): worker
+    processes' time is not counted. `benchmarks/bench_augment.py` compares the augmentation paths with it.
+    """
+    if batches < 1:
+        raise ValueError(f"batches must be >= 1, got {batches}")
+    first = next(loader)
+    start = time.process_time()
+    for _ in range(batches):
+        next(loader)
+    return batches * int(first["data"].shape[0]) / (time.process_time() - start)

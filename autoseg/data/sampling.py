@@ -4,8 +4,10 @@ Reads the preprocessing layout (docs/architecture.md) directly: ``CASE.npy`` flo
 (C, *spatial) memory-mapped, ``CASE_seg.npy`` int8 (1, *spatial), ``CASE_fg.npz`` with keys
 ``class_<k>`` -> (N, 3) voxel coordinates. A patch is centred on a random voxel of a random
 foreground class present in the case when the sample is "forced" (the last third of each
-batch), and placed uniformly otherwise; regions outside the case are padded with 0 (data and
-labels). 2D configurations take one slice along axis 0 and a 2D patch from it.
+batch), and placed uniformly otherwise; regions outside the case are padded with 0 (data) and
+the label -1 (`PAD_VALUE_SEG`; augmentation turns it into background). 2D configurations take
+one slice along axis 0 and a 2D patch from it. Labels may hold -1 outside the nonzero mask
+(`autoseg.preprocess.OUTSIDE_MASK_LABEL`): it is never a class here.
 Preprocessing stores no coordinates for the ignore label, so forced samples centre on
 annotated foreground only.
 """
@@ -25,8 +27,9 @@ OVERSAMPLE_FOREGROUND = 0.33
 PAD_VALUE_DATA = 0.0
 """Preprocessed images are normalized around 0, so 0 is a neutral fill."""
 
-PAD_VALUE_SEG = 0
-"""Padding is background (nnU-Net pads with -1 and maps it to 0 after augmentation; the result is the same)."""
+PAD_VALUE_SEG = -1
+"""Padding is labelled -1, like outside the nonzero mask, as nnU-Net's loader does: data there is zeroed on
+masked channels after augmentation, and the label becomes background (`augment.restore_masked_background`)."""
 
 PRIOR_MAX_CASES = 25
 """Cases whose labels `class_voxel_counts` reads (spread over the list): enough for a class prior,

@@ -5,18 +5,27 @@ fold_<k>/validation/`` (predictions, ``summary.json`` and, when training saved t
 ``CASE.npz`` probabilities). Candidates are every configuration alone and every pair
 averaged (softmax probabilities averaged, like nnU-Net's ensembling; only where all their
 validation probabilities exist). The winner has the highest mean foreground Dice over all
-cross-validation cases; on a tie the simpler candidate (one configuration before a pair)
-wins. Connected-component postprocessing is then decided on the winner's predictions
+cross-validation cases (per class a mean over cases skipping NaN, i.e. cases without the
+class in reference and prediction, as nnU-Net; then the mean over the classes that have
+one); on a tie the simpler candidate (one configuration before a pair) wins.
+Connected-component postprocessing is then decided on the winner's predictions
 (`autoseg.evaluate.postprocess`). The result is ``results/<ds>/best.json`` (`BestConfig`),
 which ``autoseg predict --best`` uses.
+
+Memory: cases stream. The scoring pass reads one case at a time (its reference, each
+configuration's label map, and for a pair the two probability maps, summed in place) and
+keeps only Dice numbers; a second pass re-reads the winner's cases for the postprocessing
+decision. Peak memory is one case's arrays, whatever the number of cases (a 300-case CT
+dataset), at the price of reading each configuration's probabilities once per pair.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -30,8 +39,8 @@ from autoseg.common.paths import Paths, TrainingId
 from autoseg.common.progress import progress
 from autoseg.dataset.io import read_image
 from autoseg.dataset.spec import LabelScheme
-from autoseg.evaluate.postprocess import (PostprocessingRules, Targets, apply_postprocessing, class_dice,
-                                          determine_postprocessing)
+from autoseg.evaluate.postprocess import (PostprocessingRules, PostprocessingTally, Targets, apply_postprocessing,
+                                          class_dice, nanmean)
 from autoseg.evaluate.summary import SUMMARY_FILE, Summary
 
 if TYPE_CHECKING:
@@ -48,7 +57,13 @@ _FOLD_DIR_RE = re.compile(r"^fold_(\d+)$")
 
 @dataclass(frozen=True)
 class CandidateResult:
-    """One candidate's cross-validation mean Dice."""
+    """One candidate's cross-validation mean Dice.
+
+    ``class_dice``: per class, the mean over cases skipping NaN (NaN if no case has the class
+    in reference or prediction); ``foreground_dice``: the mean of those that are defined
+    (equal to summary.json's foreground mean unless some class is absent everywhere, where
+    that one is NaN, which could not rank).
+    """
 
     configs: tuple[str, ...]
     foreground_dice: float
@@ -126,34 +141,69 @@ def _cv_cases(paths: Paths, dataset: str, config: str, folds: Sequence[int], var
     return cases
 
 
-def _candidate(configs: tuple[str, ...], segs: Sequence[np.ndarray], refs: Sequence[np.ndarray],
-               labels: Targets, ignore: int | None) -> CandidateResult:
-    per_case = [class_dice(s, r, labels, ignore) for s, r in zip(segs, refs)]
-    mean = {v: float(np.mean([d[v] for d in per_case])) for v in labels}
-    return CandidateResult(configs, float(np.mean(list(mean.values()))), mean, len(segs))
-
-
-def _ensemble_segs(cv: dict[str, dict[str, _CVCase]], configs: tuple[str, ...], case_ids: Sequence[str]
-                   ) -> list[np.ndarray] | None:
-    """Argmax of the averaged validation probabilities; None when some probabilities are missing."""
-    from autoseg.infer.predict import labels_from_probabilities, load_probabilities
-
+def _has_probabilities(cv: dict[str, dict[str, _CVCase]], configs: tuple[str, ...],
+                       case_ids: Sequence[str]) -> bool:
+    """Whether every case of every configuration kept its validation probabilities (files only)."""
     for c in configs:
         for cid in case_ids:
             vdir = cv[c][cid].validation_dir
             if not (vdir / f"{cid}.npz").is_file() or not (vdir / f"{cid}.json").is_file():
                 log.warning("ensemble %s skipped: no saved probabilities for %s in %s (train with "
                             "validation probabilities saved to compare ensembles)", " + ".join(configs), cid, vdir)
-                return None
-    segs = []
-    for cid in progress(case_ids, total=len(case_ids), desc=" + ".join(configs), unit="case"):
-        total, rec = None, None
-        for c in configs:
-            probs, rec = load_probabilities(cv[c][cid].validation_dir, cid)
-            total = probs if total is None else total + probs
-        # the mean, not the sum: region probabilities are thresholded at 0.5
-        segs.append(labels_from_probabilities(total / len(configs), rec.label_scheme if rec else None))
-    return segs
+                return False
+    return True
+
+
+def _segmentation(cv: dict[str, dict[str, _CVCase]], configs: tuple[str, ...], cid: str) -> np.ndarray:
+    """One case's label map of a candidate: the saved prediction, or the label map of the averaged
+    probabilities of a pair (summed in place: two probability maps in memory at most; argmax for
+    classes, regions_class_order for regions)."""
+    from autoseg.infer.predict import labels_from_probabilities, load_probabilities
+
+    if len(configs) == 1:
+        return read_image(cv[configs[0]][cid].prediction)[0]
+    total, rec = None, None
+    for c in configs:
+        probs, rec = load_probabilities(cv[c][cid].validation_dir, cid)
+        if total is None:
+            total = probs
+        else:
+            total += probs
+        del probs
+    total /= len(configs)  # the mean, not the sum: region probabilities are thresholded at 0.5
+    return labels_from_probabilities(total, rec.label_scheme if rec else None)
+
+
+def _score_candidates(cv: dict[str, dict[str, _CVCase]], candidates: Sequence[tuple[str, ...]],
+                      case_ids: Sequence[str], labels: Targets, ignore: int | None,
+                      ref_config: str) -> list[CandidateResult]:
+    """Per-case Dice of every candidate, streamed case by case; only the numbers are kept."""
+    per_case: dict[tuple[str, ...], dict[int | str, list[float]]] = {k: {v: [] for v in labels} for k in candidates}
+    for cid in progress(case_ids, total=len(case_ids), desc="find-best", unit="case"):
+        ref = read_image(cv[ref_config][cid].reference)[0]
+        for k in candidates:
+            seg = _segmentation(cv, k, cid)
+            for v, d in class_dice(seg, ref, labels, ignore).items():
+                per_case[k][v].append(d)
+            del seg
+        del ref
+    results = []
+    for k in candidates:
+        means = {v: nanmean(per_case[k][v]) for v in labels}
+        results.append(CandidateResult(k, nanmean(means.values()), means, len(case_ids)))
+    return results
+
+
+def _winner_cases(cv: dict[str, dict[str, _CVCase]], configs: tuple[str, ...], case_ids: Sequence[str],
+                  ref_config: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(label map, reference) of the chosen candidate, one case at a time."""
+    for cid in progress(case_ids, total=len(case_ids), desc="postprocessing", unit="case"):
+        yield _segmentation(cv, configs, cid), read_image(cv[ref_config][cid].reference)[0]
+
+
+def _rank(r: CandidateResult) -> float:
+    """Higher is better; a candidate with no defined Dice at all ranks last."""
+    return -math.inf if math.isnan(r.foreground_dice) else round(r.foreground_dice / DICE_TIE_TOLERANCE)
 
 
 def find_best(paths: Paths, dataset: str, configs: Sequence[str] | None = None, variant: str = "default",
@@ -184,24 +234,19 @@ def find_best(paths: Paths, dataset: str, configs: Sequence[str] | None = None, 
     first = load_record(cv[configs[0]][case_ids[0]].validation_dir / SUMMARY_FILE, Summary)
     scheme = LabelScheme.from_labels(first.labels)
     labels, ignore = scheme.eval_targets, scheme.ignore_label  # classes, or regions by name
-    refs = [read_image(cv[configs[0]][cid].reference)[0] for cid in case_ids]
-    segs_by: dict[tuple[str, ...], list[np.ndarray]] = {}
-    for c in configs:
-        segs_by[(c,)] = [read_image(cv[c][cid].prediction)[0] for cid in case_ids]
-    for pair in itertools.combinations(configs, 2):
-        segs = _ensemble_segs(cv, pair, case_ids)
-        if segs is not None:
-            segs_by[pair] = segs
-    candidates = [_candidate(k, v, refs, labels, ignore) for k, v in segs_by.items()]
-    order = {k: i for i, k in enumerate(segs_by)}
-    best = min(candidates, key=lambda r: (-round(r.foreground_dice / DICE_TIE_TOLERANCE),
-                                          len(r.configs), order[r.configs]))
-    decision = determine_postprocessing(segs_by[best.configs], refs, labels, ignore)
-    after = float(np.mean(list(decision.dice_after.values())))
+    pairs = [p for p in itertools.combinations(configs, 2) if _has_probabilities(cv, p, case_ids)]
+    order = [(c,) for c in configs] + pairs
+    candidates = _score_candidates(cv, order, case_ids, labels, ignore, configs[0])
+    best = min(candidates, key=lambda r: (-_rank(r), len(r.configs), order.index(r.configs)))
+    tally = PostprocessingTally(labels, ignore)
+    for seg, ref in _winner_cases(cv, best.configs, case_ids, configs[0]):
+        tally.add(seg, ref)
+    decision = tally.decide()
+    after = nanmean(decision.dice_after.values())
     result = BestConfig(dataset=dataset, configs=best.configs, folds=tuple(folds), variant=variant,
                         checkpoint=checkpoint, postprocessing=decision.rules, cv_dice=best.foreground_dice,
                         cv_dice_postprocessed=after, class_dice_postprocessed=decision.dice_after,
-                        candidates=tuple(sorted(candidates, key=lambda r: -r.foreground_dice)))
+                        candidates=tuple(sorted(candidates, key=lambda r: -_rank(r))))
     save_record(output, result)
     return result
 
@@ -239,7 +284,8 @@ def format_best(best: BestConfig) -> str:
     lines = [f"{'candidate':<36}{'CV fg Dice':>12}{'cases':>7}"]
     for c in best.candidates:
         mark = " *" if c.configs == best.configs else ""
-        lines.append(f"{c.name[:35]:<36}{c.foreground_dice:>12.4f}{c.num_cases:>7d}{mark}")
+        dice = "n/a" if math.isnan(c.foreground_dice) else f"{c.foreground_dice:.4f}"
+        lines.append(f"{c.name[:35]:<36}{dice:>12}{c.num_cases:>7d}{mark}")
     lines.append(f"best: {' + '.join(best.configs)} (folds {', '.join(map(str, best.folds))}, "
                  f"checkpoint {best.checkpoint})")
     lines.append(f"postprocessing: {best.postprocessing.describe()} -> CV fg Dice "

@@ -8,18 +8,31 @@ nnU-Net's rule, in two steps, each decided on the cross-validation predictions:
 2. Then, per foreground class, keep that class's largest component. Adopted for a class
    when its mean Dice improves and no other class's mean Dice gets worse.
 
-Components are 26-connected (full 3D neighbourhood), via ``cc3d``.
+Components are 26-connected (full 3D neighbourhood), via ``cc3d``. Mean Dice skips NaN
+(a class absent from both reference and prediction, nnU-Net's ``nanmean``): removing a
+stray island from a case without that class makes its Dice NaN, not 1, so cases without a
+class cannot outvote the cases that have it.
+
+The decision streams: `PostprocessingTally` takes one (prediction, reference) pair at a
+time and keeps four Dice numbers per class, so only one case is in memory. That is exact:
+a class's largest-component rule changes only that class's voxels (to background), so
+each class's rule is judged on its own Dice, with or without the foreground rule.
 
 Region-based datasets (BraTS style) are scored per region (the mask of every label value a
 region covers) and step 2 runs per region: voxels of the region outside its largest
-component become background, as nnU-Net does.
+component become background, as nnU-Net does. Regions overlap, so a region's rule changes
+other regions' Dice: the tally then scores every combination of the rules per case
+(2^(regions+1) label maps, made one rule at a time, depth-first: at most regions+2 maps in
+memory) and the decision walks those combinations, still one case in memory.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import cc3d
 import numpy as np
@@ -114,16 +127,16 @@ def class_dice(seg: np.ndarray, ref: np.ndarray, labels: Targets,
     return {k: dice_from_counts(*overlap_counts(np.isin(seg, v), np.isin(ref, v))) for k, v in _targets(labels).items()}
 
 
-def _mean_dice(segs: Sequence[np.ndarray], refs: Sequence[np.ndarray], labels: Targets,
-               ignore_label: int | None) -> dict[int | str, float]:
-    per_case = [class_dice(s, r, labels, ignore_label) for s, r in zip(segs, refs)]
-    return {v: float(np.mean([d[v] for d in per_case])) for v in labels}
+def nanmean(values: Iterable[float]) -> float:
+    """Mean of the values that are not NaN; NaN when there are none (no warning, unlike numpy)."""
+    kept = [v for v in values if not math.isnan(v)]
+    return float(np.mean(kept)) if kept else math.nan
 
 
 def _better(after: dict[int | str, float], before: dict[int | str, float], target: Sequence[int | str]) -> bool:
-    """Target classes improve on average and no class gets worse."""
-    gain = np.mean([after[v] for v in target]) - np.mean([before[v] for v in target])
-    worse = any(after[v] < before[v] - MIN_DICE_GAIN for v in before)
+    """Target classes improve on average and no class gets worse (NaN-aware means)."""
+    gain = nanmean(after[v] for v in target) - nanmean(before[v] for v in target)
+    worse = any(after[v] < before[v] - MIN_DICE_GAIN for v in before)  # NaN (no case left) is not worse
     return bool(gain > MIN_DICE_GAIN and not worse)
 
 
@@ -136,34 +149,130 @@ class PostprocessingDecision:
     dice_after: dict[int | str, float]
 
 
-def determine_postprocessing(segs: Sequence[np.ndarray], refs: Sequence[np.ndarray],
+@dataclass
+class PostprocessingTally:
+    """Per-case Dice of every rule outcome, accumulated one case at a time (see the module doc).
+
+    Classes: for each class, Dice as predicted (``base``), after the foreground rule (``fg``),
+    and after the class's own rule applied to either of those (``base_cls``, ``fg_cls``).
+    Regions: Dice of every region for every combination of the rules (``combos``, keyed by
+    which of foreground, region 1, region 2, ... is applied).
+    """
+
+    foreground_labels: Targets
+    ignore_label: int | None = None
+    base: dict[int | str, list[float]] = field(default_factory=dict)
+    fg: dict[int | str, list[float]] = field(default_factory=dict)
+    base_cls: dict[int | str, list[float]] = field(default_factory=dict)
+    fg_cls: dict[int | str, list[float]] = field(default_factory=dict)
+    combos: dict[tuple[bool, ...], dict[int | str, list[float]]] = field(default_factory=dict)
+
+    @property
+    def targets(self) -> dict[int | str, tuple[int, ...]]:
+        return _targets(self.foreground_labels)
+
+    @property
+    def has_regions(self) -> bool:
+        return any(isinstance(k, str) for k in self.targets)
+
+    def add(self, seg: np.ndarray, ref: np.ndarray) -> None:
+        """Score one cross-validation case (its label maps are not kept)."""
+        targets = self.targets
+        if self.has_regions:
+            self._add_combos(seg, ref, targets)
+            return
+        fg_seg = keep_largest_foreground(seg)
+        scores = {"base": class_dice(seg, ref, targets, self.ignore_label),
+                  "fg": class_dice(fg_seg, ref, targets, self.ignore_label)}
+        for v, values in targets.items():
+            for name, value in scores.items():
+                getattr(self, name).setdefault(v, []).append(value[v])
+            self.base_cls.setdefault(v, []).append(
+                class_dice(keep_largest_of_class(seg, values), ref, {v: values}, self.ignore_label)[v])
+            self.fg_cls.setdefault(v, []).append(
+                class_dice(keep_largest_of_class(fg_seg, values), ref, {v: values}, self.ignore_label)[v])
+
+    def _add_combos(self, seg: np.ndarray, ref: np.ndarray, targets: dict[int | str, tuple[int, ...]]) -> None:
+        """Every combination of the rules, in their fixed order, depth-first (a rule applied once per branch)."""
+        rules = [keep_largest_foreground] + [lambda s, r=r: keep_largest_of_class(s, r) for r in targets.values()]
+
+        def walk(current: np.ndarray, applied: tuple[bool, ...]) -> None:
+            if len(applied) == len(rules):
+                scores = class_dice(current, ref, targets, self.ignore_label)
+                per = self.combos.setdefault(applied, {})
+                for v in targets:
+                    per.setdefault(v, []).append(scores[v])
+                return
+            walk(current, (*applied, False))
+            walk(rules[len(applied)](current), (*applied, True))
+
+        walk(seg, ())
+        self.base = self.combos[(False,) * len(rules)]
+
+    @property
+    def num_cases(self) -> int:
+        return len(next(iter(self.base.values()), []))
+
+    def decide(self) -> PostprocessingDecision:
+        """nnU-Net's two steps on the accumulated cases."""
+        if not self.num_cases:
+            raise ValueError("no case was added")
+        if self.has_regions:
+            return self._decide_regions()
+        labels = list(self.targets)
+        before = {v: nanmean(self.base[v]) for v in labels}
+        with_fg = {v: nanmean(self.fg[v]) for v in labels}
+        fg_rule = _better(with_fg, before, labels)
+        if fg_rule:
+            log.info("postprocessing: keeping the largest foreground component helps")
+        current = with_fg if fg_rule else dict(before)
+        class_rules = []
+        for v in labels:
+            candidate = {**current, v: nanmean((self.fg_cls if fg_rule else self.base_cls)[v])}
+            if _better(candidate, current, [v]):
+                class_rules.append(int(v))
+                current = candidate
+                log.info("postprocessing: keeping the largest component of class %s helps", v)
+        return PostprocessingDecision(PostprocessingRules(fg_rule, tuple(class_rules)), before, current)
+
+    def _decide_regions(self) -> PostprocessingDecision:
+        """The same two steps; every rule is judged on every region's Dice (regions overlap)."""
+        targets = self.targets
+        names = list(targets)
+
+        def means(applied: list[bool]) -> dict[int | str, float]:
+            return {v: nanmean(self.combos[tuple(applied)][v]) for v in names}
+
+        applied = [False] * (len(names) + 1)
+        before = current = means(applied)
+        if _better(means([True, *applied[1:]]), current, names):
+            applied[0] = True
+            current = means(applied)
+            log.info("postprocessing: keeping the largest foreground component helps")
+        for i, v in enumerate(names, start=1):
+            candidate = means(applied[:i] + [True] + applied[i + 1:])
+            if _better(candidate, current, [v]):
+                applied[i] = True
+                current = candidate
+                log.info("postprocessing: keeping the largest component of region %s helps", v)
+        regions = tuple(targets[v] for i, v in enumerate(names, start=1) if applied[i])
+        return PostprocessingDecision(PostprocessingRules(applied[0], (), regions), before, current)
+
+
+def determine_postprocessing(segs: Iterable[np.ndarray], refs: Iterable[np.ndarray],
                              foreground_labels: Targets,
                              ignore_label: int | None = None) -> PostprocessingDecision:
     """Decide the rules on cross-validation label maps (predictions and references, paired).
 
     Rules act on the whole prediction; only the scoring leaves out the reference's
-    ``ignore_label`` voxels (sparse annotations).
+    ``ignore_label`` voxels (sparse annotations). Iterables are consumed one pair at a time.
+    ``foreground_labels``: classes, or region name -> label values.
     """
-    if len(segs) != len(refs) or not segs:
-        raise ValueError("need the same, non-zero number of predictions and references")
-    targets = _targets(foreground_labels)
-    labels = list(targets)
-    base = _mean_dice(segs, refs, targets, ignore_label)
-    current, current_dice = list(segs), base
-    fg_rule = False
-    candidate = [keep_largest_foreground(s) for s in current]
-    cand_dice = _mean_dice(candidate, refs, targets, ignore_label)
-    if _better(cand_dice, current_dice, labels):
-        fg_rule, current, current_dice = True, candidate, cand_dice
-        log.info("postprocessing: keeping the largest foreground component helps")
-    class_rules, region_rules = [], []
-    for v in labels:
-        candidate = [keep_largest_of_class(s, targets[v]) for s in current]
-        cand_dice = _mean_dice(candidate, refs, targets, ignore_label)
-        if _better(cand_dice, current_dice, [v]):
-            (region_rules.append(targets[v]) if isinstance(v, str) else class_rules.append(v))
-            current, current_dice = candidate, cand_dice
-            log.info("postprocessing: keeping the largest component of %s %s helps",
-                     "region" if isinstance(v, str) else "class", v)
-    rules = PostprocessingRules(fg_rule, tuple(class_rules), tuple(region_rules))
-    return PostprocessingDecision(rules, base, current_dice)
+    tally = PostprocessingTally(foreground_labels, ignore_label)
+    for seg, ref in itertools.zip_longest(segs, refs):
+        if seg is None or ref is None:
+            raise ValueError("need the same number of predictions and references")
+        tally.add(seg, ref)
+    if not tally.num_cases:
+        raise ValueError("need at least one prediction and reference")
+    return tally.decide()

@@ -3,9 +3,13 @@
 Predictions and references are paired by case name (``CASE<ending>``, the label-file
 convention). Every reference must have a prediction unless ``allow_missing`` is set (a
 missing one is an error that names it), and every prediction must have a reference.
-Per-class means average over cases; the foreground mean averages the per-class means over
-the foreground classes (nnU-Net's ``foreground_mean``). NaN HD95 values (one mask empty)
-are left out of HD95 means; ``n_hd95`` says how many cases the mean is over.
+Per-class means average over cases skipping NaN (``np.nanmean``, as nnU-Net's
+``summary.json``): a case where reference and prediction are both empty has NaN Dice, IoU,
+NSD and HD95 and counts in no mean, HD95 is also NaN when one mask is empty
+(`autoseg.evaluate.metrics`), and ``n_dice`` / ``n_hd95`` say how many cases a mean is
+over; a class with no defined value in any case has a NaN mean. The foreground mean is the
+plain mean of the per-class means over the foreground classes (nnU-Net's
+``foreground_mean``: NaN when some class's mean is). NaN is written as JSON null.
 When ``labels`` declares an ``"ignore"`` label (sparse annotations), it is not a class:
 it gets no metrics, and reference voxels holding it are excluded from every class's
 metrics (`autoseg.evaluate.metrics.case_metrics`).
@@ -26,7 +30,7 @@ from typing import ClassVar
 import numpy as np
 
 from autoseg.common.errors import AutosegError
-from autoseg.common.jsonio import save_record
+from autoseg.common.jsonio import from_jsonable, save_record, to_jsonable
 from autoseg.common.procs import spawn_pool
 from autoseg.common.progress import progress
 from autoseg.dataset.io import read_image
@@ -58,7 +62,9 @@ class MeanMetrics:
     nsd: float
     n_cases: int
     n_hd95: int
-    """Cases with a defined HD95 (NaN ones are excluded from the HD95 mean)."""
+    """Cases with a defined HD95, both masks non-empty (NaN ones are excluded from the HD95 mean)."""
+    n_dice: int = -1
+    """Cases with a defined Dice, class in the reference or the prediction (-1: not recorded)."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,8 @@ class Summary:
     """The evaluation of one prediction folder: per case, per class, and means."""
 
     SCHEMA: ClassVar[str] = "autoseg.summary"
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
+    MIGRATIONS: ClassVar[dict] = {1: lambda body: migrate_v1_to_v2(body)}
 
     labels: dict[str, LabelValue]
     tolerance_mm: float
@@ -91,27 +98,52 @@ class Summary:
 
 
 def _nanmean(values: Sequence[float]) -> tuple[float, int]:
+    """Mean of the non-NaN values (NaN if there are none) and how many there were."""
     finite = [v for v in values if not math.isnan(v)]
     return (float(np.mean(finite)) if finite else math.nan), len(finite)
 
 
+def class_mean(per_case: Sequence[ClassMetrics]) -> MeanMetrics:
+    """One class's means over cases, each skipping the cases where that metric is NaN."""
+    dice, n_dice = _nanmean([m.dice for m in per_case])
+    hd, n_hd = _nanmean([m.hd95 for m in per_case])
+    return MeanMetrics(dice=dice, iou=_nanmean([m.iou for m in per_case])[0], hd95=hd,
+                       nsd=_nanmean([m.nsd for m in per_case])[0], n_cases=len(per_case), n_hd95=n_hd,
+                       n_dice=n_dice)
+
+
+def foreground_mean(means: Sequence[MeanMetrics], n_cases: int) -> MeanMetrics:
+    """The plain mean of per-class means (nnU-Net's ``foreground_mean``: NaN if one class's is)."""
+    def avg(values: list[float]) -> float:
+        return float(np.mean(values)) if values else math.nan
+
+    return MeanMetrics(dice=avg([m.dice for m in means]), iou=avg([m.iou for m in means]),
+                       hd95=avg([m.hd95 for m in means]), nsd=avg([m.nsd for m in means]), n_cases=n_cases,
+                       n_hd95=min((m.n_hd95 for m in means), default=0),
+                       n_dice=min((m.n_dice for m in means), default=0))
+
+
 def summarize(cases: Sequence[CaseEvaluation], labels: dict[str, LabelValue],
               tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> Summary:
-    """Build a `Summary` (means included) from per-case evaluations."""
-    fg = _foreground(labels)
-    mean: dict[int | str, MeanMetrics] = {}
-    for v in fg:
-        per = [c.metrics[v] for c in cases]
-        hd, n_hd = _nanmean([m.hd95 for m in per])
-        mean[v] = MeanMetrics(dice=_nanmean([m.dice for m in per])[0], iou=_nanmean([m.iou for m in per])[0],
-                              hd95=hd, nsd=_nanmean([m.nsd for m in per])[0], n_cases=len(per), n_hd95=n_hd)
-    means = list(mean.values())
-    hd_fg, _ = _nanmean([m.hd95 for m in means])
-    fg_mean = MeanMetrics(dice=_nanmean([m.dice for m in means])[0], iou=_nanmean([m.iou for m in means])[0],
-                          hd95=hd_fg, nsd=_nanmean([m.nsd for m in means])[0],
-                          n_cases=len(cases), n_hd95=min((m.n_hd95 for m in means), default=0))
+    """Build a `Summary` (means included) from per-case evaluations (classes, or regions by name)."""
+    mean = {v: class_mean([c.metrics[v] for c in cases]) for v in _foreground(labels)}
     return Summary(labels=LabelScheme.from_labels(labels).labels, tolerance_mm=float(tolerance_mm), cases=tuple(cases), mean=mean,
-                   foreground_mean=fg_mean)
+                   foreground_mean=foreground_mean(list(mean.values()), len(cases)))
+
+
+def migrate_v1_to_v2(body: dict) -> dict:
+    """Version 1 scored a class absent from reference and prediction as Dice = IoU = NSD = 1,
+    HD95 = 0; version 2 makes them NaN and recomputes the means (the stored counts say which
+    cases). NSD of the other cases stays version 1's voxel-count NSD: re-run `autoseg
+    evaluate` for the surface-area NSD."""
+    for case in body.get("cases", []):
+        for m in case.get("metrics", {}).values():
+            if m.get("n_pred") == 0 and m.get("n_ref") == 0:
+                m.update(dice=None, iou=None, nsd=None, hd95=None)
+    cases = from_jsonable(tuple[CaseEvaluation, ...], body.get("cases", []), "summary.json (version 1)")
+    labels = LabelScheme.from_labels(body.get("labels", {})).labels  # region lists stay regions
+    redone = summarize(cases, labels, float(body.get("tolerance_mm", DEFAULT_TOLERANCE_MM)))
+    return {**body, "mean": to_jsonable(redone.mean), "foreground_mean": to_jsonable(redone.foreground_mean)}
 
 
 def _foreground(labels: dict[str, LabelValue]) -> dict[int | str, tuple[int, ...]]:
@@ -221,20 +253,29 @@ def evaluate_folder(pred_dir: Path, ref_dir: Path, labels: dict[str, LabelValue]
     return summary
 
 
+def _cell(value: float, width: int, fmt: str) -> str:
+    return f"{'n/a':>{width}}" if math.isnan(value) else f"{value:>{width}{fmt}}"
+
+
 def format_summary_table(summary: Summary) -> str:
     """A plain-text table: one row per foreground class, then the foreground mean."""
-    header = f"{'class':<16}{'Dice':>8}{'IoU':>8}{'HD95 mm':>10}{'NSD':>8}{'cases':>7}"
+    header = (f"{'class':<16}{'Dice':>8}{'IoU':>8}{'HD95 mm':>10}{'NSD':>8}{'cases':>7}"
+              f"{'empty':>7}{'HD95 n':>8}")
     lines = [header, "-" * len(header)]
 
-    def row(name: str, m: MeanMetrics) -> str:
-        hd = "nan" if math.isnan(m.hd95) else f"{m.hd95:.2f}"
-        return f"{name[:15]:<16}{m.dice:>8.4f}{m.iou:>8.4f}{hd:>10}{m.nsd:>8.4f}{m.n_cases:>7d}"
+    def row(name: str, m: MeanMetrics, counts: bool = True) -> str:
+        empty = f"{m.n_cases - m.n_dice:>7d}" if counts and m.n_dice >= 0 else f"{'-':>7}"
+        n_hd = f"{m.n_hd95:>8d}" if counts else f"{'-':>8}"
+        return (f"{name[:15]:<16}{_cell(m.dice, 8, '.4f')}{_cell(m.iou, 8, '.4f')}{_cell(m.hd95, 10, '.2f')}"
+                f"{_cell(m.nsd, 8, '.4f')}{m.n_cases:>7d}{empty}{n_hd}")
 
     for v, m in summary.mean.items():
         lines.append(row(v if isinstance(v, str) else f"{summary.class_name(v)} ({v})", m))
     lines.append("-" * len(header))
-    lines.append(row("foreground mean", summary.foreground_mean))
-    lines.append(f"NSD tolerance {summary.tolerance_mm:g} mm; HD95 means exclude cases where one mask is empty.")
+    lines.append(row("foreground mean", summary.foreground_mean, counts=False))
+    lines.append(f"NSD tolerance {summary.tolerance_mm:g} mm. empty: cases with the class in neither mask (no Dice, "
+                 "IoU, NSD, HD95),")
+    lines.append("left out of every mean as in nnU-Net; HD95 n: cases with both masks non-empty; n/a: undefined.")
     ignore = ignore_label(summary.labels)
     if ignore is not None:
         lines.append(f"Reference voxels labelled 'ignore' ({ignore}) are excluded from every metric.")

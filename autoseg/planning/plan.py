@@ -477,6 +477,9 @@ class PlanRequest:
     force: bool = False
     """Re-extract the fingerprint and replace a different existing plans.json."""
     progress_bar: bool = True
+    from_plans: str | None = None
+    """Take the configurations of this dataset's plans (or plans.json file) instead of planning
+    them (`autoseg.planning.transfer`): the topology a pretrained network needs."""
 
 
 @dataclass(frozen=True)
@@ -499,16 +502,25 @@ def verify_raw_dataset(root: Path, num_workers: int = 1, show_progress: bool = T
 def plan_and_save(paths: Paths, dataset: str, request: PlanRequest = PlanRequest()) -> PlanOutcome:
     """Verify, fingerprint (cached), plan and write plans.json (``autoseg plan``).
 
-    An existing, different plans.json is replaced only with ``request.force``: preprocessed
+    With ``request.from_plans`` the configurations come from another dataset's plans
+    (`autoseg.planning.transfer.transfer_plan`) and only the fingerprint is this dataset's. An existing, different plans.json is replaced only with ``request.force``: preprocessed
     data and trainings were made with it.
     """
     _check_config_names(request.configs)
     check_override_syntax(request.overrides)  # fail on a typo before reading any image
     name = paths.resolve_dataset(dataset)
+    source = None
+    if request.from_plans is not None:  # a missing source fails before reading any image too
+        from autoseg.planning.transfer import load_source_plan
+        source = load_source_plan(paths, request.from_plans)
     spec = verify_raw_dataset(paths.raw_dataset(name), request.num_workers, request.progress_bar)
     fp = load_or_extract_fingerprint(paths, name, request.num_workers, request.force, spec=spec,
                                      progress_bar=request.progress_bar)
-    plan = plan_dataset(fp, request.gpu_memory_gb, request.configs, request.overrides)
+    if source is None:
+        plan = plan_dataset(fp, request.gpu_memory_gb, request.configs, request.overrides)
+    else:
+        from autoseg.planning.transfer import transfer_plan
+        plan = transfer_plan(source, fp, request.overrides)
     file = paths.plans_file(name)
     if file.exists():
         try:

@@ -9,7 +9,7 @@ Axis order: every per-axis tuple in a `Configuration` is in the *transposed* ord
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from autoseg.common.errors import AutosegError
 from autoseg.dataset.spec import LabelScheme, LabelValue, ignore_label
@@ -75,12 +75,18 @@ class Configuration:
         return tuple(sum(1 for s in self.strides if s[a] == 2) for a in range(self.ndim))
 
 
+def migrate_v1_to_v2(body: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 added ``transferred_from``; every version-1 plan was planned from its own fingerprint."""
+    return {**body, "transferred_from": None}
+
+
 @dataclass(frozen=True)
 class Plan:
     """All configurations of one dataset plus dataset-level decisions."""
 
     SCHEMA: ClassVar[str] = "autoseg.plan"
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
+    MIGRATIONS: ClassVar[dict[int, Any]] = {1: migrate_v1_to_v2}
 
     dataset: str
     gpu_memory_gb: float
@@ -99,6 +105,9 @@ class Plan:
     reasons: dict[str, str] = field(default_factory=dict)
     regions_class_order: tuple[int, ...] = ()
     """Region-based training only: the label value each region is written as (dataset.json)."""
+    transferred_from: str | None = None
+    """The dataset whose configurations this plan took (``autoseg plan --from-plans``, to fine-tune a
+    network pretrained there); None when planned from this dataset's own fingerprint."""
 
     @property
     def label_scheme(self) -> LabelScheme:

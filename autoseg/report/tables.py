@@ -55,7 +55,7 @@ def format_duration(seconds: float | None) -> str | None:
     return f"{s}s"
 
 
-STATUS_HEADERS = ("job", "state", "GPU", "try", "epoch", "ETA", "pseudo-Dice", "val Dice", "elapsed", "log")
+STATUS_HEADERS = ("job", "state", "GPU", "CPUs", "workers", "try", "epoch", "ETA", "pseudo-Dice", "val Dice", "elapsed", "log")
 
 
 def status_rows(statuses: Sequence[JobStatus]) -> list[list[object]]:
@@ -74,7 +74,7 @@ def status_rows(statuses: Sequence[JobStatus]) -> list[list[object]]:
                 eta = format_duration(p.eta_s)
         dice = f"{p.last_pseudo_dice:.4f}" if p and p.last_pseudo_dice is not None else None
         val = f"{p.validation_dice:.4f}" if p and p.validation_dice is not None else None
-        rows.append([s.job_id, s.state.value, s.gpu, s.attempt or None, epoch, eta, dice, val,
+        rows.append([s.job_id, s.state.value, s.gpu, s.cpus, s.workers, s.attempt or None, epoch, eta, dice, val,
                      format_duration(s.elapsed_s), s.log_path])
     return rows
 

@@ -255,6 +255,12 @@ class JobRecord:
     started_at: float | None = None
     ended_at: float | None = None
     exit_code: int | None = None
+    cores: tuple[int, ...] = ()
+    """The CPU cores it was pinned to (its share; empty where the executor places it, Slurm)."""
+    workers: int | None = None
+    """Data-loader workers (trainings) or processes (plan/preprocess) it was given."""
+    augment_device: str | None = None
+    """Where a training's augmentation runs as the scheduler sized its share (cpu/device)."""
 
 
 def previous_stage_of(plan: Plan | None, config: str | None) -> str | None:

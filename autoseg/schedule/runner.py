@@ -25,7 +25,7 @@ from autoseg.common.jsonio import disk_full_cause, save_record
 from autoseg.common.paths import Paths
 from autoseg.schedule.executors import EXIT_INTERRUPTED, Executor, JobHandle, Launch, job_environment
 from autoseg.schedule.jobs import JobKind, JobPaths, JobRecord, JobSpec, JobState
-from autoseg.schedule.resources import PoolConfig, Slot, SlotPool
+from autoseg.schedule.resources import PoolConfig, Slot, SlotPool, augment_device, format_cores
 from autoseg.schedule.store import JobRow, StateStore
 
 log = logging.getLogger(__name__)
@@ -194,6 +194,27 @@ def dependents_of(jobs: list[JobSpec], job_id: str) -> set[str]:
     return out
 
 
+def ancestors_of(jobs: list[JobSpec]) -> dict[str, frozenset[str]]:
+    """Every in-graph job each job waits for, directly or through others."""
+    by_id = {j.job_id: j for j in jobs}
+    out: dict[str, frozenset[str]] = {}
+    for jid in topological_order(jobs):
+        deps = [d for d in by_id[jid].depends_on if d in by_id]
+        out[jid] = frozenset(deps).union(*(out[d] for d in deps if d in out))
+    return out
+
+
+def startable_alongside(pending: list[JobSpec], busy: set[str],
+                        ancestors: dict[str, frozenset[str]]) -> list[JobSpec]:
+    """The ``pending`` jobs that wait for none of the ``busy`` ones (running or starting now).
+
+    Only these can take a slot that is idle now while the busy jobs run, so only these count
+    when cores are kept back for later starters (a training that waits for its plan job does
+    not: it starts once the plan job has given its cores back).
+    """
+    return [j for j in pending if j.job_id not in busy and not (ancestors.get(j.job_id, frozenset()) & busy)]
+
+
 def num_workers_for(job: JobSpec, cpus: int) -> int:
     """Data-loader workers for a training (one core stays with the main process); processes otherwise."""
     return max(0, cpus - 1) if job.kind is JobKind.TRAIN else max(1, cpus)
@@ -215,6 +236,7 @@ class _Run:
         self.jobs, self.executor, self.paths, self.store, self.options = jobs, executor, paths, store, options
         self.by_id = {j.job_id: j for j in jobs}
         self.prio = priorities(jobs)
+        self.ancestors = ancestors_of(jobs)
         self.pool = SlotPool(options.pool) if executor.uses_slots else None
         self.running: dict[str, _Running] = {}
         self.tries: dict[str, int] = {j.job_id: 0 for j in jobs}
@@ -278,19 +300,27 @@ class _Run:
         return row.state if row is not None else JobState.PENDING
 
     def launch_ready(self) -> None:
-        for job in self.ready():
-            slot = None
-            if self.pool is not None:
-                slot = self.pool.acquire(job)
-                if slot is None:
-                    continue
-            self.launch(job, slot)
+        ready = self.ready()
+        if self.pool is None:
+            for job in ready:
+                self.launch(job, None)
+            return
+        if ready:
+            for job, slot in self.pool.acquire(ready, later=self.could_start_later):
+                self.launch(job, slot)
+
+    def could_start_later(self, starting: list[JobSpec]) -> list[JobSpec]:
+        """Pending jobs that could start while the running ones and ``starting`` run (`startable_alongside`)."""
+        busy = set(self.running) | {j.job_id for j in starting}
+        pending = [j for j in self.jobs if self.state[j.job_id] is JobState.PENDING]
+        return startable_alongside(pending, busy, self.ancestors)
 
     def launch(self, job: JobSpec, slot: Slot | None) -> None:
         jp = JobPaths.of(self.paths, job.job_id).make()
         cpus = len(slot.cpus) if slot is not None else (job.resources.cpus or self.options.cpus_per_job)
         workers = num_workers_for(job, cpus)
         gpu = slot.gpu if slot is not None else None
+        cores = slot.cpus if slot is not None else ()
         env = job_environment(self.paths, gpu, cpus, jp, job.job_id, workers, pin_gpu=self.pool is not None)
         command = tuple(job.command(self.paths, num_workers=workers))
         row = self.store.get(job.job_id)
@@ -312,11 +342,12 @@ class _Run:
             raise full from e
         record = JobRecord(spec=job, attempt=attempt, state=JobState.RUNNING, executor=self.executor.name,
                            command=command, env=env, gpu=gpu, cpus=cpus, host=self.host,
-                           external_id=handle.external_id, started_at=time.time())
+                           external_id=handle.external_id, started_at=time.time(), cores=cores, workers=workers,
+                           augment_device=augment_device(job, gpu is not None) if slot is not None else None)
         # tracked before anything else is written: a full disk from here on stops a known child
         self.state[job.job_id] = JobState.RUNNING
         self.running[job.job_id] = _Running(handle, slot, record)
-        self.store.update(job.job_id, state=JobState.RUNNING, attempt=attempt, gpu=gpu, cpus=cpus,
+        self.store.update(job.job_id, state=JobState.RUNNING, attempt=attempt, gpu=gpu, cpus=cpus, workers=workers,
                           executor=self.executor.name, external_id=handle.external_id, host=self.host,
                           started_at=record.started_at, ended_at=None, exit_code=None, log_path=str(jp.log),
                           message=None)
@@ -327,7 +358,8 @@ class _Run:
             if full is None:
                 raise
             raise full from e
-        log.info("started %s (attempt %d, GPU %s, %d CPUs)", job.job_id, attempt, gpu, cpus)
+        log.info("started %s (attempt %d, GPU %s, %d CPUs %s, %d workers)", job.job_id, attempt, gpu, cpus,
+                 format_cores(cores) or "-", workers)
 
     def reap(self) -> None:
         for job_id, run in list(self.running.items()):
@@ -552,13 +584,25 @@ class Assignment:
     cpus: int
     start_s: float
     end_s: float
+    cores: tuple[int, ...] = ()
+    """Which cores (the child's affinity)."""
+    workers: int = 0
+    """Data-loader workers (trainings) or processes (plan/preprocess) from its share."""
+    augment_device: str | None = None
+    """Where a training's augmentation runs (cpu/device); None for other jobs."""
 
 
 def simulate_schedule(jobs: list[JobSpec], pool: PoolConfig) -> list[Assignment]:
-    """Place jobs as `run_jobs` would, with estimated durations; for ``--dry-run`` and benchmarks."""
+    """Place jobs as `run_jobs` would, with estimated durations; for ``--dry-run`` and benchmarks.
+
+    The first wave (start 0) gets the shares a real run would give it (when no job of the graph
+    is done yet: the simulation runs every job); later shares depend on which jobs really
+    finish first.
+    """
     check_graph(jobs)
     slots = SlotPool(pool)
     prio = priorities(jobs)
+    ancestors = ancestors_of(jobs)
     by_id = {j.job_id: j for j in jobs}
     done: set[str] = set()
     started: set[str] = set()
@@ -566,18 +610,22 @@ def simulate_schedule(jobs: list[JobSpec], pool: PoolConfig) -> list[Assignment]
     out: list[Assignment] = []
     held: dict[str, Slot] = {}
     now = 0.0
+
+    def later(starting: list[JobSpec]) -> list[JobSpec]:
+        busy = set(held) | {j.job_id for j in starting}
+        return startable_alongside([j for j in jobs if j.job_id not in started], busy, ancestors)
+
     while len(done) < len(jobs):
         ready = sorted((j for j in jobs if j.job_id not in started and set(j.depends_on) <= done),
                        key=lambda j: -prio[j.job_id])
-        for j in ready:
-            slot = slots.acquire(j)
-            if slot is None:
-                continue
+        for j, slot in slots.acquire(ready, later=later):
             dur = j.resources.est_duration_s or UNKNOWN_DURATION_S
             held[j.job_id] = slot
             started.add(j.job_id)
             heapq.heappush(events, (now + dur, j.job_id))
-            out.append(Assignment(j.job_id, slot.gpu, len(slot.cpus), now, now + dur))
+            out.append(Assignment(j.job_id, slot.gpu, len(slot.cpus), now, now + dur, cores=slot.cpus,
+                                  workers=num_workers_for(j, len(slot.cpus)),
+                                  augment_device=augment_device(j, slot.gpu is not None)))
         if not events:
             raise AutosegError("jobs cannot be placed on this pool (a dependency cycle?)")
         now, jid = heapq.heappop(events)

@@ -1,4 +1,4 @@
-"""What ``autoseg status`` shows: each job's state, GPU, progress, ETA, last pseudo-Dice and log.
+"""What ``autoseg status`` shows: each job's state, GPU, CPU share, progress, ETA, last pseudo-Dice and log.
 
 Reads the state store read-only (safe while ``train-all`` runs) and each training's
 ``training_log.jsonl`` (one JSON object per epoch: epoch, epochs, mean_pseudo_dice, epoch_time_s).
@@ -61,6 +61,10 @@ class JobStatus:
     """Why a failed job failed, in its own words (a user error's ``error:`` line)."""
     run_id: int | None = None
     """The last run that took the job (None: recorded before runs were numbered)."""
+    cpus: int | None = None
+    """CPU cores of a running job's share (None when it is not running)."""
+    workers: int | None = None
+    """Data-loader workers (or processes) of a running job's share."""
 
 
 def read_training_progress(training_dir: Path) -> TrainingProgress | None:
@@ -125,9 +129,11 @@ def job_status(paths: Paths, row: JobRow, now: float | None = None, scheduler_ru
     elapsed = None
     if row.started_at is not None:
         elapsed = (row.ended_at if row.ended_at and state is not JobState.RUNNING else now) - row.started_at
+    running = state is JobState.RUNNING
     return JobStatus(job_id=row.job_id, state=state, gpu=row.gpu, attempt=row.attempt, progress=progress,
                      elapsed_s=elapsed, log_path=row.log_path or str(JobPaths.of(paths, row.job_id).log),
-                     external_id=row.external_id, message=row.message, run_id=row.run_id)
+                     external_id=row.external_id, message=row.message, run_id=row.run_id,
+                     cpus=row.cpus if running else None, workers=row.workers if running else None)
 
 
 def collect_status(paths: Paths) -> list[JobStatus]:

@@ -27,8 +27,8 @@ BUSY_TIMEOUT_MS = 10_000
 """How long a writer waits for another's lock before failing (status reads never block writers in WAL)."""
 
 _COLUMNS = ("job_id", "spec", "state", "attempt", "gpu", "cpus", "executor", "external_id", "host",
-            "started_at", "ended_at", "exit_code", "log_path", "message", "run_id", "updated_at")
-ADDED_COLUMNS = {"message": "TEXT", "run_id": "INTEGER"}
+            "started_at", "ended_at", "exit_code", "log_path", "message", "run_id", "workers", "updated_at")
+ADDED_COLUMNS = {"message": "TEXT", "run_id": "INTEGER", "workers": "INTEGER"}
 """Columns newer than the first table layout: added to an older database on first write access,
 read as NULL from one opened read-only (``autoseg status`` of an older root)."""
 _SCHEMA_SQL = """
@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempt INTEGER NOT NULL DEFAULT 0,
     gpu TEXT, cpus INTEGER, executor TEXT, external_id TEXT, host TEXT,
     started_at REAL, ended_at REAL, exit_code INTEGER, log_path TEXT, message TEXT, run_id INTEGER,
-    updated_at REAL NOT NULL
+    workers INTEGER, updated_at REAL NOT NULL
 )"""
 
 
@@ -65,6 +65,8 @@ class JobRow:
     run_id: int | None = None
     """The last scheduler run (``train-all`` or ``sweep`` invocation) that took this job; None in
     stores written before runs were numbered."""
+    workers: int | None = None
+    """Data-loader workers (trainings) or processes of its last start; ``cpus`` is its core count."""
 
     @property
     def job_id(self) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from autoseg.common.errors import AutosegError
 from autoseg.common.paths import Paths
@@ -46,14 +46,33 @@ def detected_gpus() -> tuple[str, ...]:
     return tuple(str(i) for i in range(torch.cuda.device_count())) if torch.cuda.is_available() else ()
 
 
-def pool_config(options: TrainAllOptions) -> PoolConfig:
-    """The local slot pool: GPUs, packing (explicit, or by the plan's memory estimates), CPU slots."""
+def local_gpus(options: TrainAllOptions) -> tuple[str, ...]:
+    """The GPUs local jobs run on: ``--gpus`` (checked against CUDA unless fake), else every visible one."""
     if options.gpus is not None and not options.fake_gpus:
         import torch
 
         available = torch.cuda.is_available()
         check_gpus_exist(options.gpus, available, torch.cuda.device_count() if available else 0)
-    gpus = options.gpus if options.gpus is not None else detected_gpus()
+    return options.gpus if options.gpus is not None else detected_gpus()
+
+
+def planning_gpu_memory_gb(options: TrainAllOptions) -> float | None:
+    """The GPU memory plan jobs plan for: ``--gpu-memory``, else the smallest of the local GPUs.
+
+    The plan job itself runs on a CPU slot (an empty CUDA_VISIBLE_DEVICES), so it cannot see the
+    GPUs the trainings will use; it gets their memory as ``autoseg plan --gpu-memory``. None
+    (Slurm without ``--gpu-memory``, no CUDA): ``autoseg plan``'s own default.
+    """
+    if options.request.gpu_memory_gb is not None:
+        return options.request.gpu_memory_gb
+    if options.executor != "local":
+        return None
+    return query_gpu_memory_gb(local_gpus(options))
+
+
+def pool_config(options: TrainAllOptions) -> PoolConfig:
+    """The local slot pool: GPUs, packing (explicit, or by the plan's memory estimates), CPU slots."""
+    gpus = local_gpus(options)
     if not gpus:
         log.warning("no GPUs given or found: trainings run on CPU slots (pass --gpus to pin GPUs)")
     memory = options.request.gpu_memory_gb
@@ -61,6 +80,14 @@ def pool_config(options: TrainAllOptions) -> PoolConfig:
         memory = query_gpu_memory_gb(gpus)
     return PoolConfig(gpus=gpus, jobs_per_gpu=options.jobs_per_gpu, gpu_memory_gb=memory,
                       cpu_slots=options.cpu_slots, cores=machine_cores())
+
+
+def train_all_jobs(paths: Paths, options: TrainAllOptions) -> list[JobSpec]:
+    """The job graph of ``options``, its plan jobs planning for the GPUs the trainings will get."""
+    request = replace(options.request, gpu_memory_gb=planning_gpu_memory_gb(options))
+    jobs = build_train_all_jobs(paths, request)
+    warn_changed_finished(paths, jobs)
+    return jobs
 
 
 def make_executor(options: TrainAllOptions) -> Executor:
@@ -74,8 +101,7 @@ def make_executor(options: TrainAllOptions) -> Executor:
 def train_all(paths: Paths, options: TrainAllOptions, observer=None) -> RunSummary:  # type: ignore[no-untyped-def]
     """Take the results root's lock, build the job graph and run it to the end."""
     with RunLock(paths):
-        jobs = build_train_all_jobs(paths, options.request)
-        warn_changed_finished(paths, jobs)
+        jobs = train_all_jobs(paths, options)
         run_options = RunOptions(retries=options.retries, pool=pool_config(options) if options.executor == "local"
                                  else PoolConfig(), cpus_per_job=options.slurm_cpus_per_job, observer=observer)
         with StateStore.open(paths) as store:
@@ -84,8 +110,7 @@ def train_all(paths: Paths, options: TrainAllOptions, observer=None) -> RunSumma
 
 def preview(paths: Paths, options: TrainAllOptions) -> tuple[list[JobSpec], list[Assignment] | None]:
     """The job graph and, for local runs, where each job would go (``--dry-run``; nothing is started)."""
-    jobs = build_train_all_jobs(paths, options.request)
-    warn_changed_finished(paths, jobs)
+    jobs = train_all_jobs(paths, options)
     if options.executor != "local":
         return jobs, None
     return jobs, simulate_schedule(jobs, pool_config(options))

@@ -85,6 +85,9 @@ class Checkpoint:
     fold: int | str
     num_input_channels: int
     num_classes: int
+    pretrained_from: dict[str, Any] | None = None
+    """Where the run's initial weights came from (`autoseg.train.pretrained.transfer_weights`'s
+    record); None for a run trained from scratch. Absent in older checkpoints (read as None)."""
 
 
 def save_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> Path:
@@ -109,6 +112,7 @@ def save_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> Path:
         "fold": str(ckpt.fold),
         "num_input_channels": int(ckpt.num_input_channels),
         "num_classes": int(ckpt.num_classes),
+        "pretrained_from_json": json.dumps(ckpt.pretrained_from),
     }
     return atomic_write_with(path, lambda f: torch.save(payload, f))
 
@@ -228,6 +232,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
             fold=int(fold_text) if fold_text.isdigit() else fold_text,
             num_input_channels=int(raw["num_input_channels"]),
             num_classes=int(raw["num_classes"]),
+            pretrained_from=json.loads(raw.get("pretrained_from_json", "null")),
         )
     except KeyError as e:
         raise CheckpointUnreadable(f"checkpoint lacks key {e.args[0]!r}{suffix}", where=path) from None

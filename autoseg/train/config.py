@@ -95,6 +95,9 @@ class TrainerConfig:
     head_init: str = "prior"
     """Initial segmentation heads, one of `HEAD_INITS`; ``prior`` learns every class from the start
     where nnU-Net's ``he`` depends on the seed (docs/parity.md)."""
+    pretrained: str | None = None
+    """Checkpoint whose weights start the run (fine-tuning, `autoseg.train.pretrained`; heads stay fresh
+    when the class count differs); None trains from scratch. Used only when a run starts."""
     seed: int = 0
     """Seeds weights init and the data loaders (rank r of a DDP run uses seed + r)."""
     num_workers: int | None = None
@@ -131,6 +134,8 @@ class TrainerConfig:
             (self.loss in LOSSES, "loss", f"must be one of {sorted(LOSSES)}"),
             (self.amp in AMP_MODES, "amp", f"must be one of {list(AMP_MODES)}"),
             (self.head_init in HEAD_INITS, "head_init", f"must be one of {list(HEAD_INITS)}"),
+            (self.pretrained is None or bool(str(self.pretrained).strip()), "pretrained",
+             "must be a checkpoint path or none"),
             (self.compile in COMPILE_MODES, "compile", f"must be one of {list(COMPILE_MODES)}"),
             (self.num_workers is None or self.num_workers >= 0, "num_workers", "must be >= 0 or none"),
             (0 <= self.oversample_foreground <= 1, "oversample_foreground", "must be in [0, 1]"),

@@ -109,6 +109,8 @@ class RunMeta:
     fold: int | str
     num_input_channels: int
     num_classes: int
+    pretrained_from: dict[str, Any] | None = None
+    """Where the initial weights came from (fine-tuning), None from scratch; kept in every checkpoint."""
 
 
 @dataclass
@@ -124,6 +126,8 @@ class FitSetup:
     out_dir: Path
     rng: np.random.Generator
     """The run's numpy Generator (its state goes into checkpoints; the caller derives loader seeds from it)."""
+    augment_device: str = "cpu"
+    """Where the training batches were augmented (``cpu`` workers or the training ``device``), for the log."""
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,8 @@ def fit(setup: FitSetup, rt: Runtime, resume: Checkpoint | None = None,
             best_ema_pseudo_dice=best, history=history, rng=_capture_rng(setup.rng),
             trainer_config=cfg, plan=setup.meta.plan, config_name=setup.meta.config_name,
             dataset=setup.meta.dataset, fold=setup.meta.fold,
-            num_input_channels=setup.meta.num_input_channels, num_classes=setup.meta.num_classes))
+            num_input_channels=setup.meta.num_input_channels, num_classes=setup.meta.num_classes,
+            pretrained_from=setup.meta.pretrained_from))
 
     while epoch < cfg.epochs:
         lr = learning_rate(epoch, cfg)
@@ -171,7 +176,8 @@ def fit(setup: FitSetup, rt: Runtime, resume: Checkpoint | None = None,
         if train is None:  # stop requested mid-epoch: keep the weights, redo this epoch on resume
             raise TrainingInterrupted(epoch, save(ckpt_files.LATEST, epoch) if main else None)
         val_loss, dice = _validate(model, setup, rt)
-        record = _epoch_record(epoch, cfg, lr, train, val_loss, dice, history, time.perf_counter() - t0)
+        record = _epoch_record(epoch, cfg, lr, train, val_loss, dice, history, time.perf_counter() - t0,
+                               setup.augment_device)
         history.append(record)
         epoch += 1
         improved = record["ema_pseudo_dice"] is not None and (best is None or record["ema_pseudo_dice"] > best)
@@ -242,7 +248,8 @@ def _best_on_disk(out: Path, recorded: float | None) -> float | None:
 
 
 def _epoch_record(epoch: int, cfg: TrainerConfig, lr: float, train: dict[str, float], val_loss: float,
-                  dice: list[float], history: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+                  dice: list[float], history: list[dict[str, Any]], seconds: float,
+                  augment_device: str) -> dict[str, Any]:
     """The training_log.jsonl line of one epoch (NaN written as null, so the file is strict JSON)."""
     previous = history[-1]["ema_pseudo_dice"] if history else None
     return {
@@ -251,7 +258,7 @@ def _epoch_record(epoch: int, cfg: TrainerConfig, lr: float, train: dict[str, fl
         "mean_pseudo_dice": _finite_or_none(_nanmean(dice)),
         "ema_pseudo_dice": _ema(previous, dice, cfg.ema_alpha), "lr": lr, "epoch_time_s": seconds,
         "iterations_per_s": train["iterations_per_s"], "data_wait_fraction": train["data_wait_fraction"],
-        "train_cpu_s": train["train_cpu_s"],
+        "train_cpu_s": train["train_cpu_s"], "augment_device": augment_device,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

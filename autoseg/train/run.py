@@ -150,6 +150,9 @@ def _train_fold_locked(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: 
     if plan is not None:  # a cascade fold without its previous stage fails before touching the fold dir
         from autoseg.infer.cascade import previous_stage_exports
         previous_stage_exports(paths, tid, plan)
+    pretrained = None
+    if cfg.pretrained is not None and not resumable:  # refused weights fail before touching the fold dir too
+        pretrained = _checked_pretrained(cfg, plan, tid.config)
     fold_dir.mkdir(parents=True, exist_ok=True)
     lock = fold_lock(fold_dir) if dist.is_main else contextlib.nullcontext()
     ckpt: Checkpoint | None = None
@@ -186,7 +189,20 @@ def _train_fold_locked(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: 
             num_workers if num_workers is not None else default_num_workers(os.cpu_count() or 1, dist.world_size))
         if dist.is_main:
             _record_inputs(paths, tid.dataset, fold_dir, cfg, plan)
-        return _train(paths, tid, cfg, plan, ckpt, fold_dir, workers, rt, save_probabilities)
+        return _train(paths, tid, cfg, plan, ckpt, fold_dir, workers, rt, save_probabilities, pretrained)
+
+
+def _checked_pretrained(cfg: TrainerConfig, plan: Plan | None, config_name: str) -> Any:
+    """Load ``cfg.pretrained`` and check it fits this run's network (a throwaway one, built on the CPU)."""
+    from autoseg.nets.unet import build_unet
+    from autoseg.train.pretrained import load_pretrained, transfer_weights
+
+    pretrained = load_pretrained(str(cfg.pretrained))
+    if plan is not None:
+        n_in = input_channels(plan, config_name)
+        net = build_unet(plan.configuration(config_name), n_in, plan.num_classes, cfg.deep_supervision)
+        transfer_weights(net, pretrained, n_in, plan.num_classes)
+    return pretrained
 
 
 def parse_fold(text: str | int) -> int | str:
@@ -210,8 +226,14 @@ def check_training_id(tid: TrainingId) -> None:
 
 
 def _train(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan, ckpt: Checkpoint | None,
-           fold_dir: Path, workers: int, rt: Runtime, save_probabilities: bool) -> TrainResult:
-    """Build the network, loss and loaders, run `fit`, then validate the fold (rank 0)."""
+           fold_dir: Path, workers: int, rt: Runtime, save_probabilities: bool,
+           pretrained: Any = None) -> TrainResult:
+    """Build the network, loss and loaders, run `fit`, then validate the fold (rank 0).
+
+    A fresh run with ``cfg.pretrained`` starts from those weights (``pretrained``: already loaded);
+    a resumed one from its checkpoint, whose record says where its first weights came from.
+    """
+    from autoseg.data.augment import masked_channels, resolve_augment_device
     from autoseg.data.loader import LoaderSpec, make_train_loader, make_val_loader
     from autoseg.infer.cascade import previous_stage_exports
     from autoseg.data.sampling import class_voxel_counts
@@ -246,6 +268,11 @@ def _train(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan, ckpt: 
         else:
             share = init_heads_to_prior(net, class_voxel_counts(data_dir, train_ids, plan.num_classes))
         log.info("segmentation heads start at the label prior %s", np.round(share, 4).tolist())
+    pretrained_from = ckpt.pretrained_from if ckpt is not None else None
+    if ckpt is None and cfg.pretrained is not None:
+        from autoseg.train.pretrained import load_pretrained, transfer_weights
+        pretrained_from = transfer_weights(net, pretrained or load_pretrained(cfg.pretrained), in_channels,
+                                           plan.num_classes)
 
     def spec(ids: list[str], seed: int) -> Any:
         return LoaderSpec(data_dir=data_dir, case_ids=tuple(ids), config=config, augment=cfg.augment,
@@ -254,15 +281,20 @@ def _train(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan, ckpt: 
                           oversample_foreground=oversample,
                           pin_memory=rt.device.type == "cuda",
                           previous_stage=tuple(exports[c] for c in ids) if exports else (),
-                          num_classes=plan.num_classes if exports else 0)
+                          num_classes=plan.num_classes if exports else 0,
+                          masked_channels=masked_channels(plan.normalization))
 
-    train_loader = make_train_loader(spec(train_ids, base_seed + rt.dist.rank))
+    augment_where = resolve_augment_device(cfg.augment.device, rt.device.type)
+    log.info("augmentation runs on %s (augment.device=%s)",
+             "the CPU data workers" if augment_where == "cpu" else f"the training device ({rt.device})",
+             cfg.augment.device)
+    train_loader = make_train_loader(spec(train_ids, base_seed + rt.dist.rank), rt.device)
     val_loader = make_val_loader(spec(val_ids, base_seed + VAL_LOADER_SEED_OFFSET + rt.dist.rank))
     meta = RunMeta(plan=plan, config_name=tid.config, dataset=tid.dataset, fold=tid.fold,
-                   num_input_channels=in_channels, num_classes=plan.num_classes)
+                   num_input_channels=in_channels, num_classes=plan.num_classes, pretrained_from=pretrained_from)
     setup = FitSetup(net=net, loss_fn=build_loss(cfg.loss, config.batch_dice, num_ds, rt.dist.enabled, scheme),
                      train_batches=train_loader, val_batches=val_loader, cfg=cfg, meta=meta,
-                     out_dir=fold_dir, rng=rng)
+                     out_dir=fold_dir, rng=rng, augment_device=augment_where)
     try:
         with _stop_on_signals() as stop, _compile_cache(fold_dir, rt.compile):
             result = fit(setup, rt, resume=ckpt, stop=stop)
@@ -428,8 +460,9 @@ def _prepare_fold_dir(fold_dir: Path, resume: bool, force: bool, dist: DistConte
     return None
 
 
-RESUME_MAY_CHANGE = ("num_workers", "final_validation")
-"""Keys a resumed (or finished) run takes from the command line: they do not change what is trained."""
+RESUME_MAY_CHANGE = ("num_workers", "final_validation", "augment.device")
+"""Keys a resumed (or finished) run takes from the command line: they do not change what is trained
+(``augment.device`` moves the same augmentation between the CPU workers and the training device)."""
 
 
 def _config_for_resume(ckpt: Checkpoint, given: TrainerConfig, finished: bool = False) -> TrainerConfig:
@@ -449,7 +482,9 @@ def _config_for_resume(ckpt: Checkpoint, given: TrainerConfig, finished: bool = 
                     format_changes(changes))
     final_validation = saved.final_validation if given.final_validation == TrainerConfig().final_validation \
         else given.final_validation
-    return dataclasses.replace(saved, num_workers=given.num_workers, final_validation=final_validation)
+    augment = dataclasses.replace(saved.augment, device=given.augment.device)
+    return dataclasses.replace(saved, num_workers=given.num_workers, final_validation=final_validation,
+                               augment=augment)
 
 
 def _record_inputs(paths: Paths, dataset: str, fold_dir: Path, cfg: TrainerConfig, plan: Plan) -> None:

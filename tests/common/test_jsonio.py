@@ -41,6 +41,23 @@ def test_round_trip(tmp_path: Path) -> None:
     assert load_record(tmp_path / "r.json", Rec) == r
 
 
+def test_nan_is_written_as_null_and_read_back_as_nan(tmp_path: Path) -> None:
+    """Strict JSON has no NaN: a float field's NaN is null on disk and NaN again when read;
+    an optional float keeps null as None."""
+    import math
+
+    import numpy as np
+
+    r = Rec("n", Inner(1, (math.nan, 2.0, np.float32("nan"))), {}, None)
+    save_record(tmp_path / "r.json", r)
+    text = (tmp_path / "r.json").read_text(encoding="utf-8")
+    assert "NaN" not in text
+    assert json.loads(text)["inner"]["b"] == [None, 2.0, None]
+    back = load_record(tmp_path / "r.json", Rec)
+    assert math.isnan(back.inner.b[0]) and back.inner.b[1] == 2.0 and math.isnan(back.inner.b[2])
+    assert back.maybe is None
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda d: d.update(schema="autoseg.other"), "schema is 'autoseg.other'"),
     (lambda d: d.update(schema_version=3), "newer than this autoseg"),

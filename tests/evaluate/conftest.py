@@ -45,3 +45,23 @@ def make_raw_dataset_json(raw_root: Path, name: str = "Dataset123_Toy") -> Path:
     (d / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MRI"}, "labels": LABELS,
                                                 "numTraining": 3, "file_ending": ".nii.gz"}))
     return d
+
+
+def write_validation(paths, dataset: str, config: str, fold: int, refs: dict[str, Path],
+                     preds: dict[str, np.ndarray], probs: dict[str, np.ndarray] | None = None,
+                     labels: dict[str, int] = LABELS) -> Path:
+    """A fold's ``validation/`` as training leaves it: CASE.nii.gz (+ CASE.npz/json) and summary.json."""
+    from autoseg.common.jsonio import save_record
+    from autoseg.common.paths import TrainingId
+    from autoseg.evaluate.summary import SUMMARY_FILE, evaluate_pairs
+    from autoseg.infer.predict import write_probabilities
+
+    vdir = paths.training_dir(TrainingId(dataset, config, fold, "default")) / "validation"
+    pairs = []
+    for cid, seg in preds.items():
+        write_image(vdir / f"{cid}.nii.gz", seg, GEOM)
+        if probs is not None:
+            write_probabilities(vdir, cid, probs[cid], GEOM, labels, ".nii.gz")
+        pairs.append((cid, vdir / f"{cid}.nii.gz", refs[cid]))
+    save_record(vdir / SUMMARY_FILE, evaluate_pairs(pairs, labels, show_progress=False))
+    return vdir

@@ -69,7 +69,8 @@ def test_nsd_tolerance():
 def test_empty_conventions():
     empty = np.zeros((8, 8, 8), bool)
     both = class_metrics(empty, empty, (1, 1, 1))
-    assert (both.dice, both.iou, both.hd95, both.nsd) == (1.0, 1.0, 0.0, 1.0)
+    assert all(math.isnan(v) for v in (both.dice, both.iou, both.hd95, both.nsd))  # 0/0, as nnU-Net
+    assert (both.tp, both.fp, both.fn, both.n_pred, both.n_ref) == (0, 0, 0, 0, 0)
     one = class_metrics(cube((8, 8, 8), (2, 2, 2), 3), empty, (1, 1, 1))
     assert (one.dice, one.iou, one.nsd) == (0.0, 0.0, 0.0)
     assert math.isnan(one.hd95)

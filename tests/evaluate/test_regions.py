@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
 from autoseg.common.jsonio import load_record, record_to_dict
-from autoseg.evaluate.postprocess import PostprocessingRules, apply_postprocessing, determine_postprocessing
+from autoseg.evaluate.postprocess import (PostprocessingRules, apply_postprocessing, class_dice, determine_postprocessing,
+                                          keep_largest_foreground, keep_largest_of_class, nanmean)
 from autoseg.evaluate.summary import Summary, evaluate_folder, format_summary_table
 from tests.evaluate.conftest import make_ref
 
@@ -61,3 +63,71 @@ def test_region_postprocessing_keeps_each_regions_largest_component() -> None:
     out = apply_postprocessing(island, PostprocessingRules(keep_largest_regions=((2,),)))
     assert out[0, 0, 0] == 0 and out[9, 10, 10] == 1  # only the inner region's island goes
     np.testing.assert_array_equal(out[1:9], make_ref(0)[1:9])
+
+
+def _sequential_decision(segs: list[np.ndarray], refs: list[np.ndarray],
+                         targets: dict[str, tuple[int, ...]]) -> tuple[bool, tuple[tuple[int, ...], ...]]:
+    """nnU-Net's two steps on label maps held in memory, every rule re-scored on every region."""
+    def means(maps: list[np.ndarray]) -> dict[str, float]:
+        per = [class_dice(s, r, targets) for s, r in zip(maps, refs)]
+        return {k: nanmean(d[k] for d in per) for k in targets}
+
+    def better(after: dict[str, float], before: dict[str, float], target: list[str]) -> bool:
+        gain = nanmean(after[k] for k in target) - nanmean(before[k] for k in target)
+        return gain > 1e-6 and not any(after[k] < before[k] - 1e-6 for k in before)
+
+    current, scores = list(segs), means(segs)
+    cand = [keep_largest_foreground(s) for s in current]
+    fg = better(means(cand), scores, list(targets))
+    if fg:
+        current, scores = cand, means(cand)
+    kept = []
+    for name, values in targets.items():
+        cand = [keep_largest_of_class(s, values) for s in current]
+        if better(means(cand), scores, [name]):
+            current, scores = cand, means(cand)
+            kept.append(values)
+    return fg, tuple(kept)
+
+
+def test_streamed_region_decision_equals_the_in_memory_sequential_one() -> None:
+    """Nested regions overlap: a region's rule changes the other regions' Dice. The streamed tally
+    (every rule combination per case) must decide as the sequential in-memory procedure does."""
+    targets = {"whole": (1, 2, 3), "core": (2, 3), "enhancing": (3,)}
+    rng = np.random.default_rng(0)
+    adopted = set()
+    for trial in range(12):
+        segs, refs = [], []
+        for _ in range(4):
+            ref = np.zeros((10, 14, 14), np.uint8)
+            ref[2:8, 2:10, 2:10] = 1
+            ref[3:7, 3:8, 3:8] = 2
+            ref[4:6, 4:6, 4:6] = 3
+            seg = ref.copy()
+            for _ in range(int(rng.integers(0, 4))):  # stray islands of random labels, some inside truth
+                z, y, x = rng.integers(0, 9), rng.integers(0, 12), rng.integers(11, 13) if rng.random() < 0.7 else 5
+                seg[z:z + 1, y:y + 2, x:x + 2] = rng.integers(1, 4)
+            if rng.random() < 0.3:
+                ref[0, 12:14, 12:14] = int(rng.integers(1, 4))  # a true separate component
+            segs.append(seg)
+            refs.append(ref)
+        decision = determine_postprocessing(iter(segs), iter(refs), targets)
+        fg, regions = _sequential_decision(segs, refs, targets)
+        assert (decision.rules.keep_largest_foreground, decision.rules.keep_largest_regions) == (fg, regions), trial
+        assert decision.rules.keep_largest_classes == ()
+        adopted.add((fg, regions))
+    assert len(adopted) > 1  # the trials exercise more than one outcome
+
+
+def test_version_1_region_summary_is_migrated(eval_folders: tuple[Path, Path], tmp_path: Path) -> None:
+    """A region summary.json written before the NaN conventions (schema 1) keeps its regions on migration."""
+    pred, ref = eval_folders
+    s = evaluate_folder(pred, ref, REGIONS, ".nii.gz", show_progress=False, output_file=tmp_path / "s.json")
+    v1 = record_to_dict(s)
+    v1["schema_version"] = 1
+    for m in (*v1["mean"].values(), v1["foreground_mean"]):
+        m.pop("n_dice")
+    (tmp_path / "v1.json").write_text(json.dumps(v1))
+    migrated = load_record(tmp_path / "v1.json", Summary)
+    assert migrated.labels == s.labels and list(migrated.mean) == ["whole", "inner"]
+    assert migrated.mean == s.mean and migrated.foreground_mean == s.foreground_mean

@@ -164,7 +164,7 @@ def test_plan_json_round_trip(paths, anisotropic_ct_fingerprint: Fingerprint) ->
     plan = plan_dataset(anisotropic_ct_fingerprint, overrides=["3d_fullres.batch_size=3"])
     file = save_plan(paths, plan)
     data = json.loads(file.read_text(encoding="utf-8"))
-    assert (data["schema"], data["schema_version"]) == ("autoseg.plan", 1)
+    assert (data["schema"], data["schema_version"]) == ("autoseg.plan", 2)
     assert load_plan(paths, plan.dataset) == plan
     assert load_plan_file(file) == plan
     assert plan_differences(plan, load_plan_file(file)) == []

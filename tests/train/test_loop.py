@@ -16,7 +16,7 @@ from autoseg.train.loop import TrainingInterrupted, fit, tp_fp_fn
 from tests.train.conftest import cpu_runtime, make_setup
 
 LOG_KEYS = {"epoch", "epochs", "train_loss", "val_loss", "pseudo_dice", "ema_pseudo_dice", "lr",
-            "epoch_time_s", "iterations_per_s", "data_wait_fraction", "train_cpu_s", "timestamp"}
+            "epoch_time_s", "iterations_per_s", "data_wait_fraction", "train_cpu_s", "augment_device", "timestamp"}
 
 
 class StopAfter:
