@@ -19,7 +19,7 @@ from autoseg.common.paths import Paths
 from autoseg.common.procs import spawn_pool
 from autoseg.common.progress import progress
 from autoseg.dataset.io import read_case, read_image
-from autoseg.dataset.spec import CaseFiles, DatasetSpec, ignore_label, load_dataset
+from autoseg.dataset.spec import CaseFiles, DatasetSpec, LabelValue, ignore_label, load_dataset
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,11 @@ class Fingerprint:
 
     dataset: str
     channel_names: dict[int, str]
-    labels: dict[str, int]
+    labels: dict[str, LabelValue]
     cases: tuple[CaseFingerprint, ...]
     foreground_intensity: tuple[IntensityStats, ...]
+    regions_class_order: tuple[int, ...] = ()
+    """dataset.json ``regions_class_order`` (region-based training), carried on to the plan."""
 
     @property
     def ignore_label(self) -> int | None:
@@ -201,7 +203,7 @@ def extract_fingerprint(spec: DatasetSpec, num_workers: int = 1, seed: int = DEF
                                "cannot compute intensity statistics", spec.root / "labelsTr")
         stats.append(intensity_stats(pooled))
     log.info("fingerprinted %d case(s) of %s", len(results), spec.name)
-    return Fingerprint(dataset=spec.name, channel_names=dict(spec.channel_names), labels=dict(spec.labels),
+    return Fingerprint(dataset=spec.name, channel_names=dict(spec.channel_names), labels=dict(spec.labels), regions_class_order=spec.regions_class_order,
                        cases=tuple(fp for fp, _ in results), foreground_intensity=tuple(stats))
 
 

@@ -55,7 +55,7 @@ from autoseg.common.paths import Paths
 from autoseg.common.procs import spawn_pool
 from autoseg.common.progress import progress
 from autoseg.dataset.io import Geometry, read_case, read_image
-from autoseg.dataset.spec import CaseFiles, load_dataset
+from autoseg.dataset.spec import CaseFiles, LabelValue, load_dataset
 from autoseg.planning.plans import ChannelNormalization, Configuration, Plan
 from autoseg.splits import ensure_splits
 
@@ -143,7 +143,7 @@ class PreprocessingSettings:
     spacing: tuple[float, ...]
     transpose_forward: tuple[int, int, int]
     normalization: tuple[ChannelNormalization, ...]
-    labels: dict[str, int]
+    labels: dict[str, LabelValue]
     resample_order_data: int
     resample_order_seg: int
     outside_mask_label: int | None
@@ -319,7 +319,9 @@ def target_spacing(config: Configuration, transposed_spacing: Sequence[float]) -
 
 
 def _declared_labels(plan: Plan) -> list[int]:
-    return sorted(set(int(v) for v in plan.labels.values()))
+    """Every value a label map may hold: the classes (or the values regions cover) and the ignore label."""
+    ignore = plan.ignore_label
+    return sorted({*plan.label_scheme.label_values, *(() if ignore is None else (ignore,))})
 
 
 def preprocess_case(data: np.ndarray, geometry: Geometry, seg: np.ndarray | None, plan: Plan,
@@ -403,7 +405,8 @@ def revert_preprocessing(array: np.ndarray, props: CaseProperties, plan: Plan, c
     resampled = resample_data(array, crop_shape_t, order, props.separate_z_axis)
     resampled = resampled.transpose(0, *[a + 1 for a in tb])
     full = np.zeros((array.shape[0], *props.shape_before_crop), np.float32)
-    full[0] = 1.0
+    if not plan.label_scheme.has_regions:  # region outputs are all 0 outside the crop: no region there
+        full[0] = 1.0
     box = tuple(slice(a, b) for a, b in props.bbox)
     full[(slice(None), *box)] = resampled
     return full

@@ -40,6 +40,11 @@ def verify_cmd(ctx: click.Context, dataset: str, num_workers: int) -> None:
     paths = paths_from(ctx)
     spec = verify_dataset(paths.raw_dataset(paths.resolve_dataset(dataset)), num_workers=num_workers)
     channels = ", ".join(spec.channel_names.values())
-    labels = ", ".join(f"{v}={k}" for k, v in sorted(spec.labels.items(), key=lambda kv: kv[1]))
+    if spec.label_scheme.has_regions:
+        labels = ", ".join(f"{k}={list(v)}" for k, v in spec.label_scheme.foreground.items())
+        what = f"{spec.num_classes} regions ({labels}; regions_class_order {list(spec.regions_class_order)})"
+    else:
+        labels = ", ".join(f"{v}={k}" for k, v in sorted(spec.labels.items(), key=lambda kv: kv[1]))
+        what = f"{spec.num_classes} labels ({labels})"
     click.echo(f"OK {spec.name}: {len(spec.cases)} training case(s), {len(spec.test_cases)} test case(s), "
-               f"{spec.num_channels} channel(s) ({channels}), {spec.num_classes} labels ({labels})")
+               f"{spec.num_channels} channel(s) ({channels}), {what}")

@@ -8,7 +8,7 @@ import click
 
 from autoseg.cli.app import cli, paths_from
 from autoseg.cli.predict import multi_value_command
-from autoseg.dataset.spec import read_dataset_json
+from autoseg.dataset.spec import LabelScheme, read_dataset_json
 
 SUMMARY_FILE = "summary.json"
 
@@ -32,7 +32,7 @@ def evaluate_cmd(ctx: click.Context, pred_dir: Path, ref_dir: Path, dataset: str
 
     paths = paths_from(ctx)
     meta = read_dataset_json(paths.raw_dataset(paths.resolve_dataset(dataset)))
-    summary = evaluate_folder(pred_dir, ref_dir, {str(k): int(v) for k, v in meta["labels"].items()},
+    summary = evaluate_folder(pred_dir, ref_dir, LabelScheme.from_labels(meta["labels"]).labels,
                               meta["file_ending"], tolerance, num_workers, output, allow_missing, force=force)
     click.echo(format_summary_table(summary))
     click.echo(f"{len(summary.cases)} case(s); summary written to {output or pred_dir / SUMMARY_FILE}")

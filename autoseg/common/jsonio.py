@@ -261,7 +261,7 @@ def from_jsonable(tp: Any, value: Any, where: str = "<record>") -> Any:
             raise AutosegError(f"expected an object, got {type(value).__name__}", where)
         kt, vt = args if args else (Any, Any)
         def key(k: Any) -> Any:  # JSON object keys are always strings
-            if kt is int and isinstance(k, str) and k.lstrip("-").isdigit():
+            if int in (kt, *typing.get_args(kt)) and isinstance(k, str) and k.lstrip("-").isdigit():
                 return int(k)
             return from_jsonable(kt, k, where)
 

@@ -142,3 +142,54 @@ def make_phantom_dataset(root: str | Path, recipe: PhantomRecipe = PhantomRecipe
     }
     (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+REGION_LABELS = {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": 3}
+"""BraTS-style nested regions over the region phantom's labels 1 (oedema), 2 (core), 3 (enhancing)."""
+
+REGIONS_CLASS_ORDER = [1, 2, 3]
+"""Where a region is predicted, write its innermost label; later (inner) regions overwrite earlier ones."""
+
+
+def make_region_phantom_dataset(root: str | Path, recipe: PhantomRecipe = PhantomRecipe(),
+                                dataset_name: str = "Dataset997_RegionPhantom") -> Path:
+    """A two-channel phantom with nested regions (region-based training, BraTS style).
+
+    Labels: 1 the organ outside the lesion, 2 the lesion's rim, 3 its centre (the lesion eroded
+    in-plane), declared as regions whole = {1, 2, 3}, core = {2, 3}, enhancing = {3} with
+    ``regions_class_order`` [1, 2, 3]. Channel 0 is the phantom image (organ and lesion bright);
+    channel 1 a second contrast in which only the lesion centre stands out, so "enhancing" needs
+    both channels. Same recipe, same files.
+    """
+    from scipy.ndimage import binary_erosion
+
+    out = Path(root) / dataset_name
+    rng = np.random.default_rng(recipe.seed)
+    ending = recipe.file_ending
+    inplane = np.zeros((3, 3, 3), bool)
+    inplane[1] = True  # erode within each slice: the coarse z axis keeps the centre from vanishing
+    for i in range(recipe.num_training + recipe.num_test):
+        img, lab, geom = make_phantom_case(rng, recipe)
+        centre = binary_erosion(lab == 2, structure=inplane, iterations=1)
+        lab = lab.copy()
+        lab[centre] = 3
+        second = rng.normal(0.3, recipe.noise_std, lab.shape).astype(np.float32)
+        second[lab == 3] += 1.2
+        second = np.clip(second, 0, None) * 300.0
+        test = i >= recipe.num_training
+        case = f"regions_{i:03d}"
+        images = "imagesTs" if test else "imagesTr"
+        write_image(out / images / f"{case}_0000{ending}", img, geom)
+        write_image(out / images / f"{case}_0001{ending}", second.astype(np.float32), geom)
+        write_image(out / ("labelsTs" if test else "labelsTr") / f"{case}{ending}", lab, geom)
+    meta = {
+        "name": dataset_name.split("_", 1)[1],
+        "description": "Generated two-channel phantom with nested regions (whole > core > enhancing)",
+        "channel_names": {"0": recipe.modality, "1": recipe.modality},
+        "labels": REGION_LABELS,
+        "regions_class_order": REGIONS_CLASS_ORDER,
+        "numTraining": recipe.num_training,
+        "file_ending": ending,
+    }
+    (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out

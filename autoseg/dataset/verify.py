@@ -75,7 +75,7 @@ def verify_dataset(root: str | Path, num_workers: int = 1, show_progress: bool =
     spec = scan_dataset(root, problems)
     if spec is None:
         raise DatasetErrors(problems.problems)
-    declared = set(spec.labels.values())
+    declared = {*spec.label_scheme.label_values, *(() if spec.ignore_label is None else (spec.ignore_label,))}
     cases = list(spec.cases) + list(spec.test_cases)
     checks = _check_all(cases, num_workers, show_progress)
     dims: dict[int, list[str]] = {}

@@ -38,8 +38,8 @@ from autoseg.common.jsonio import load_record, save_record
 from autoseg.common.paths import Paths, TrainingId
 from autoseg.common.progress import progress
 from autoseg.dataset.io import read_image
-from autoseg.dataset.spec import class_labels, ignore_label
-from autoseg.evaluate.postprocess import (PostprocessingRules, PostprocessingTally, apply_postprocessing,
+from autoseg.dataset.spec import LabelScheme
+from autoseg.evaluate.postprocess import (PostprocessingRules, PostprocessingTally, Targets, apply_postprocessing,
                                           class_dice, nanmean)
 from autoseg.evaluate.summary import SUMMARY_FILE, Summary
 
@@ -67,7 +67,8 @@ class CandidateResult:
 
     configs: tuple[str, ...]
     foreground_dice: float
-    class_dice: dict[int, float]
+    class_dice: dict[int | str, float]
+    """Per class value, or per region name (region-based training)."""
     num_cases: int
 
     @property
@@ -91,7 +92,7 @@ class BestConfig:
     cv_dice: float
     """Mean foreground Dice of the chosen candidate over the cross-validation cases."""
     cv_dice_postprocessed: float
-    class_dice_postprocessed: dict[int, float]
+    class_dice_postprocessed: dict[int | str, float]
     candidates: tuple[CandidateResult, ...] = field(default_factory=tuple)
 
 
@@ -154,28 +155,30 @@ def _has_probabilities(cv: dict[str, dict[str, _CVCase]], configs: tuple[str, ..
 
 
 def _segmentation(cv: dict[str, dict[str, _CVCase]], configs: tuple[str, ...], cid: str) -> np.ndarray:
-    """One case's label map of a candidate: the saved prediction, or the argmax of the summed
-    probabilities of a pair (summed in place: two probability maps in memory at most)."""
+    """One case's label map of a candidate: the saved prediction, or the label map of the averaged
+    probabilities of a pair (summed in place: two probability maps in memory at most; argmax for
+    classes, regions_class_order for regions)."""
     from autoseg.infer.predict import labels_from_probabilities, load_probabilities
 
     if len(configs) == 1:
         return read_image(cv[configs[0]][cid].prediction)[0]
-    total = None
+    total, rec = None, None
     for c in configs:
-        probs, _ = load_probabilities(cv[c][cid].validation_dir, cid)
+        probs, rec = load_probabilities(cv[c][cid].validation_dir, cid)
         if total is None:
             total = probs
         else:
             total += probs
         del probs
-    return labels_from_probabilities(total)
+    total /= len(configs)  # the mean, not the sum: region probabilities are thresholded at 0.5
+    return labels_from_probabilities(total, rec.label_scheme if rec else None)
 
 
 def _score_candidates(cv: dict[str, dict[str, _CVCase]], candidates: Sequence[tuple[str, ...]],
-                      case_ids: Sequence[str], labels: Sequence[int], ignore: int | None,
+                      case_ids: Sequence[str], labels: Targets, ignore: int | None,
                       ref_config: str) -> list[CandidateResult]:
     """Per-case Dice of every candidate, streamed case by case; only the numbers are kept."""
-    per_case: dict[tuple[str, ...], dict[int, list[float]]] = {k: {v: [] for v in labels} for k in candidates}
+    per_case: dict[tuple[str, ...], dict[int | str, list[float]]] = {k: {v: [] for v in labels} for k in candidates}
     for cid in progress(case_ids, total=len(case_ids), desc="find-best", unit="case"):
         ref = read_image(cv[ref_config][cid].reference)[0]
         for k in candidates:
@@ -229,8 +232,8 @@ def find_best(paths: Paths, dataset: str, configs: Sequence[str] | None = None, 
     if not case_ids:
         raise AutosegError("the configurations share no validation case", paths.results_dataset(dataset))
     first = load_record(cv[configs[0]][case_ids[0]].validation_dir / SUMMARY_FILE, Summary)
-    labels = sorted(v for v in class_labels(first.labels).values() if v != 0)
-    ignore = ignore_label(first.labels)
+    scheme = LabelScheme.from_labels(first.labels)
+    labels, ignore = scheme.eval_targets, scheme.ignore_label  # classes, or regions by name
     pairs = [p for p in itertools.combinations(configs, 2) if _has_probabilities(cv, p, case_ids)]
     order = [(c,) for c in configs] + pairs
     candidates = _score_candidates(cv, order, case_ids, labels, ignore, configs[0])

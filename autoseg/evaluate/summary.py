@@ -13,6 +13,9 @@ plain mean of the per-class means over the foreground classes (nnU-Net's
 When ``labels`` declares an ``"ignore"`` label (sparse annotations), it is not a class:
 it gets no metrics, and reference voxels holding it are excluded from every class's
 metrics (`autoseg.evaluate.metrics.case_metrics`).
+When ``labels`` declares regions (lists of label values, BraTS style), regions are evaluated
+as regions: each region's mask (every voxel holding one of its values) in the prediction
+against the same in the reference, keyed by the region's name in summary.json.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from autoseg.common.jsonio import from_jsonable, save_record, to_jsonable
 from autoseg.common.procs import spawn_pool
 from autoseg.common.progress import progress
 from autoseg.dataset.io import read_image
-from autoseg.dataset.spec import class_labels, ignore_label
+from autoseg.dataset.spec import LabelScheme, LabelValue, ignore_label
 from autoseg.evaluate.metrics import DEFAULT_TOLERANCE_MM, ClassMetrics, case_metrics
 
 log = logging.getLogger(__name__)
@@ -41,12 +44,12 @@ SUMMARY_FILE = "summary.json"
 
 @dataclass(frozen=True)
 class CaseEvaluation:
-    """One case: the files compared and the metrics per label value."""
+    """One case: the files compared and the metrics per label value (or per region name)."""
 
     case_id: str
     prediction: str
     reference: str
-    metrics: dict[int, ClassMetrics]
+    metrics: dict[int | str, ClassMetrics]
 
 
 @dataclass(frozen=True)
@@ -72,11 +75,11 @@ class Summary:
     VERSION: ClassVar[int] = 2
     MIGRATIONS: ClassVar[dict] = {1: lambda body: migrate_v1_to_v2(body)}
 
-    labels: dict[str, int]
+    labels: dict[str, LabelValue]
     tolerance_mm: float
     cases: tuple[CaseEvaluation, ...]
-    mean: dict[int, MeanMetrics]
-    """Per foreground label value, averaged over cases."""
+    mean: dict[int | str, MeanMetrics]
+    """Per foreground label value (or region name), averaged over cases."""
     foreground_mean: MeanMetrics
     """The per-class means averaged over foreground classes (the headline figure)."""
 
@@ -85,7 +88,9 @@ class Summary:
         """Mean foreground Dice, the number configurations are ranked by."""
         return self.foreground_mean.dice
 
-    def class_name(self, value: int) -> str:
+    def class_name(self, value: int | str) -> str:
+        if isinstance(value, str):  # a region, keyed by its name
+            return value
         for name, v in self.labels.items():
             if v == value:
                 return name
@@ -118,11 +123,11 @@ def foreground_mean(means: Sequence[MeanMetrics], n_cases: int) -> MeanMetrics:
                        n_dice=min((m.n_dice for m in means), default=0))
 
 
-def summarize(cases: Sequence[CaseEvaluation], labels: dict[str, int],
+def summarize(cases: Sequence[CaseEvaluation], labels: dict[str, LabelValue],
               tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> Summary:
-    """Build a `Summary` (means included) from per-case evaluations."""
+    """Build a `Summary` (means included) from per-case evaluations (classes, or regions by name)."""
     mean = {v: class_mean([c.metrics[v] for c in cases]) for v in _foreground(labels)}
-    return Summary(labels=dict(labels), tolerance_mm=float(tolerance_mm), cases=tuple(cases), mean=mean,
+    return Summary(labels=LabelScheme.from_labels(labels).labels, tolerance_mm=float(tolerance_mm), cases=tuple(cases), mean=mean,
                    foreground_mean=foreground_mean(list(mean.values()), len(cases)))
 
 
@@ -136,21 +141,42 @@ def migrate_v1_to_v2(body: dict) -> dict:
             if m.get("n_pred") == 0 and m.get("n_ref") == 0:
                 m.update(dice=None, iou=None, nsd=None, hd95=None)
     cases = from_jsonable(tuple[CaseEvaluation, ...], body.get("cases", []), "summary.json (version 1)")
-    labels = {str(k): int(v) for k, v in body.get("labels", {}).items()}
+    labels = LabelScheme.from_labels(body.get("labels", {})).labels  # region lists stay regions
     redone = summarize(cases, labels, float(body.get("tolerance_mm", DEFAULT_TOLERANCE_MM)))
     return {**body, "mean": to_jsonable(redone.mean), "foreground_mean": to_jsonable(redone.foreground_mean)}
 
 
-def _foreground(labels: dict[str, int]) -> list[int]:
-    """The label values evaluated: every class but background, never the ignore label."""
-    return sorted(v for v in class_labels(labels).values() if v != 0)
+def _foreground(labels: dict[str, LabelValue]) -> dict[int | str, tuple[int, ...]]:
+    """What is evaluated: every class but background (or every region), never the ignore label."""
+    return LabelScheme.from_labels(labels).eval_targets
 
 
-def evaluate_case(case_id: str, pred_file: Path, ref_file: Path, label_values: Sequence[int],
+def target_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
+                   targets: Sequence[int] | dict[int | str, tuple[int, ...]],
+                   tolerance_mm: float = DEFAULT_TOLERANCE_MM, ignore: int | None = None
+                   ) -> dict[int | str, ClassMetrics]:
+    """`case_metrics` per class, or per region on the masks of its label values (keyed by region name)."""
+    if not isinstance(targets, dict):
+        return case_metrics(pred, ref, spacing, list(targets), tolerance_mm, ignore)
+    if all(isinstance(k, int) and v == (k,) for k, v in targets.items()):
+        return case_metrics(pred, ref, spacing, list(targets), tolerance_mm, ignore)  # type: ignore[arg-type]
+    out: dict[int | str, ClassMetrics] = {}
+    for key, values in targets.items():
+        p = np.isin(pred, values).astype(np.uint8)
+        r = np.isin(ref, values).astype(np.uint8)
+        if ignore is not None:
+            r[ref == ignore] = 2  # same rule as for classes: unannotated voxels count for nothing
+        out[key] = case_metrics(p, r, spacing, [1], tolerance_mm, None if ignore is None else 2)[1]
+    return out
+
+
+def evaluate_case(case_id: str, pred_file: Path, ref_file: Path,
+                  label_values: Sequence[int] | dict[int | str, tuple[int, ...]],
                   tolerance_mm: float = DEFAULT_TOLERANCE_MM, ignore: int | None = None) -> CaseEvaluation:
     """Read one prediction/reference pair and compute its metrics (spacing from the reference).
 
-    ``ignore``: the reference's ignore label, whose voxels count for no class.
+    ``label_values``: classes, or key -> label values (regions). ``ignore``: the reference's
+    ignore label, whose voxels count for no class.
     """
     pred, pg = read_image(pred_file)
     ref, rg = read_image(ref_file)
@@ -160,7 +186,7 @@ def evaluate_case(case_id: str, pred_file: Path, ref_file: Path, label_values: S
     if not np.allclose(pg.spacing, rg.spacing, rtol=1e-3, atol=1e-4):
         log.warning("%s: spacing %s differs from the reference's %s; using the reference's",
                     pred_file, pg.spacing, rg.spacing)
-    metrics = case_metrics(np.asarray(pred), np.asarray(ref), rg.spacing, label_values, tolerance_mm, ignore)
+    metrics = target_metrics(np.asarray(pred), np.asarray(ref), rg.spacing, label_values, tolerance_mm, ignore)
     return CaseEvaluation(case_id=case_id, prediction=str(pred_file), reference=str(ref_file), metrics=metrics)
 
 
@@ -168,7 +194,7 @@ def _evaluate_star(args: tuple) -> CaseEvaluation:
     return evaluate_case(*args)
 
 
-def evaluate_pairs(pairs: Sequence[tuple[str, Path, Path]], labels: dict[str, int],
+def evaluate_pairs(pairs: Sequence[tuple[str, Path, Path]], labels: dict[str, LabelValue],
                    tolerance_mm: float = DEFAULT_TOLERANCE_MM, num_workers: int = 1,
                    show_progress: bool = True) -> Summary:
     """Evaluate explicit (case_id, prediction, reference) triples; cases in the order given."""
@@ -189,7 +215,7 @@ def _cases_in(folder: Path, file_ending: str) -> dict[str, Path]:
             if f.is_file() and not f.name.startswith(".") and f.name.endswith(file_ending)}
 
 
-def evaluate_folder(pred_dir: Path, ref_dir: Path, labels: dict[str, int], file_ending: str,
+def evaluate_folder(pred_dir: Path, ref_dir: Path, labels: dict[str, LabelValue], file_ending: str,
                     tolerance_mm: float = DEFAULT_TOLERANCE_MM, num_workers: int = 1,
                     output_file: Path | None = None, allow_missing: bool = False,
                     show_progress: bool = True, force: bool = False) -> Summary:
@@ -244,7 +270,7 @@ def format_summary_table(summary: Summary) -> str:
                 f"{_cell(m.nsd, 8, '.4f')}{m.n_cases:>7d}{empty}{n_hd}")
 
     for v, m in summary.mean.items():
-        lines.append(row(f"{summary.class_name(v)} ({v})", m))
+        lines.append(row(v if isinstance(v, str) else f"{summary.class_name(v)} ({v})", m))
     lines.append("-" * len(header))
     lines.append(row("foreground mean", summary.foreground_mean, counts=False))
     lines.append(f"NSD tolerance {summary.tolerance_mm:g} mm. empty: cases with the class in neither mask (no Dice, "

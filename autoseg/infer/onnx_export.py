@@ -25,6 +25,7 @@ import torch
 from autoseg.common.errors import AutosegError
 from autoseg.common.jsonio import save_record
 from autoseg.common.paths import DEFAULT_PLANS, Paths, TrainingId
+from autoseg.dataset.spec import LabelValue
 from autoseg.planning.plans import ChannelNormalization
 from autoseg.infer.predict import load_model
 
@@ -57,7 +58,7 @@ class OnnxExportRecord:
     input_shape: tuple[int, ...]
     """(1, C, *patch); the batch axis is dynamic."""
     num_classes: int
-    labels: dict[str, int]
+    labels: dict[str, LabelValue]
     patch_size: tuple[int, ...]
     spacing: tuple[float, ...]
     transpose_forward: tuple[int, int, int]

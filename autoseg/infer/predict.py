@@ -5,10 +5,14 @@ each fold's network predicts it with Gaussian-weighted sliding windows and mirro
 the softmax probabilities are averaged over folds, resampled back with
 `autoseg.preprocess.revert_preprocessing`, averaged over configurations (an ensemble), and
 the argmax is written with the input's shape, spacing, origin, direction and file format.
+Region-based models (`autoseg.dataset.spec.LabelScheme` with regions) give sigmoid
+probabilities per region instead, averaged the same way, and the label map is built by
+``regions_class_order`` (later regions overwrite earlier ones where their probability > 0.5).
 
 Input folders follow nnU-Net's convention: ``CASE_0000<ending>``, ``CASE_0001<ending>``, ...
 one file per channel. Outputs are ``CASE<ending>``; ``--save-probabilities`` adds
-``CASE.npz`` (key ``probabilities``, (K, z, y, x) float16) and ``CASE.json`` (a
+``CASE.npz`` (key ``probabilities``, (K, z, y, x) float16; one channel per region for
+region-based models) and ``CASE.json`` (a
 `ProbabilityRecord` with the geometry), written last, so they can be ensembled later.
 
 A cascade configuration (3d_cascade_fullres) also needs the previous stage's segmentation as
@@ -37,7 +41,7 @@ from autoseg.common.jsonio import atomic_write_bytes, load_record, save_record
 from autoseg.common.paths import DEFAULT_PLANS, Paths, TrainingId
 from autoseg.common.progress import progress
 from autoseg.dataset.io import SUPPORTED_ENDINGS, Geometry, file_ending, read_case, read_image, write_image
-from autoseg.dataset.spec import warn_stray_files
+from autoseg.dataset.spec import LabelScheme, LabelValue, warn_stray_files
 from autoseg.infer.cascade import PreviousStage, seg_to_preprocessed_grid
 from autoseg.infer.sliding_window import DEFAULT_BATCH_SIZE, DEFAULT_STEP, predict_sliding_window
 from autoseg.planning.plans import Configuration, Plan
@@ -95,9 +99,15 @@ class ProbabilityRecord:
 
     case_id: str
     geometry: Geometry
-    labels: dict[str, int]
+    labels: dict[str, LabelValue]
     file_ending: str
     sources: tuple[str, ...] = ()
+    regions_class_order: tuple[int, ...] = ()
+    """Region probabilities only: how they become a label map (see `LabelScheme`)."""
+
+    @property
+    def label_scheme(self) -> LabelScheme:
+        return LabelScheme.from_labels(self.labels, self.regions_class_order)
 
 
 @dataclass(frozen=True)
@@ -352,17 +362,19 @@ def model_input(model: LoadedModel, case: PreparedCase, index: int,
     if before is None:
         return data_pp
     source = model.previous_stage.model  # type: ignore[union-attr]
-    seg = labels_from_probabilities(predict_prepared([source], before, options))
+    seg = labels_from_probabilities(predict_prepared([source], before, options), source.plan.label_scheme)
     return _with_previous_stage(model, data_pp, seg_to_preprocessed_grid(seg, props, model.plan, model.config))
 
 
 def model_probabilities(model: LoadedModel, data_pp: np.ndarray,
                         options: PredictOptions = PredictOptions()) -> np.ndarray:
-    """Softmax (K, *preprocessed spatial) float32 of one model, averaged over its folds."""
+    """Softmax (or per-region sigmoid) (K, *preprocessed spatial) float32 of one model, averaged over its folds."""
     x = torch.from_numpy(np.ascontiguousarray(data_pp, dtype=np.float32))
     probs = None
+    regions = model.plan.label_scheme.has_regions
     for net in model.nets:
-        p = torch.softmax(_logits_3d(net, x, model, options), dim=0)
+        logits = _logits_3d(net, x, model, options)
+        p = torch.sigmoid(logits) if regions else torch.softmax(logits, dim=0)
         probs = p if probs is None else probs + p
     return (probs / len(model.nets)).cpu().numpy()
 
@@ -386,8 +398,13 @@ def predict_probabilities(models: Sequence[LoadedModel], data: np.ndarray, geome
     return predict_prepared(models, prepare_case(models, data=data, geometry=geometry), options)
 
 
-def labels_from_probabilities(probs: np.ndarray) -> np.ndarray:
-    """Argmax over classes as the smallest unsigned integer type that holds the labels."""
+def labels_from_probabilities(probs: np.ndarray, scheme: LabelScheme | None = None) -> np.ndarray:
+    """The label map as the smallest unsigned integer type that holds the labels.
+
+    Argmax over classes; with a region ``scheme``, regions_class_order (`LabelScheme.label_map`).
+    """
+    if scheme is not None:
+        return scheme.label_map(probs)
     dtype = np.uint8 if probs.shape[0] <= 256 else np.uint16
     return np.argmax(probs, axis=0).astype(dtype)
 
@@ -398,7 +415,7 @@ def predict_case(models: Sequence[LoadedModel], image_files: Sequence[Path],
     """(label map (z, y, x), probabilities (K, z, y, x) or None, the input's geometry) for one case."""
     case = prepare_case(models, image_files, case_id=case_id)
     probs = predict_prepared(models, case, options)
-    seg = labels_from_probabilities(probs)
+    seg = labels_from_probabilities(probs, models[0].plan.label_scheme)
     return seg, (probs if return_probabilities else None), case.geometry
 
 
@@ -449,11 +466,13 @@ def _save_npz(path: Path, probs: np.ndarray) -> None:
 
 
 def write_probabilities(out_dir: Path, case_id: str, probs: np.ndarray, geometry: Geometry,
-                       labels: dict[str, int], ending: str, sources: Sequence[str] = ()) -> None:
+                       labels: dict[str, LabelValue], ending: str, sources: Sequence[str] = (),
+                       regions_class_order: Sequence[int] = ()) -> None:
     """CASE.npz then CASE.json (the json marks the pair complete)."""
     _save_npz(Path(out_dir) / f"{case_id}.npz", probs)
     save_record(Path(out_dir) / f"{case_id}.json",
-                ProbabilityRecord(case_id, geometry, dict(labels), ending, tuple(sources)))
+                ProbabilityRecord(case_id, geometry, dict(labels), ending, tuple(sources),
+                                  tuple(regions_class_order)))
 
 
 def load_probabilities(folder: Path, case_id: str) -> tuple[np.ndarray, ProbabilityRecord]:
@@ -522,12 +541,12 @@ def predict_folder(models: Sequence[LoadedModel], input_dir: Path, output_dir: P
             todo.append(cid)
     if skipped:
         log.info("%d case(s) already predicted in %s; skipping them (use --force to redo)", len(skipped), output_dir)
-    labels = models[0].plan.labels
+    labels, scheme = models[0].plan.labels, models[0].plan.label_scheme
     sources = tuple(s for m in models for s in m.sources)
     for cid, case in progress(_prefetched(models, [(c, cases[c]) for c in todo], num_workers), total=len(todo),
                               desc="predict", enabled=show_progress, unit="case"):
         probs = predict_prepared(models, case, options)
-        seg, geometry = labels_from_probabilities(probs), case.geometry
+        seg, geometry = labels_from_probabilities(probs, scheme), case.geometry
         if postprocess is not None:
             seg = postprocess(seg)
         if save_probabilities:
@@ -535,7 +554,8 @@ def predict_folder(models: Sequence[LoadedModel], input_dir: Path, output_dir: P
             _save_npz(output_dir / f"{cid}.npz", probs)
         write_image(output_dir / f"{cid}{ending}", seg, geometry)
         if save_probabilities:
-            save_record(output_dir / f"{cid}.json", ProbabilityRecord(cid, geometry, dict(labels), ending, sources))
+            save_record(output_dir / f"{cid}.json", ProbabilityRecord(cid, geometry, dict(labels), ending, sources,
+                                                                          scheme.regions_class_order))
         written.append(cid)
     return FolderResult(written=tuple(written), skipped=tuple(skipped), output_dir=output_dir)
 
@@ -568,7 +588,7 @@ def ensemble_probabilities(folders: Sequence[Path], output_dir: Path, force: boo
             probs, rec = load_probabilities(f, cid)
             if rec0 is None:
                 rec0 = rec
-            elif rec.labels != rec0.labels or rec.geometry.differences(rec0.geometry):
+            elif (rec.labels, rec.regions_class_order) != (rec0.labels, rec0.regions_class_order) or rec.geometry.differences(rec0.geometry):
                 raise AutosegError(f"case {cid!r}: labels or geometry differ from {folders[0]}", f / f"{cid}.json")
             total = probs if total is None else total + probs
         out = output_dir / f"{cid}{rec0.file_ending}"
@@ -576,11 +596,12 @@ def ensemble_probabilities(folders: Sequence[Path], output_dir: Path, force: boo
             skipped.append(cid)
             continue
         mean = total / len(folders)
-        seg = labels_from_probabilities(mean)
+        seg = labels_from_probabilities(mean, rec0.label_scheme)
         if postprocess is not None:
             seg = postprocess(seg)
         if save_probabilities:
-            write_probabilities(output_dir, cid, mean, rec0.geometry, rec0.labels, rec0.file_ending)
+            write_probabilities(output_dir, cid, mean, rec0.geometry, rec0.labels, rec0.file_ending,
+                                regions_class_order=rec0.regions_class_order)
         write_image(out, seg, rec0.geometry)
         written.append(cid)
     return FolderResult(written=tuple(written), skipped=tuple(skipped), output_dir=output_dir)

@@ -85,13 +85,14 @@ def run_validation(net: nn.Module, plan: Plan, config: Configuration, mirror_axe
             props, geometry = prepared.inputs[0][1], prepared.geometry
             grid_probs = model_probabilities(model, model_input(model, prepared, 0, options), options)
             probs = revert_preprocessing(grid_probs, props, plan, config).astype("float32", copy=False)
-            seg = labels_from_probabilities(probs)
+            seg = labels_from_probabilities(probs, plan.label_scheme)
             for nxt in exports:
                 write_next_stage(next_stage_file(out_dir, nxt.name, case.case_id),
                                  export_for_next_stage(grid_probs, props, plan, nxt))
             out = out_dir / f"{case.case_id}{spec.file_ending}"
             if save_probabilities:
-                write_probabilities(out_dir, case.case_id, probs, geometry, spec.labels, spec.file_ending)
+                write_probabilities(out_dir, case.case_id, probs, geometry, spec.labels, spec.file_ending,
+                                    regions_class_order=plan.regions_class_order)
             write_image(out, seg, geometry)
             pairs.append((case.case_id, out, case.label))
             _write_progress(out_dir, len(pairs), len(cases), started)

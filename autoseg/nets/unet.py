@@ -144,6 +144,24 @@ def init_heads_to_prior(net: DynamicUNet, class_voxels: np.ndarray) -> np.ndarra
     return share
 
 
+def init_heads_to_region_prior(net: DynamicUNet, region_share: np.ndarray) -> np.ndarray:
+    """Sigmoid heads (region-based training): bias = logit of each region's voxel share.
+
+    The untrained network then predicts each region's prior probability everywhere, the
+    sigmoid counterpart of `init_heads_to_prior` (the same reason: no random image-wide
+    offset that drives a region to Dice 0 first). Shares are clipped to
+    [`PRIOR_FLOOR`, 1 - `PRIOR_FLOOR`]; returns the shares used.
+    """
+    share = np.asarray(region_share, dtype=np.float64)
+    if share.shape != (net.num_classes,) or (share < 0).any() or (share > 1).any():
+        raise ValueError(f"need {net.num_classes} region shares in [0, 1], got {share}")
+    share = np.clip(share, PRIOR_FLOOR, 1 - PRIOR_FLOOR)
+    with torch.no_grad():
+        for head in net.heads:
+            head.bias.copy_(torch.as_tensor(np.log(share / (1 - share)), dtype=head.bias.dtype))
+    return share
+
+
 def _check_topology(config: Configuration) -> None:
     """Fail with a readable error (not a shape mismatch deep in forward) on an inconsistent plan."""
     where = f"plans.json:configurations.{config.name}"
@@ -179,8 +197,8 @@ def build_unet(config: Configuration, in_channels: int, num_classes: int,
     """The U-Net for one planned configuration (2D or 3D by ``len(config.patch_size)``; plain or
     residual encoder by ``config.encoder``)."""
     _check_topology(config)
-    if in_channels < 1 or num_classes < 2:
-        raise AutosegError(f"need >= 1 input channel and >= 2 classes, got {in_channels} and {num_classes}",
+    if in_channels < 1 or num_classes < 1:
+        raise AutosegError(f"need >= 1 input channel and >= 1 output, got {in_channels} and {num_classes}",
                            f"plans.json:configurations.{config.name}")
     return DynamicUNet(
         ndim=config.ndim, in_channels=in_channels, num_classes=num_classes,

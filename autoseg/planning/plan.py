@@ -227,7 +227,7 @@ def plan_dataset(fingerprint: Fingerprint, gpu_memory_gb: float | None = None,
     reasons.update({f"normalization[{i}]": d.reason for i, d in enumerate(norm)})
     plan = Plan(
         dataset=fingerprint.dataset, gpu_memory_gb=float(gpu_memory_gb),
-        channel_names=dict(fingerprint.channel_names), labels=dict(fingerprint.labels),
+        channel_names=dict(fingerprint.channel_names), labels=dict(fingerprint.labels), regions_class_order=fingerprint.regions_class_order,
         transpose_forward=transpose.value[0], transpose_backward=transpose.value[1],
         original_median_spacing=tuple(float(v) for v in np.median(spacings, axis=0)),  # type: ignore[arg-type]
         original_median_shape=tuple(int(round(v)) for v in np.median(shapes, axis=0)),  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from autoseg.common.errors import AutosegError
-from autoseg.dataset.spec import class_labels, ignore_label
+from autoseg.dataset.spec import LabelScheme, LabelValue, ignore_label
 
 PLAIN_ENCODER = "plain"
 RESIDUAL_ENCODER = "residual"
@@ -103,7 +103,7 @@ class Plan:
     dataset: str
     gpu_memory_gb: float
     channel_names: dict[int, str]
-    labels: dict[str, int]
+    labels: dict[str, LabelValue]
     transpose_forward: tuple[int, int, int]
     transpose_backward: tuple[int, int, int]
     original_median_spacing: tuple[float, float, float]
@@ -118,14 +118,21 @@ class Plan:
     overrides: tuple[str, ...] = ()
     """The ``--set`` overrides applied on top of the rules, as given."""
     reasons: dict[str, str] = field(default_factory=dict)
+    regions_class_order: tuple[int, ...] = ()
+    """Region-based training only: the label value each region is written as (dataset.json)."""
     transferred_from: str | None = None
     """The dataset whose configurations this plan took (``autoseg plan --from-plans``, to fine-tune a
     network pretrained there); None when planned from this dataset's own fingerprint."""
 
     @property
+    def label_scheme(self) -> LabelScheme:
+        """Classes or regions, and the conversions between label maps and network outputs."""
+        return LabelScheme.from_labels(self.labels, self.regions_class_order)
+
+    @property
     def num_classes(self) -> int:
-        """Network output channels: every label but the ignore label (it is never predicted)."""
-        return len(class_labels(self.labels))
+        """Network output channels: every class but the ignore label (never predicted), or one per region."""
+        return self.label_scheme.num_outputs
 
     @property
     def ignore_label(self) -> int | None:

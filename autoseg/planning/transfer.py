@@ -71,6 +71,7 @@ def transfer_plan(source: Plan, fingerprint: Fingerprint, overrides: typing.Sequ
     plan = Plan(
         dataset=target, gpu_memory_gb=source.gpu_memory_gb,
         channel_names=dict(fingerprint.channel_names), labels=dict(fingerprint.labels),
+        regions_class_order=fingerprint.regions_class_order,
         transpose_forward=source.transpose_forward, transpose_backward=source.transpose_backward,
         original_median_spacing=tuple(float(v) for v in np.median(spacings, axis=0)),  # type: ignore[arg-type]
         original_median_shape=tuple(int(round(v)) for v in np.median(shapes, axis=0)),  # type: ignore[arg-type]

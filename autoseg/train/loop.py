@@ -3,7 +3,8 @@
 Per epoch: set the poly learning rate, run ``iterations_per_epoch`` SGD steps (AMP autocast,
 gradient clipping), run ``val_iterations`` validation batches collecting TP/FP/FN of the
 argmax prediction per foreground class (nnU-Net's online "pseudo-Dice"; voxels with the
-ignore label in the target are left out, as in the loss), update its moving
+ignore label in the target are left out, as in the loss; per region, sigmoid > 0.5, when
+training regions), update its moving
 average, append one line to ``training_log.jsonl`` (losses, pseudo-Dice, lr, wall time, and
 ``train_cpu_s``: this process's CPU seconds in the training phase, the figure the parity harness
 compares with nnU-Net's per iteration), redraw ``progress.png`` and write
@@ -33,6 +34,7 @@ from torch import nn
 from autoseg.common.errors import AutosegError
 from autoseg.common.jsonio import atomic_write_text
 from autoseg.common.progress import progress
+from autoseg.dataset.spec import LabelScheme
 from autoseg.planning.plans import Plan
 from autoseg.report.plots import plot_progress
 from autoseg.train import checkpoint as ckpt_files
@@ -297,7 +299,8 @@ def _train_epoch(model: nn.Module, setup: FitSetup, optimizer: torch.optim.Optim
 @torch.no_grad()
 def _validate(model: nn.Module, setup: FitSetup, rt: Runtime) -> tuple[float, list[float]]:
     """Mean val loss and per-foreground-class Dice from TP/FP/FN summed over all val batches."""
-    n_fg = setup.meta.num_classes - 1
+    scheme = setup.meta.plan.label_scheme
+    n_fg = len(scheme.regions) if scheme.has_regions else setup.meta.num_classes - 1
     if setup.cfg.val_iterations == 0:
         return float("nan"), [float("nan")] * n_fg
     model.eval()
@@ -310,7 +313,10 @@ def _validate(model: nn.Module, setup: FitSetup, rt: Runtime) -> tuple[float, li
             loss_sum += setup.loss_fn(output, target).double()
         full = output[0] if isinstance(output, list | tuple) else output
         ref = target[0] if isinstance(target, list | tuple) else target
-        counts += tp_fp_fn(full.argmax(1), ref[:, 0].long(), setup.meta.num_classes)
+        if scheme.has_regions:
+            counts += region_tp_fp_fn(full, ref, scheme)
+        else:
+            counts += tp_fp_fn(full.argmax(1), ref[:, 0].long(), setup.meta.num_classes)
     counts = all_reduce_sum(counts, rt.dist)
     loss_sum = all_reduce_sum(loss_sum, rt.dist)
     tp, fp, fn = counts.cpu().numpy()
@@ -332,6 +338,19 @@ def tp_fp_fn(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> torch.T
         rows.append(torch.stack([(p & r).sum(), (p & ~r).sum(), (~p & r).sum()]))
     return torch.stack(rows, dim=1).double() if rows else torch.zeros(3, 0, dtype=torch.float64,
                                                                        device=pred.device)
+
+
+def region_tp_fp_fn(logits: torch.Tensor, ref: torch.Tensor, scheme: LabelScheme) -> torch.Tensor:
+    """``(3, R)`` TP / FP / FN voxel counts per region: predicted where sigmoid > 0.5 (logit > 0).
+
+    ``ref`` is the label map ``(B, 1, *spatial)``; its ignore-label voxels count nowhere.
+    """
+    pred = logits > 0
+    target = scheme.region_targets(ref.long()).bool()
+    if scheme.ignore_label is not None:
+        pred = pred & (ref != scheme.ignore_label)
+    axes = (0, *range(2, pred.ndim))
+    return torch.stack([(pred & target).sum(axes), (pred & ~target).sum(axes), (~pred & target).sum(axes)]).double()
 
 
 def make_optimizer(net: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:

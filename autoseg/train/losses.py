@@ -16,6 +16,12 @@ being told. Such voxels add nothing to any loss and get no gradient: CE is avera
 the annotated voxels only (0 when a batch has none), and the soft Dice sums predictions
 and references over annotated voxels only. Without K in the target both are exactly the
 plain losses.
+
+Region-based training (`autoseg.dataset.spec.LabelScheme` with regions) uses
+`RegionDiceBCELoss`: the label map is turned into one binary mask per region here, on the
+device and after augmentation, at every deep-supervision scale; sigmoid outputs, soft Dice
+over all regions (no background channel) + BCE, as nnU-Net's ``DC_and_BCE_loss``. There the
+ignore label is named (it is not K) and its voxels are masked out of both terms.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from autoseg.dataset.spec import LabelScheme
 from autoseg.train.ddp import all_reduce_sum_grad
 
 DICE_SMOOTH = 1e-5
@@ -71,15 +78,20 @@ class SoftDiceLoss(nn.Module):
         # unannotated voxels: no prediction mass and no reference mass, hence no gradient
         probs = torch.softmax(logits.float(), dim=1)[:, 1:] * annotated[:, None]
         onehot = F.one_hot(labels.masked_fill(~annotated, 0), k).movedim(-1, 1)[:, 1:].to(probs.dtype)
-        axes = tuple(range(2, logits.ndim))
-        intersect = (probs * onehot).sum(axes)
-        denom = probs.sum(axes) + onehot.sum(axes)
-        if self.batch_dice:
-            intersect, denom = intersect.sum(0), denom.sum(0)
-            if self.ddp:
-                intersect, denom = all_reduce_sum_grad(torch.stack([intersect, denom])).unbind(0)
-        dice = (2 * intersect + self.smooth) / (denom + self.smooth).clamp_min(1e-8)
-        return -dice.mean()
+        return -soft_dice(probs, onehot, self.batch_dice, self.smooth, self.ddp).mean()
+
+
+def soft_dice(probs: torch.Tensor, onehot: torch.Tensor, batch_dice: bool, smooth: float = DICE_SMOOTH,
+              ddp: bool = False) -> torch.Tensor:
+    """Soft Dice per channel (``batch_dice``) or per sample and channel of ``(B, C, *spatial)`` maps."""
+    axes = tuple(range(2, probs.ndim))
+    intersect = (probs * onehot).sum(axes)
+    denom = probs.sum(axes) + onehot.sum(axes)
+    if batch_dice:
+        intersect, denom = intersect.sum(0), denom.sum(0)
+        if ddp:
+            intersect, denom = all_reduce_sum_grad(torch.stack([intersect, denom])).unbind(0)
+    return (2 * intersect + smooth) / (denom + smooth).clamp_min(1e-8)
 
 
 class CrossEntropyLoss(nn.Module):
@@ -106,6 +118,55 @@ class DiceCELoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.weight_ce * self.ce(logits, target) + self.weight_dice * self.dice(logits, target)
+
+
+class RegionDiceBCELoss(nn.Module):
+    """Sigmoid soft Dice over every region + BCE, for region-based training (nnU-Net's DC_and_BCE_loss).
+
+    Targets are label maps ``(B, 1, *spatial)``; ``scheme`` turns them into region masks.
+    Voxels with the scheme's ignore label count in neither term. BCE is the mean over annotated
+    (voxel, region) pairs; nnU-Net divides its masked sum by the voxel count only, which makes
+    its BCE with an ignore label R times larger than without one (R regions), so here the two
+    agree where nnU-Net's would not.
+    """
+
+    def __init__(self, scheme: LabelScheme, batch_dice: bool, weight_ce: float = 1.0, weight_dice: float = 1.0,
+                 ddp: bool = False) -> None:
+        super().__init__()
+        if not scheme.has_regions:
+            raise ValueError("RegionDiceBCELoss needs a label scheme with regions")
+        self.scheme = scheme
+        self.batch_dice = batch_dice
+        self.weight_ce = weight_ce
+        self.weight_dice = weight_dice
+        self.ddp = ddp
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        labels = _labels(target)
+        regions = self.scheme.region_targets(labels[:, None])
+        logits = logits.float()
+        ignore = self.scheme.ignore_label
+        mask = None if ignore is None else (labels != ignore)[:, None].float()
+        total = logits.new_zeros(())
+        if self.weight_dice:
+            probs = torch.sigmoid(logits)
+            if mask is not None:
+                probs, regions_d = probs * mask, regions * mask
+            else:
+                regions_d = regions
+            total = total - self.weight_dice * soft_dice(probs, regions_d, self.batch_dice, ddp=self.ddp).mean()
+        if self.weight_ce:
+            if mask is None:
+                bce = F.binary_cross_entropy_with_logits(logits, regions)
+            else:
+                per = F.binary_cross_entropy_with_logits(logits, regions, reduction="none") * mask
+                bce = per.sum() / (mask.sum() * logits.shape[1]).clamp_min(1)
+            total = total + self.weight_ce * bce
+        return total
+
+
+REGION_LOSS_WEIGHTS: dict[str, tuple[float, float]] = {"dice_ce": (1.0, 1.0), "dice": (0.0, 1.0), "ce": (1.0, 0.0)}
+"""Loss name -> (BCE weight, Dice weight) when training regions: the same names mean the sigmoid versions."""
 
 
 LOSSES: dict[str, Callable[[bool, bool], nn.Module]] = {
@@ -153,16 +214,21 @@ class DeepSupervisionLoss(nn.Module):
         return total
 
 
-def build_loss(name: str, batch_dice: bool, num_ds_outputs: int, distributed: bool = False) -> nn.Module:
+def build_loss(name: str, batch_dice: bool, num_ds_outputs: int, distributed: bool = False,
+               scheme: LabelScheme | None = None) -> nn.Module:
     """The configured loss; wrapped for deep supervision when the net has several outputs.
 
     The returned module takes (outputs, targets) as lists when ``num_ds_outputs > 1`` and as
     single tensors otherwise. ``distributed`` sums batch Dice over the ranks and keeps a
-    gradient on every DS head.
+    gradient on every DS head. A ``scheme`` with regions gives the sigmoid `RegionDiceBCELoss`.
     """
     if name not in LOSSES:
         raise KeyError(name)
-    base = LOSSES[name](batch_dice, distributed)
+    if scheme is not None and scheme.has_regions:
+        w_ce, w_dice = REGION_LOSS_WEIGHTS[name]
+        base = RegionDiceBCELoss(scheme, batch_dice, w_ce, w_dice, ddp=distributed)
+    else:
+        base = LOSSES[name](batch_dice, distributed)
     if num_ds_outputs > 1:
         coarsest = DDP_COARSEST_WEIGHT if distributed else 0.0
         return DeepSupervisionLoss(base, deep_supervision_weights(num_ds_outputs, coarsest))

@@ -240,7 +240,8 @@ def _train(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan, ckpt: 
     from autoseg.data.loader import LoaderSpec, make_train_loader, make_val_loader
     from autoseg.infer.cascade import previous_stage_exports
     from autoseg.data.sampling import class_voxel_counts
-    from autoseg.nets.unet import build_unet, deep_supervision_scales, init_heads_to_prior
+    from autoseg.nets.unet import (build_unet, deep_supervision_scales, init_heads_to_prior,
+                                   init_heads_to_region_prior)
     from autoseg.splits import fold_cases, load_splits
 
     config = plan.configuration(tid.config)
@@ -261,8 +262,14 @@ def _train(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan, ckpt: 
     in_channels = input_channels(plan, tid.config)
     net = build_unet(config, in_channels, plan.num_classes, deep_supervision=cfg.deep_supervision)
     data_dir = paths.preprocessed_data(tid.dataset, config.data_identifier)
+    scheme = plan.label_scheme
+    if scheme.has_regions and exports:
+        raise AutosegError("region-based training has no cascade yet; train 3d_fullres or 2d", tid.config)
     if cfg.head_init == "prior" and ckpt is None:  # a resumed run loads its trained heads
-        share = init_heads_to_prior(net, class_voxel_counts(data_dir, train_ids, plan.num_classes))
+        if scheme.has_regions:
+            share = init_heads_to_region_prior(net, _region_shares(data_dir, train_ids, scheme))
+        else:
+            share = init_heads_to_prior(net, class_voxel_counts(data_dir, train_ids, plan.num_classes))
         log.info("segmentation heads start at the label prior %s", np.round(share, 4).tolist())
     pretrained_from = ckpt.pretrained_from if ckpt is not None else None
     if ckpt is None and cfg.pretrained is not None:
@@ -288,7 +295,7 @@ def _train(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan, ckpt: 
     val_loader = make_val_loader(spec(val_ids, base_seed + VAL_LOADER_SEED_OFFSET + rt.dist.rank))
     meta = RunMeta(plan=plan, config_name=tid.config, dataset=tid.dataset, fold=tid.fold,
                    num_input_channels=in_channels, num_classes=plan.num_classes, pretrained_from=pretrained_from)
-    setup = FitSetup(net=net, loss_fn=build_loss(cfg.loss, config.batch_dice, num_ds, rt.dist.enabled),
+    setup = FitSetup(net=net, loss_fn=build_loss(cfg.loss, config.batch_dice, num_ds, rt.dist.enabled, scheme),
                      train_batches=train_loader, val_batches=val_loader, cfg=cfg, meta=meta,
                      out_dir=fold_dir, rng=rng, augment_device=augment_where)
     try:
@@ -306,6 +313,14 @@ def _train(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan, ckpt: 
     barrier(rt.dist)
     return TrainResult(tid, fold_dir, "trained", result.epochs_completed, result.best_ema_pseudo_dice,
                        result.final_ema_pseudo_dice, validation_dir)
+
+
+def _region_shares(data_dir: Path, case_ids: list[str], scheme: Any) -> np.ndarray:
+    """Each region's share of the labelled voxels (the ignore label not counted), from the same cases as the class prior."""
+    from autoseg.data.sampling import class_voxel_counts
+
+    counts = class_voxel_counts(data_dir, case_ids, max(scheme.label_values) + 1)
+    return np.array([counts[list(r)].sum() for r in scheme.regions], dtype=np.float64) / max(counts.sum(), 1)
 
 
 def input_channels(plan: Plan, config_name: str) -> int:

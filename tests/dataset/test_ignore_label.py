@@ -50,7 +50,7 @@ def test_a_sparse_dataset_verifies_and_its_spec_knows_the_ignore_label(paths: Pa
     ({**LABELS, "ignore": 2}, "'ignore' must be the highest label value, 3 (one above the other labels 0..2), got 2"),
     ({"background": 0, "ignore": 1, "liver": 2, "tumour": 3},
      "label values must be consecutive integers from 0, got [0, 2, 3] (not counting 'ignore')"),
-    ({**LABELS, "ignore": [1, 2]}, "label 'ignore' is a region"),
+    ({**LABELS, "ignore": [1, 2]}, "label 'ignore' must map to an integer, got [1, 2]"),
 ])
 def test_a_wrong_ignore_value_is_one_line_naming_dataset_json(paths: Paths, labels: dict, words: str) -> None:
     root = make_tiny_dataset(paths.raw)

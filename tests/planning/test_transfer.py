@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -78,3 +79,22 @@ def test_version_1_plans_read_as_planned_from_their_own_fingerprint(paths, hippo
     body["schema_version"] = 1
     file.write_text(json.dumps(body))
     assert load_record(file, Plan) == plan and plan.transferred_from is None
+
+
+def test_version_1_region_plans_load(paths, hippocampus_like_fingerprint) -> None:
+    """Region-based plans were written as schema 1 (regions_class_order, no transferred_from): the one
+    v1 -> v2 migration reads them with their regions kept."""
+    fp = dataclasses.replace(hippocampus_like_fingerprint, labels={"background": 0, "whole": (1, 2), "posterior": 2},
+                             regions_class_order=(1, 2))
+    plan = plan_dataset(fp)
+    file = save_plan(paths, plan)
+    body = json.loads(file.read_text())
+    del body["transferred_from"]
+    body["schema_version"] = 1
+    file.write_text(json.dumps(body))
+    back = load_record(file, Plan)
+    assert back == plan and back.regions_class_order == (1, 2) and back.transferred_from is None
+    assert back.label_scheme.has_regions and back.num_classes == 2
+    # --from-plans onto a region dataset keeps the target's regions_class_order
+    source = dataclasses.replace(plan_dataset(hippocampus_like_fingerprint), dataset="Dataset005_Source")
+    assert transfer_plan(source, fp).regions_class_order == (1, 2)
