@@ -8,6 +8,7 @@ import click
 
 from autoseg.cli.app import cli, paths_from
 from autoseg.common.errors import AutosegError
+from autoseg.common.paths import Paths
 
 CHECKPOINT_CHOICES = ("final", "best", "latest")
 """Same as `autoseg.infer.predict.CHECKPOINT_CHOICES`; repeated so `autoseg --help` need not import torch."""
@@ -49,7 +50,10 @@ def parse_fold(text: str) -> int | str:
 
 
 @cli.command("predict", cls=multi_value_command("-f", "--folds", "-c", "--configs"))
-@click.option("-d", "--dataset", default=None, help="Dataset name or id (not needed with --best).")
+@click.option("-d", "--dataset", default=None, help="Dataset name or id (not needed with --best or -m).")
+@click.option("-m", "--model", "model_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="A model folder (installed, or an unzipped export-model): no raw or preprocessed data needed; "
+                   "its best.json and postprocessing apply unless -c/-f are given.")
 @click.option("-c", "--configs", multiple=True, help="Configuration(s); several = ensemble.  [default: 3d_fullres]")
 @click.option("-f", "--folds", multiple=True, help="Folds to average (e.g. -f 0 1 2 3 4).  [default: 0 1 2 3 4]")
 @click.option("-i", "--input", "input_dir", required=True, type=click.Path(path_type=Path),
@@ -76,8 +80,9 @@ def parse_fold(text: str) -> int | str:
               default=None, help="3d_cascade_fullres: existing 3d_lowres predictions (CASE<ending>) instead of "
                                  "predicting them first.")
 @click.pass_context
-def predict_cmd(ctx: click.Context, dataset: str | None, configs: tuple[str, ...], folds: tuple[str, ...],
-                input_dir: Path, output_dir: Path, best_file: Path | None, variant: str, plans: str, checkpoint: str,
+def predict_cmd(ctx: click.Context, dataset: str | None, model_dir: Path | None, configs: tuple[str, ...],
+                folds: tuple[str, ...], input_dir: Path, output_dir: Path, best_file: Path | None, variant: str,
+                plans: str, checkpoint: str,
                 step: float, no_tta: bool, save_probabilities: bool, device: str, batch_size: int,
                 num_workers: int, force: bool, prev_stage_dir: Path | None) -> None:
     """Segment every case of a folder with trained folds (written in each input's own geometry)."""
@@ -85,6 +90,9 @@ def predict_cmd(ctx: click.Context, dataset: str | None, configs: tuple[str, ...
 
     paths = paths_from(ctx)
     options = PredictOptions(step=step, tta=not no_tta, batch_size=batch_size)
+    if model_dir is not None:
+        paths, dataset, configs, folds, variant, checkpoint, best_file = _from_model_folder(
+            ctx, paths, model_dir, dataset, configs, folds, variant, checkpoint, best_file)
     if best_file is not None:
         from autoseg.evaluate.best import predict_with_best
         result = predict_with_best(paths, best_file, input_dir, output_dir, device, save_probabilities, force,
@@ -100,6 +108,28 @@ def predict_cmd(ctx: click.Context, dataset: str | None, configs: tuple[str, ...
         result = run_prediction(paths, request)
     skipped = f", skipped {len(result.skipped)} already predicted (--force to redo)" if result.skipped else ""
     click.echo(f"predicted {len(result.written)} case(s){skipped} -> {result.output_dir}")
+
+
+def _from_model_folder(ctx: click.Context, paths: Paths, model_dir: Path, dataset: str | None,
+                       configs: tuple[str, ...], folds: tuple[str, ...], variant: str, checkpoint: str,
+                       best_file: Path | None) -> tuple:
+    """``predict -m``: the folder's parent becomes the results root; best.json or the manifest fill the gaps."""
+    from autoseg.infer.exchange import model_defaults, open_model_folder
+
+    model = open_model_folder(model_dir)
+    paths = Paths(raw=paths.raw, preprocessed=paths.preprocessed, results=model.results_root)
+    if dataset is not None and paths.resolve_dataset(dataset) != model.dataset:
+        raise AutosegError(f"-d {dataset} but the model folder holds {model.dataset}", model.path)
+    if best_file is None and not configs and not folds and model.best_file is not None:
+        return paths, model.dataset, configs, folds, variant, checkpoint, model.best_file
+    if best_file is None:
+        cfgs, fds, m_variant, m_checkpoint = model_defaults(model, configs, tuple(parse_fold(f) for f in folds))
+        configs, folds = cfgs, tuple(str(f) for f in fds)
+        if ctx.get_parameter_source("variant") == click.core.ParameterSource.DEFAULT:
+            variant = m_variant
+        if ctx.get_parameter_source("checkpoint") == click.core.ParameterSource.DEFAULT:
+            checkpoint = m_checkpoint
+    return paths, model.dataset, configs, folds, variant, checkpoint, best_file
 
 
 @cli.command("export-onnx")
