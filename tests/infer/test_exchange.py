@@ -7,6 +7,7 @@ import stat
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -36,6 +37,14 @@ def _masks(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.nii.gz"))}
 
 
+def _probabilities(folder: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for p in sorted(folder.glob("*.npz")):
+        with np.load(p) as z:
+            out[p.stem] = z["probabilities"]
+    return out
+
+
 @pytest.fixture(scope="module")
 def trained(phantom_small: Paths, tmp_path_factory: pytest.TempPathFactory):
     """A phantom 3d_fullres fold trained for 2 tiny epochs, validated, find-best run, and its predictions."""
@@ -49,7 +58,7 @@ def trained(phantom_small: Paths, tmp_path_factory: pytest.TempPathFactory):
     inputs = link_inputs(sorted((paths.raw / DATASET / "imagesTs").iterdir()), root / "inputs")
     reference = root / "pred_original"
     run_cli_ok(paths, "predict", "-d", "999", "-c", "3d_fullres", "-f", "0", "-i", str(inputs), "-o", str(reference),
-               "--device", "cpu", "--no-tta")
+               "--device", "cpu", "--no-tta", "--save-probabilities")
     zip_path = root / "model.zip"
     out = run_cli_ok(paths, "export-model", "999", "-c", "3d_fullres", "-f", "0", "-o", str(zip_path))
     assert "best.json" in out
@@ -108,8 +117,11 @@ def test_install_then_predict_without_raw_data_matches_original(trained, tmp_pat
     for name, args in (("by_d", ["-d", "999", "-c", "3d_fullres", "-f", "0"]),
                        ("by_m", ["-m", str(installed), "-c", "3d_fullres", "-f", "0"])):
         run_cli_ok(fresh, "predict", *args, "-i", str(inputs), "-o", str(tmp_path / name), "--device", "cpu",
-                   "--no-tta")
+                   "--no-tta", "--save-probabilities")
         assert _masks(tmp_path / name) == expected, name
+        got, want = _probabilities(tmp_path / name), _probabilities(reference)
+        assert got.keys() == want.keys() and len(want) == 2
+        assert all(np.array_equal(got[k], want[k]) for k in want), name
     # -m without -c/-f: find-best's choice (and postprocessing) from best.json, same as --best on the original
     run_cli_ok(fresh, "predict", "-m", str(installed), "-i", str(inputs), "-o", str(tmp_path / "m_best"),
                "--device", "cpu", "--no-tta")
