@@ -8,7 +8,6 @@ import click
 
 from autoseg.cli.app import cli, paths_from
 from autoseg.common.errors import AutosegError
-from autoseg.common.paths import Paths
 
 CHECKPOINT_CHOICES = ("final", "best", "latest")
 """Same as `autoseg.infer.predict.CHECKPOINT_CHOICES`; repeated so `autoseg --help` need not import torch."""
@@ -91,8 +90,16 @@ def predict_cmd(ctx: click.Context, dataset: str | None, model_dir: Path | None,
     paths = paths_from(ctx)
     options = PredictOptions(step=step, tta=not no_tta, batch_size=batch_size)
     if model_dir is not None:
-        paths, dataset, configs, folds, variant, checkpoint, best_file = _from_model_folder(
-            ctx, paths, model_dir, dataset, configs, folds, variant, checkpoint, best_file)
+        from autoseg.infer.exchange import select_from_model_folder
+
+        unset = click.core.ParameterSource.DEFAULT  # then the model's manifest decides
+        chosen = select_from_model_folder(
+            paths, model_dir, dataset, configs, tuple(parse_fold(f) for f in folds),
+            None if ctx.get_parameter_source("variant") == unset else variant,
+            None if ctx.get_parameter_source("checkpoint") == unset else checkpoint, best_file)
+        paths, dataset, variant, checkpoint, best_file = (chosen.paths, chosen.dataset, chosen.variant,
+                                                          chosen.checkpoint, chosen.best_file)
+        configs, folds = chosen.configs, tuple(str(f) for f in chosen.folds)
     if best_file is not None:
         from autoseg.evaluate.best import predict_with_best
         result = predict_with_best(paths, best_file, input_dir, output_dir, device, save_probabilities, force,
@@ -108,28 +115,6 @@ def predict_cmd(ctx: click.Context, dataset: str | None, model_dir: Path | None,
         result = run_prediction(paths, request)
     skipped = f", skipped {len(result.skipped)} already predicted (--force to redo)" if result.skipped else ""
     click.echo(f"predicted {len(result.written)} case(s){skipped} -> {result.output_dir}")
-
-
-def _from_model_folder(ctx: click.Context, paths: Paths, model_dir: Path, dataset: str | None,
-                       configs: tuple[str, ...], folds: tuple[str, ...], variant: str, checkpoint: str,
-                       best_file: Path | None) -> tuple:
-    """``predict -m``: the folder's parent becomes the results root; best.json or the manifest fill the gaps."""
-    from autoseg.infer.exchange import model_defaults, open_model_folder
-
-    model = open_model_folder(model_dir)
-    paths = Paths(raw=paths.raw, preprocessed=paths.preprocessed, results=model.results_root)
-    if dataset is not None and paths.resolve_dataset(dataset) != model.dataset:
-        raise AutosegError(f"-d {dataset} but the model folder holds {model.dataset}", model.path)
-    if best_file is None and not configs and not folds and model.best_file is not None:
-        return paths, model.dataset, configs, folds, variant, checkpoint, model.best_file
-    if best_file is None:
-        cfgs, fds, m_variant, m_checkpoint = model_defaults(model, configs, tuple(parse_fold(f) for f in folds))
-        configs, folds = cfgs, tuple(str(f) for f in fds)
-        if ctx.get_parameter_source("variant") == click.core.ParameterSource.DEFAULT:
-            variant = m_variant
-        if ctx.get_parameter_source("checkpoint") == click.core.ParameterSource.DEFAULT:
-            checkpoint = m_checkpoint
-    return paths, model.dataset, configs, folds, variant, checkpoint, best_file
 
 
 @cli.command("export-onnx")

@@ -5,9 +5,10 @@ training, so an installed model is used exactly like a trained one (``predict -d
 ``predict --best``), and an unzipped export is a model folder for ``predict -m``:
 
     <dataset>/manifest.json                    ModelManifest: what is inside, sizes and sha256
-    <dataset>/{dataset.json, plans.json}       the raw dataset.json and the plans (when found)
+    <dataset>/dataset.json                     the raw dataset.json (channels, labels, file ending)
+    <dataset>/plans.json, plans_<preset>.json  the plans of each preset the folds were trained with
     <dataset>/best.json                        find-best's choice + postprocessing (when it fits)
-    <dataset>/<config>/<variant>/fold_<k>/checkpoint_<final|best>.pt   weights only (see below)
+    <dataset>/[<preset>__]<config>/<variant>/fold_<k>/checkpoint_<final|best>.pt   weights only (see below)
     <dataset>/<config>/<variant>/fold_<k>/{trainer_config.json, plans.json, dataset.json}
 
 Checkpoints are re-saved in our own checkpoint format without optimizer, scaler, RNG and
@@ -15,12 +16,12 @@ history: the same ``torch.load(weights_only=True)`` loader reads them, nothing i
 and no new dependency (safetensors) is needed for the same safety. Installing verifies every
 member against the manifest before writing anything, refuses members that could land outside
 the target (absolute, ``..``, links, other top folders) and extracts into a temp folder that is
-renamed into place, so a failed install leaves nothing behind.
+renamed into place, so a failed install leaves nothing behind. It replaces an installed model
+(one with a manifest) only with ``force`` and never a folder of training results.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -41,7 +42,7 @@ import autoseg
 from autoseg.common.errors import AutosegError
 from autoseg.common.jsonio import (atomic_write_json, atomic_write_with, load_record, read_json, record_from_dict,
                                    record_to_dict)
-from autoseg.common.paths import DATASET_NAME_RE, Paths, TrainingId
+from autoseg.common.paths import DATASET_NAME_RE, DEFAULT_PLANS, Paths, TrainingId
 from autoseg.infer.predict import checkpoint_file
 from autoseg.train.checkpoint import RngState, load_checkpoint, save_checkpoint
 
@@ -76,12 +77,15 @@ class ModelManifest:
     autoseg_version: str
     dataset: str
     configs: tuple[str, ...]
+    """Results folder names (``3d_fullres``, ``resenc-l__3d_fullres``), as find-best names them."""
     folds: tuple[int | str, ...]
     variant: str
     checkpoint: str
     files: tuple[ManifestFile, ...]
     has_best: bool = False
     """best.json (find-best's configurations, folds and postprocessing) is included."""
+    previous_stages: tuple[str, ...] = ()
+    """Configurations exported only because a cascade in ``configs`` predicts with them."""
 
 
 @dataclass(frozen=True)
@@ -121,20 +125,42 @@ def _weights_only_copy(src: Path, dest: Path) -> None:
     save_checkpoint(dest, slim)
 
 
-def _with_previous_stages(paths: Paths, dataset: str, configs: Sequence[str], folds: Sequence[int | str],
-                          variant: str, checkpoint: str) -> list[str]:
-    """The configurations plus every cascade's previous stage (a cascade cannot predict without it)."""
-    out = list(dict.fromkeys(configs))
+def _config_dirnames(dataset: str, configs: Sequence[str], plans: str) -> list[str]:
+    """Results folder names (``3d_fullres``, ``resenc-l__3d_fullres``) of the configurations, in order."""
+    return list(dict.fromkeys(TrainingId(dataset, c, 0, plans=plans).config_dirname for c in configs))
+
+
+def _previous_stages(paths: Paths, dataset: str, configs: Sequence[str], folds: Sequence[int | str],
+                     variant: str, checkpoint: str) -> list[str]:
+    """Folders of the cascades' previous stages not among ``configs`` (a cascade cannot predict without them)."""
+    out, extra = list(configs), []
     i = 0
     while i < len(out):
-        fold_dir = paths.training_dir(TrainingId(dataset, out[i], folds[0], variant))
-        ckpt = load_checkpoint(checkpoint_file(fold_dir, checkpoint))
-        prev = ckpt.plan.configuration(out[i]).previous_stage
-        if prev is not None and prev not in out:
-            log.info("%s is a cascade stage: exporting its previous stage %s too", out[i], prev)
-            out.append(prev)
+        tid = TrainingId(dataset, out[i], folds[0], variant)
+        ckpt = load_checkpoint(checkpoint_file(paths.training_dir(tid), checkpoint))
+        prev = ckpt.plan.configuration(tid.config).previous_stage
+        if prev is not None:
+            prev_dir = TrainingId(dataset, prev, 0, plans=tid.plans).config_dirname
+            if prev_dir not in out:
+                log.info("%s is a cascade stage: exporting its previous stage %s too", out[i], prev_dir)
+                _check_trained(paths, dataset, prev_dir, folds, variant, checkpoint)
+                out.append(prev_dir)
+                extra.append(prev_dir)
         i += 1
-    return out
+    return extra
+
+
+def _check_trained(paths: Paths, dataset: str, config: str, folds: Sequence[int | str], variant: str,
+                   checkpoint: str) -> None:
+    """An error naming the folder when a configuration, fold or checkpoint is missing."""
+    config_dir = paths.training_dir(TrainingId(dataset, config, 0, variant)).parent
+    if not config_dir.is_dir():
+        raise AutosegError(f"configuration {config!r} was not trained (variant {variant!r})", config_dir)
+    for fold in folds:
+        fold_dir = paths.training_dir(TrainingId(dataset, config, fold, variant))
+        if not fold_dir.is_dir():
+            raise AutosegError(f"fold {fold} of {config} was not trained", fold_dir)
+        checkpoint_file(fold_dir, checkpoint)
 
 
 def _best_fits(best_path: Path, configs: Sequence[str], folds: Sequence[int | str], variant: str,
@@ -144,14 +170,31 @@ def _best_fits(best_path: Path, configs: Sequence[str], folds: Sequence[int | st
     fits = (set(data.get("configs", ())) <= set(configs) and set(data.get("folds", ())) <= set(folds)
             and data.get("variant") == variant and data.get("checkpoint") == checkpoint)
     if not fits:
-        log.warning("%s left out: it names configurations/folds/variant/checkpoint %s/%s/%s outside this export",
-                    best_path, data.get("configs"), data.get("folds"), data.get("variant"), data.get("checkpoint"))
+        log.warning("%s left out: it names configurations/folds/variant/checkpoint %s/%s/%s/%s outside this "
+                    "export", best_path, data.get("configs"), data.get("folds"), data.get("variant"),
+                    data.get("checkpoint"))
     return fits
 
 
+def _copy_first(name: str, candidates: Sequence[Path], dest: Path) -> None:
+    """Copy the first existing ``candidates`` file to ``dest``; a warning when there is none."""
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        log.warning("no %s found (looked at %s); the export goes without it", name,
+                    ", ".join(map(str, candidates)))
+    else:
+        shutil.copyfile(found, dest)
+
+
 def export_model(paths: Paths, dataset: str, configs: Sequence[str], folds: Sequence[int | str], output: Path,
-                 variant: str = "default", checkpoint: str = "final", force: bool = False) -> ModelManifest:
-    """Write ``output`` (a zip) with the given configurations' folds, records and a manifest."""
+                 variant: str = "default", checkpoint: str = "final", force: bool = False,
+                 plans: str = DEFAULT_PLANS) -> ModelManifest:
+    """Write ``output`` (a zip) with the given configurations' folds, records and a manifest.
+
+    ``plans`` is the preset the folds were trained with; a configuration may also name its
+    results folder (``resenc-l__3d_fullres``). Each preset's plans file goes along
+    (``plans.json`` / ``plans_<preset>.json``).
+    """
     output = Path(output)
     if checkpoint not in EXPORT_CHECKPOINTS:
         raise AutosegError(f"export takes checkpoint {' or '.join(EXPORT_CHECKPOINTS)}, not {checkpoint!r}",
@@ -160,21 +203,16 @@ def export_model(paths: Paths, dataset: str, configs: Sequence[str], folds: Sequ
         raise AutosegError("give at least one configuration (-c) and one fold (-f)")
     if output.exists() and not force:
         raise AutosegError("exists; use --force to overwrite it", output)
+    configs = _config_dirnames(dataset, configs, plans)
     for config in configs:
-        config_dir = paths.results_dataset(dataset) / config / variant
-        if not config_dir.is_dir():
-            raise AutosegError(f"configuration {config!r} was not trained (variant {variant!r})", config_dir)
-        for fold in folds:
-            fold_dir = paths.training_dir(TrainingId(dataset, config, fold, variant))
-            if not fold_dir.is_dir():
-                raise AutosegError(f"fold {fold} of {config} was not trained", fold_dir)
-            checkpoint_file(fold_dir, checkpoint)
-    configs = _with_previous_stages(paths, dataset, configs, folds, variant, checkpoint)
+        _check_trained(paths, dataset, config, folds, variant, checkpoint)
+    previous = _previous_stages(paths, dataset, configs, folds, variant, checkpoint)
+    everything = [*configs, *previous]
 
     with tempfile.TemporaryDirectory(prefix=".autoseg-export-", dir=output.parent if output.parent.is_dir()
                                      else None) as tmp:
         stage = Path(tmp) / dataset
-        for config in configs:
+        for config in everything:
             for fold in folds:
                 tid = TrainingId(dataset, config, fold, variant)
                 src, dest = paths.training_dir(tid), stage / tid.relative_dir().relative_to(dataset)
@@ -183,22 +221,22 @@ def export_model(paths: Paths, dataset: str, configs: Sequence[str], folds: Sequ
                 for name in FOLD_RECORDS:
                     if (src / name).is_file():
                         shutil.copyfile(src / name, dest / name)
-        first_fold = paths.training_dir(TrainingId(dataset, configs[0], folds[0], variant))
-        for name, candidates in (("dataset.json", (paths.raw_dataset(dataset), first_fold)),
-                                 ("plans.json", (paths.preprocessed_dataset(dataset), first_fold))):
-            found = next((d / name for d in candidates if (d / name).is_file()), None)
-            if found is None:
-                log.warning("no %s found in %s; the export goes without it", name, " or ".join(map(str, candidates)))
-            else:
-                shutil.copyfile(found, stage / name)
+        first_fold = paths.training_dir(TrainingId(dataset, everything[0], folds[0], variant))
+        _copy_first("dataset.json", (paths.raw_dataset(dataset) / "dataset.json", first_fold / "dataset.json"),
+                    stage / "dataset.json")
+        by_preset = {TrainingId(dataset, c, 0).plans: c for c in reversed(everything)}  # first config wins
+        for preset, config in by_preset.items():
+            plans_file = paths.plans_file(dataset, preset)
+            fold_copy = paths.training_dir(TrainingId(dataset, config, folds[0], variant)) / "plans.json"
+            _copy_first(plans_file.name, (plans_file, fold_copy), stage / plans_file.name)
         best = paths.results_dataset(dataset) / BEST_FILE
-        has_best = best.is_file() and _best_fits(best, configs, folds, variant, checkpoint)
+        has_best = best.is_file() and _best_fits(best, everything, folds, variant, checkpoint)
         if has_best:
             shutil.copyfile(best, stage / BEST_FILE)
         files = tuple(ManifestFile(p.relative_to(stage).as_posix(), p.stat().st_size, sha256_of(p))
                       for p in sorted(stage.rglob("*")) if p.is_file())
         manifest = ModelManifest(autoseg.__version__, dataset, tuple(configs), tuple(folds), variant, checkpoint,
-                                 files, has_best)
+                                 files, has_best, tuple(previous))
         atomic_write_json(stage / MANIFEST_FILE, record_to_dict(manifest))
 
         def write_zip(f) -> None:
@@ -302,9 +340,12 @@ def install_model(paths: Paths, zip_path: Path, force: bool = False) -> tuple[Mo
     zip_path = Path(zip_path)
     manifest = inspect_model_zip(zip_path)
     target = paths.results_dataset(manifest.dataset)
-    if target.exists() and not force:
-        raise AutosegError("a model (or training results) for this dataset is already here; use --force to "
-                           "replace the whole folder", target)
+    if target.exists():
+        if not (target / MANIFEST_FILE).is_file():
+            raise AutosegError("holds training results, not an installed model; install-model never replaces "
+                               "them (move the folder away, or install into another --results root)", target)
+        if not force:
+            raise AutosegError("a model is already installed here; use --force to replace it", target)
     paths.results.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".install-{manifest.dataset}-", dir=paths.results))
     old = None
@@ -321,7 +362,8 @@ def install_model(paths: Paths, zip_path: Path, force: bool = False) -> tuple[Mo
             if sha256_of(tmp / entry.path) != entry.sha256:
                 raise AutosegError(f"{entry.path}: checksum mismatch after extraction", tmp / entry.path)
         if target.exists():
-            old = target.with_name(f".{target.name}.replaced-{os.getpid()}")
+            # an empty fresh folder to rename over: no clash with a leftover of an earlier crash
+            old = Path(tempfile.mkdtemp(prefix=f".replaced-{manifest.dataset}-", dir=paths.results))
             os.replace(target, old)
         os.replace(tmp, target)
     except BaseException:
@@ -360,30 +402,48 @@ def open_model_folder(folder: Path) -> ModelFolder:
     return ModelFolder(folder.parent, folder.name, manifest)
 
 
-def model_defaults(model: ModelFolder, configs: Sequence[str], folds: Sequence[int | str]
-                   ) -> tuple[tuple[str, ...], tuple[int | str, ...], str, str]:
-    """(configs, folds, variant, checkpoint) for ``predict -m`` without best.json: given, else the manifest's."""
+@dataclass(frozen=True)
+class ModelSelection:
+    """What ``predict -m`` predicts with: a results root (the model folder's parent) and the choice in it."""
+
+    paths: Paths
+    dataset: str
+    configs: tuple[str, ...]
+    folds: tuple[int | str, ...]
+    variant: str
+    checkpoint: str
+    best_file: Path | None
+    """best.json to predict with (configurations, folds and postprocessing); None = configs/folds above."""
+
+
+def select_from_model_folder(paths: Paths, folder: Path, dataset: str | int | None = None, configs: Sequence[str] = (),
+                             folds: Sequence[int | str] = (), variant: str | None = None,
+                             checkpoint: str | None = None, best_file: Path | None = None) -> ModelSelection:
+    """``predict -m``: what to predict with from a model folder, with no raw or preprocessed data.
+
+    ``dataset`` (a name or id, optional) must be the folder's. Given ``configs``/``folds``/``best_file`` win; otherwise the folder's best.json (find-best's
+    choice and postprocessing), else its manifest's configurations and folds. ``variant`` and
+    ``checkpoint`` default to the manifest's. Raw and preprocessed roots are kept as given (unused).
+    """
+    model = open_model_folder(folder)
+    root = Paths(raw=paths.raw, preprocessed=paths.preprocessed, results=model.results_root)
+    if dataset is not None and root.resolve_dataset(dataset) != model.dataset:
+        raise AutosegError(f"-d {dataset} but the model folder holds {model.dataset}", model.path)
     m = model.manifest
+    variant = variant or (m.variant if m else "default")
+    checkpoint = checkpoint or (m.checkpoint if m else "final")
+    if best_file is None and not configs and not folds and model.best_file is not None:
+        best_file = model.best_file
+    if best_file is not None:
+        return ModelSelection(root, model.dataset, (), (), variant, checkpoint, Path(best_file))
     if not configs:
         if m is None:
-            raise AutosegError("no manifest.json here: give -c CONFIG", model.path)
-        # previous stages were exported for their cascades; predict the cascade, not both
-        cascades = [c for c in m.configs if not any(_is_previous_of(model, c, other) for other in m.configs)]
-        if len(cascades) != 1:
+            raise AutosegError("no manifest.json or best.json here: give -c CONFIG", model.path)
+        if len(m.configs) != 1:
             raise AutosegError(f"the model holds configurations {list(m.configs)}: choose with -c", model.path)
-        configs = tuple(cascades)
+        configs = m.configs
     if not folds:
         if m is None:
             raise AutosegError("no manifest.json here: give -f FOLDS", model.path)
         folds = m.folds
-    return (tuple(configs), tuple(folds), m.variant if m else "default", m.checkpoint if m else "final")
-
-
-def _is_previous_of(model: ModelFolder, config: str, other: str) -> bool:
-    """``config`` is the previous stage of ``other`` (read from the exported plans.json when present)."""
-    plans = model.path / "plans.json"
-    if config == other or not plans.is_file():
-        return False
-    with contextlib.suppress(AutosegError, KeyError, TypeError, AttributeError):
-        return read_json(plans)["configurations"][other].get("previous_stage") == config
-    return False
+    return ModelSelection(root, model.dataset, tuple(configs), tuple(folds), variant, checkpoint, None)

@@ -206,3 +206,54 @@ def test_predict_m_refuses_other_dataset_and_bad_folder(trained, tmp_path):
     (tmp_path / "empty").mkdir()
     r = _cli(fresh, "predict", "-m", str(tmp_path / "empty"), "-i", str(inputs), "-o", str(tmp_path / "o"))
     assert r.exit_code == 2 and "not a model folder" in r.output
+
+
+def test_install_never_replaces_training_results(trained, tmp_path):
+    """A results/<dataset>/ without a manifest is someone's trainings: refused even with --force, left as is."""
+    fresh = _fresh(tmp_path)
+    fold = fresh.results / DATASET / "3d_fullres" / "default" / "fold_0"
+    fold.mkdir(parents=True)
+    (fold / "checkpoint_final.pt").write_bytes(b"my own training")
+    for extra in ((), ("--force",)):
+        r = _cli(fresh, "install-model", str(trained[3]), *extra)
+        assert r.exit_code == 2 and "training results" in r.output and str(fresh.results / DATASET) in r.output
+    assert (fold / "checkpoint_final.pt").read_bytes() == b"my own training"
+    assert sorted(p.name for p in fresh.results.iterdir()) == [DATASET]
+
+
+def _as_preset(trained_paths: Paths, root: Path, preset: str) -> Paths:
+    """The trained fold re-filed as if trained with a plans preset: results/<ds>/<preset>__3d_fullres/ and
+    preprocessed/<ds>/plans_<preset>.json (no training needed to test what export carries)."""
+    import shutil
+
+    paths = Paths(raw=trained_paths.raw, preprocessed=root / "pre", results=root / "res")
+    shutil.copytree(trained_paths.results / DATASET / "3d_fullres",
+                    paths.results / DATASET / f"{preset}__3d_fullres")
+    paths.plans_file(DATASET, preset).parent.mkdir(parents=True)
+    shutil.copyfile(trained_paths.plans_file(DATASET), paths.plans_file(DATASET, preset))
+    return paths
+
+
+def test_preset_model_carries_its_plans_file(trained, tmp_path):
+    original, inputs, reference, _ = trained
+    paths = _as_preset(original, tmp_path / "src", "resenc-m")
+    r = _cli(paths, "export-model", "999", "-c", "3d_fullres", "-f", "0", "-o", str(tmp_path / "m.zip"))
+    assert r.exit_code == 2 and str(paths.results / DATASET / "3d_fullres" / "default") in r.output
+    zip_path = tmp_path / "preset.zip"
+    run_cli_ok(paths, "export-model", "999", "-c", "3d_fullres", "-f", "0", "--plans", "resenc-m", "-o", str(zip_path))
+    with zipfile.ZipFile(zip_path) as zf:
+        manifest = json.loads(zf.read(f"{DATASET}/manifest.json"))
+        plans_bytes = zf.read(f"{DATASET}/plans_resenc-m.json")
+        names = set(zf.namelist())
+    assert manifest["configs"] == ["resenc-m__3d_fullres"] and plans_bytes == paths.plans_file(
+        DATASET, "resenc-m").read_bytes()
+    assert f"{DATASET}/plans.json" not in names
+    assert f"{DATASET}/resenc-m__3d_fullres/default/fold_0/checkpoint_final.pt" in names
+    fresh = _fresh(tmp_path / "dest")
+    run_cli_ok(fresh, "install-model", str(zip_path))
+    expected = _masks(reference)
+    for name, args in (("by_m", ["-m", str(fresh.results / DATASET)]),
+                       ("by_d", ["-d", "999", "-c", "3d_fullres", "--plans", "resenc-m", "-f", "0"])):
+        run_cli_ok(fresh, "predict", *args, "-i", str(inputs), "-o", str(tmp_path / name), "--device", "cpu",
+                   "--no-tta")
+        assert _masks(tmp_path / name) == expected, name
