@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -56,6 +57,8 @@ FOLD_RECORDS = ("trainer_config.json", "plans.json", "dataset.json")
 BEST_FILE = "best.json"
 """Same name as `autoseg.evaluate.best.BEST_FILE` (not imported: that module pulls in cc3d and the metrics)."""
 HASH_CHUNK = 1 << 20
+FOLDER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+"""A configuration or variant folder named by a manifest: no separators, no '..' (it becomes a path)."""
 
 
 @dataclass(frozen=True)
@@ -270,6 +273,13 @@ def _member_problem(info: zipfile.ZipInfo, dataset: str | None) -> str | None:
     return None
 
 
+def _check_folder_names(manifest: ModelManifest, where: str | Path) -> None:
+    """Configurations and the variant name results folders: one plain path component each."""
+    for name in (*manifest.configs, *manifest.previous_stages, manifest.variant):
+        if not FOLDER_NAME_RE.match(name):
+            raise AutosegError(f"manifest names folder {name!r}, not a plain folder name", where)
+
+
 def _read_manifest(zf: zipfile.ZipFile, zip_path: Path) -> ModelManifest:
     tops = {PurePosixPath(i.filename).parts[0] for i in zf.infolist() if PurePosixPath(i.filename).parts}
     names = [n for n in zf.namelist() if PurePosixPath(n).parts[-1:] == (MANIFEST_FILE,)
@@ -285,6 +295,7 @@ def _read_manifest(zf: zipfile.ZipFile, zip_path: Path) -> ModelManifest:
     manifest = record_from_dict(ModelManifest, data, where=where)
     if PurePosixPath(names[0]).parts[0] != manifest.dataset or not DATASET_NAME_RE.match(manifest.dataset):
         raise AutosegError(f"manifest names dataset {manifest.dataset!r} but sits in {names[0]}", zip_path)
+    _check_folder_names(manifest, where)
     return manifest
 
 
@@ -396,6 +407,7 @@ def open_model_folder(folder: Path) -> ModelFolder:
     manifest = None
     if (folder / MANIFEST_FILE).is_file():
         manifest = load_record(folder / MANIFEST_FILE, ModelManifest)
+        _check_folder_names(manifest, folder / MANIFEST_FILE)
         if manifest.dataset != folder.name:
             raise AutosegError(f"manifest is for {manifest.dataset}, the folder is {folder.name}",
                                folder / MANIFEST_FILE)

@@ -257,3 +257,17 @@ def test_preset_model_carries_its_plans_file(trained, tmp_path):
         run_cli_ok(fresh, "predict", *args, "-i", str(inputs), "-o", str(tmp_path / name), "--device", "cpu",
                    "--no-tta")
         assert _masks(tmp_path / name) == expected, name
+
+
+def test_manifest_with_escaping_folder_names_is_refused(trained, tmp_path):
+    """The manifest's configuration names become paths when predicting: '..' or '/' in them is refused."""
+    zip_path = trained[3]
+    member = f"{DATASET}/manifest.json"
+    with zipfile.ZipFile(zip_path) as zf:
+        manifest = json.loads(zf.read(member))
+    manifest["configs"] = ["../../elsewhere"]
+    bad = _rezip(zip_path, tmp_path / "bad.zip", {member: json.dumps(manifest).encode()})
+    fresh = _fresh(tmp_path)
+    r = _cli(fresh, "install-model", str(bad))
+    assert r.exit_code == 2 and "'../../elsewhere'" in r.output and "manifest.json" in r.output
+    assert not fresh.results.exists() or not any(fresh.results.iterdir())
