@@ -22,6 +22,7 @@ renamed into place, so a failed install leaves nothing behind. It replaces an in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -379,8 +380,12 @@ def install_model(paths: Paths, zip_path: Path, force: bool = False) -> tuple[Mo
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not target.exists():
-            os.replace(old, target)
+        if old is not None:
+            if target.exists():  # failed before the old model moved: only the empty placeholder to drop
+                with contextlib.suppress(OSError):
+                    old.rmdir()
+            else:
+                os.replace(old, target)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
