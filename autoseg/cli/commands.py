@@ -4,6 +4,7 @@ from autoseg.cli import (  # noqa: F401
     dataset,
     demo,
     evaluate,
+    exchange,
     planning,
     predict,
     preprocess,

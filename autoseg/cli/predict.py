@@ -49,7 +49,10 @@ def parse_fold(text: str) -> int | str:
 
 
 @cli.command("predict", cls=multi_value_command("-f", "--folds", "-c", "--configs"))
-@click.option("-d", "--dataset", default=None, help="Dataset name or id (not needed with --best).")
+@click.option("-d", "--dataset", default=None, help="Dataset name or id (not needed with --best or -m).")
+@click.option("-m", "--model", "model_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="A model folder (installed, or an unzipped export-model): no raw or preprocessed data needed; "
+                   "its best.json and postprocessing apply unless -c/-f are given.")
 @click.option("-c", "--configs", multiple=True, help="Configuration(s); several = ensemble.  [default: 3d_fullres]")
 @click.option("-f", "--folds", multiple=True, help="Folds to average (e.g. -f 0 1 2 3 4).  [default: 0 1 2 3 4]")
 @click.option("-i", "--input", "input_dir", required=True, type=click.Path(path_type=Path),
@@ -76,8 +79,9 @@ def parse_fold(text: str) -> int | str:
               default=None, help="3d_cascade_fullres: existing 3d_lowres predictions (CASE<ending>) instead of "
                                  "predicting them first.")
 @click.pass_context
-def predict_cmd(ctx: click.Context, dataset: str | None, configs: tuple[str, ...], folds: tuple[str, ...],
-                input_dir: Path, output_dir: Path, best_file: Path | None, variant: str, plans: str, checkpoint: str,
+def predict_cmd(ctx: click.Context, dataset: str | None, model_dir: Path | None, configs: tuple[str, ...],
+                folds: tuple[str, ...], input_dir: Path, output_dir: Path, best_file: Path | None, variant: str,
+                plans: str, checkpoint: str,
                 step: float, no_tta: bool, save_probabilities: bool, device: str, batch_size: int,
                 num_workers: int, force: bool, prev_stage_dir: Path | None) -> None:
     """Segment every case of a folder with trained folds (written in each input's own geometry)."""
@@ -85,6 +89,17 @@ def predict_cmd(ctx: click.Context, dataset: str | None, configs: tuple[str, ...
 
     paths = paths_from(ctx)
     options = PredictOptions(step=step, tta=not no_tta, batch_size=batch_size)
+    if model_dir is not None:
+        from autoseg.infer.exchange import select_from_model_folder
+
+        unset = click.core.ParameterSource.DEFAULT  # then the model's manifest decides
+        chosen = select_from_model_folder(
+            paths, model_dir, dataset, configs, tuple(parse_fold(f) for f in folds),
+            None if ctx.get_parameter_source("variant") == unset else variant,
+            None if ctx.get_parameter_source("checkpoint") == unset else checkpoint, best_file)
+        paths, dataset, variant, checkpoint, best_file = (chosen.paths, chosen.dataset, chosen.variant,
+                                                          chosen.checkpoint, chosen.best_file)
+        configs, folds = chosen.configs, tuple(str(f) for f in chosen.folds)
     if best_file is not None:
         from autoseg.evaluate.best import predict_with_best
         result = predict_with_best(paths, best_file, input_dir, output_dir, device, save_probabilities, force,

@@ -1,0 +1,48 @@
+"""Model exchange: `autoseg export-model` and `autoseg install-model`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from autoseg.cli.app import cli, paths_from
+from autoseg.cli.predict import multi_value_command, parse_fold
+
+
+@cli.command("export-model", cls=multi_value_command("-c", "--configs", "-f", "--folds"))
+@click.argument("dataset")
+@click.option("-c", "--configs", multiple=True, required=True, help="Configuration(s) to export.")
+@click.option("-f", "--folds", multiple=True, default=("0", "1", "2", "3", "4"), show_default=True,
+              help="Folds to export (e.g. -f 0 1 2 3 4).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="model.zip")
+@click.option("--variant", default="default", show_default=True, help="Training variant folder.")
+@click.option("--plans", default="default", show_default=True, metavar="PRESET",
+              help="Plans preset the folds were trained with (resenc-m, resenc-l, resenc-xl); or name it per "
+                   "configuration, -c resenc-l__3d_fullres.")
+@click.option("--checkpoint", type=click.Choice(("final", "best")), default="final", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing zip.")
+@click.pass_context
+def export_model_cmd(ctx: click.Context, dataset: str, configs: tuple[str, ...], folds: tuple[str, ...],
+                     output: Path, variant: str, plans: str, checkpoint: str, force: bool) -> None:
+    """Zip trained folds (weights only), plans, dataset.json and find-best's choice, with a manifest."""
+    from autoseg.infer.exchange import export_model
+
+    paths = paths_from(ctx)
+    m = export_model(paths, paths.resolve_dataset(dataset), configs, [parse_fold(f) for f in folds], output,
+                     variant=variant, checkpoint=checkpoint, force=force, plans=plans)
+    best = ", best.json" if m.has_best else ""
+    click.echo(f"wrote {output}: {m.dataset} {' + '.join(m.configs)} folds {', '.join(map(str, m.folds))} "
+               f"({checkpoint}{best}; {len(m.files)} files, {output.stat().st_size / 1e6:.1f} MB)")
+
+
+@cli.command("install-model")
+@click.argument("zip_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace a model installed before (never a folder of training results).")
+@click.pass_context
+def install_model_cmd(ctx: click.Context, zip_file: Path, force: bool) -> None:
+    """Verify a model zip against its manifest and install it into the results root."""
+    from autoseg.infer.exchange import install_model
+
+    m, target = install_model(paths_from(ctx), zip_file, force=force)
+    click.echo(f"installed {m.dataset} ({' + '.join(m.configs)}, folds {', '.join(map(str, m.folds))}) -> {target}")
