@@ -257,7 +257,7 @@ class DeviceAugmentedLoader:
         seg = raw["seg"].to(self.device, non_blocking=True)
         # labels go through as label + 1: the patch padding and outside-mask label -1 becomes 0, the
         # value augment_batch fills in outside the patch (nnU-Net: outside is -1 too), so both stay "outside"
-        data, seg = augment_batch(data, seg + 1, raw["params"], setup)
+        data, seg = augment_batch(data, seg.to(torch.int16) + 1, raw["params"], setup)  # int8 + 1 could wrap
         data, seg = restore_masked_background(data, seg - 1, setup.masked_channels, channel_axis=1)
         if spec.previous_stage:
             previous = seg[:, 1]

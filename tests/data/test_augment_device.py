@@ -391,7 +391,7 @@ def test_real_hippocampus_patches_at_the_planned_shape_agree_with_the_cpu_path()
             assert np.mean(out_s[k].numpy()[foreground] == cpu_s[foreground]) > 0.95, params
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.gpu
 def test_cuda_batch_equals_the_cpu_batch() -> None:
     setup = _setup(p_rotation=0.5, p_scaling=0.5, p_noise=0.0, p_blur=0.5, p_lowres=0.5)
     data, seg = _blob(setup.initial_patch_size, channels=2)
