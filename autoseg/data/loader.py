@@ -255,10 +255,16 @@ class DeviceAugmentedLoader:
         spec, setup = self._source.spec, self._source.setup
         data = raw["data"].to(self.device, non_blocking=True)
         seg = raw["seg"].to(self.device, non_blocking=True)
-        # labels go through as label + 1: the patch padding and outside-mask label -1 becomes 0, the
-        # value augment_batch fills in outside the patch (nnU-Net: outside is -1 too), so both stay "outside"
-        data, seg = augment_batch(data, seg.to(torch.int16) + 1, raw["params"], setup)  # int8 + 1 could wrap
-        data, seg = restore_masked_background(data, seg - 1, setup.masked_channels, channel_axis=1)
+        if setup.masked_channels:
+            # labels go through as label + 1: the patch padding and outside-mask label -1 becomes 0, the
+            # value augment_batch fills in outside the patch (nnU-Net: outside is -1 too), so both stay
+            # "outside" until the masked channels are zeroed there
+            data, seg = augment_batch(data, seg.to(torch.int16) + 1, raw["params"], setup)  # int8 + 1 could wrap
+            data, seg = restore_masked_background(data, seg - 1, setup.masked_channels, channel_axis=1)
+        else:
+            # no mask: the padding label -1 ends as background anyway (nnU-Net's RemoveLabelTransform);
+            # folding it in first spares augment_batch one interpolated indicator channel
+            data, seg = augment_batch(data, seg.clamp_min(0), raw["params"], setup)
         if spec.previous_stage:
             previous = seg[:, 1]
             one_hot = torch.stack([previous == k for k in range(1, spec.num_classes)], 1).to(data.dtype)

@@ -146,6 +146,25 @@ def test_training_and_validation_batches_from_the_folder(masked) -> None:  # noq
         make_train_loader(LoaderSpec(**{**spec.__dict__, "masked_channels": ()}))
 
 
+def test_device_augmentation_zeroes_the_masked_outside_like_the_cpu_path(masked) -> None:  # noqa: ANN001
+    """augment.device=device: the same zeroing after the batch's intensity transforms, no -1 left."""
+    _, plan, folder = masked
+    config = plan.configuration("3d_fullres")
+    cases = tuple(list_preprocessed_cases(folder))
+    augment = AugmentConfig(device="device", p_noise=1.0, noise_std=(0.05, 0.1), p_rotation=0.5, p_scaling=0.5,
+                            p_brightness=0.5, p_contrast=0.5)
+    spec = LoaderSpec(data_dir=folder, case_ids=cases, config=config, batch_size=4, num_workers=0, seed=0,
+                      deep_supervision=False, augment=augment, masked_channels=(0,))
+    with make_train_loader(spec, "cpu") as train:
+        for batch in [next(train) for _ in range(4)]:
+            data, target = batch["data"], batch["target"]
+            assert int(target.min()) == 0 and int(target.max()) == 2
+            zero = data[:, 0] == 0
+            assert zero.float().mean() > 0.05  # outside the brain: zeroed after the noise
+            assert (zero == (target[:, 0] == 0)).float().mean() > 0.5  # zeros sit in the background
+            assert (target[:, 0][zero] == 0).all()  # only background was zeroed
+
+
 def test_restore_is_the_same_on_numpy_samples_and_torch_batches() -> None:
     rng = np.random.default_rng(3)
     data = rng.normal(size=(2, 3, 5, 6, 7)).astype(np.float32)
