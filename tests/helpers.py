@@ -66,3 +66,19 @@ def run_cli_ok(paths: Paths, *args: str) -> str:
     result = CliRunner().invoke(cli, [*roots, *args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result.output
+
+
+def train_tiny_phantom(root: Path, device: str, sets: list[str]) -> list[dict]:
+    """Generate a 4-case phantom, plan, preprocess and train fold 0 of 3d_fullres through the CLI on
+    ``device`` with ``--set`` ``sets``; returns the training_log.jsonl records."""
+    from autoseg.common.paths import Paths
+    from autoseg.dataset.phantom import PhantomRecipe, make_phantom_dataset
+
+    paths = Paths.under(root)
+    make_phantom_dataset(paths.raw, PhantomRecipe(num_training=4, num_test=0, shape=(8, 24, 24), shape_jitter=0))
+    for step in ("plan", "preprocess"):
+        run_cli_ok(paths, step, "999", "--configs", "3d_fullres")
+    run_cli_ok(paths, "train", "999", "3d_fullres", "0", "--quiet", "--device", device,
+               *[a for kv in sets for a in ("--set", kv)])
+    log = next(paths.results.rglob("training_log.jsonl"))
+    return [json.loads(s) for s in log.read_text(encoding="utf-8").splitlines()]

@@ -8,18 +8,14 @@ bf16 autocast, torch.compile and augmentation on the device.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from autoseg.cli import cli
-from autoseg.common.paths import Paths
 from autoseg.data.augment import AugmentConfig
 from autoseg.data.loader import DeviceAugmentedLoader, LoaderSpec, make_train_loader
-from autoseg.dataset.phantom import PhantomRecipe, make_phantom_dataset
 from tests.data.conftest import CONFIG_3D
+from tests.helpers import train_tiny_phantom
 
 pytestmark = pytest.mark.gpu
 
@@ -55,17 +51,8 @@ def test_full_augmentation_on_cuda_keeps_labels(preprocessed_cases) -> None:
 
 
 def test_cli_training_on_cuda_with_bf16_compile_and_device_augmentation(tmp_path) -> None:
-    paths = Paths.under(tmp_path)
-    make_phantom_dataset(paths.raw, PhantomRecipe(num_training=4, num_test=0, shape=(8, 24, 24), shape_jitter=0))
-    roots = ["--raw", str(paths.raw), "--preprocessed", str(paths.preprocessed), "--results", str(paths.results)]
-    for step in ("plan", "preprocess"):
-        assert CliRunner().invoke(cli, [*roots, step, "999", "--configs", "3d_fullres"]).exit_code == 0
-    sets = ["epochs=2", "iterations_per_epoch=3", "val_iterations=1", "batch_size=2", "num_workers=1",
-            "final_validation=off"]  # amp, compile and augment.device left at auto: bf16, on, device
-    result = CliRunner().invoke(cli, [*roots, "train", "999", "3d_fullres", "0", "--quiet", "--device", "cuda",
-                                      *[a for kv in sets for a in ("--set", kv)]])
-    assert result.exit_code == 0, result.output
-    log = next(paths.results.rglob("training_log.jsonl"))
-    lines = [json.loads(s) for s in log.read_text(encoding="utf-8").splitlines()]
+    # amp, compile and augment.device left at auto: bf16, compiled, augmented on the GPU
+    lines = train_tiny_phantom(tmp_path, "cuda", ["epochs=2", "iterations_per_epoch=3", "val_iterations=1",
+                                                  "batch_size=2", "num_workers=1", "final_validation=off"])
     assert [r["augment_device"] for r in lines] == ["device", "device"]
     assert all(r["train_loss"] is not None and r["train_loss"] == r["train_loss"] for r in lines)

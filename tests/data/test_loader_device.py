@@ -12,14 +12,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from autoseg.cli import cli
-from autoseg.common.paths import Paths
 from autoseg.data.augment import AugmentConfig, resolve_augment_device
 from autoseg.data.loader import BatchLoader, DeviceAugmentedLoader, LoaderSpec, make_train_loader
-from autoseg.dataset.phantom import PhantomRecipe, make_phantom_dataset
 from tests.data.conftest import CONFIG_3D, CONFIG_3D_ANISO
+from tests.helpers import train_tiny_phantom
 
 EXACT_ONLY = dataclasses.replace(AugmentConfig.disabled(), mirror=True, gamma=True, p_gamma=0.5, p_gamma_inverted=0.3)
 """Transforms whose two implementations agree to float precision: flips, gamma, and the crop."""
@@ -83,19 +80,11 @@ def test_device_path_with_worker_processes_matches_in_process(preprocessed_cases
 
 
 def test_cli_training_with_device_augmentation_logs_its_choice(tmp_path) -> None:
-    paths = Paths.under(tmp_path)
-    make_phantom_dataset(paths.raw, PhantomRecipe(num_training=4, num_test=0, shape=(8, 24, 24), shape_jitter=0))
-    roots = ["--raw", str(paths.raw), "--preprocessed", str(paths.preprocessed), "--results", str(paths.results)]
-    for step in ("plan", "preprocess"):
-        assert CliRunner().invoke(cli, [*roots, step, "999", "--configs", "3d_fullres"]).exit_code == 0
-    sets = ["epochs=2", "iterations_per_epoch=2", "val_iterations=1", "batch_size=2", "num_workers=0",
-            "final_validation=off", "augment.device=device"]
-    result = CliRunner().invoke(cli, [*roots, "train", "999", "3d_fullres", "0", "--quiet", "--device", "cpu",
-                                      *[a for kv in sets for a in ("--set", kv)]])
-    assert result.exit_code == 0, result.output
-    fold_dir = next(paths.results.rglob("training_log.jsonl")).parent
-    lines = [json.loads(s) for s in (fold_dir / "training_log.jsonl").read_text(encoding="utf-8").splitlines()]
+    lines = train_tiny_phantom(tmp_path, "cpu", ["epochs=2", "iterations_per_epoch=2", "val_iterations=1",
+                                                 "batch_size=2", "num_workers=0", "final_validation=off",
+                                                 "augment.device=device"])
     assert [r["augment_device"] for r in lines] == ["device", "device"]
     assert all(np.isfinite(r["train_loss"]) for r in lines)
+    fold_dir = next(tmp_path.rglob("training_log.jsonl")).parent
     saved = json.loads((fold_dir / "trainer_config.json").read_text(encoding="utf-8"))
     assert saved["augment"]["device"] == "device"

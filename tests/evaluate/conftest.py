@@ -22,17 +22,23 @@ def make_ref(case: int) -> np.ndarray:
     return seg
 
 
+def make_pred(i: int) -> np.ndarray:
+    """Case ``i``'s prediction in `eval_folders`: the reference, with case 1's class 2 labelled 1 and a
+    stray organ blob in case 2."""
+    p = make_ref(i).copy()
+    if i == 1:
+        p[p == 2] = 1
+    if i == 2:
+        p[8:10, 0:2, 0:2] = 1
+    return p
+
+
 @pytest.fixture
 def eval_folders(tmp_path: Path) -> tuple[Path, Path]:
     """ref/ with 3 cases; pred/ = ref with case_1's class 2 missing and a stray organ blob in case_2."""
     ref, pred = tmp_path / "ref", tmp_path / "pred"
     for i in range(3):
-        r = make_ref(i)
-        p = r.copy()
-        if i == 1:
-            p[p == 2] = 1
-        if i == 2:
-            p[8:10, 0:2, 0:2] = 1
+        r, p = make_ref(i), make_pred(i)
         write_image(ref / f"case_{i}.nii.gz", r, GEOM)
         write_image(pred / f"case_{i}.nii.gz", p, GEOM)
     return pred, ref

@@ -11,7 +11,7 @@ from autoseg.common.jsonio import load_record, record_to_dict
 from autoseg.evaluate.postprocess import (PostprocessingRules, apply_postprocessing, class_dice, determine_postprocessing,
                                           keep_largest_foreground, keep_largest_of_class, nanmean)
 from autoseg.evaluate.summary import Summary, evaluate_folder, format_summary_table
-from tests.evaluate.conftest import make_ref
+from tests.evaluate.conftest import make_pred, make_ref
 
 REGIONS = {"background": 0, "whole": [1, 2], "inner": 2}
 
@@ -27,12 +27,7 @@ def test_summary_scores_each_region_on_its_masks(eval_folders: tuple[Path, Path]
     assert list(summary.mean) == ["whole", "inner"]
     for case in summary.cases:
         i = int(case.case_id[-1])
-        r = make_ref(i)
-        p = r.copy()
-        if i == 1:
-            p[p == 2] = 1
-        if i == 2:
-            p[8:10, 0:2, 0:2] = 1
+        r, p = make_ref(i), make_pred(i)
         assert case.metrics["whole"].dice == _dice(p > 0, r > 0)
         assert case.metrics["inner"].dice == _dice(p == 2, r == 2)
     assert summary.cases[1].metrics["whole"].dice == 1.0 and summary.cases[1].metrics["inner"].dice == 0.0
