@@ -36,6 +36,16 @@ DATASET_NAME_RE = re.compile(r"^Dataset(\d{3})_([A-Za-z0-9][A-Za-z0-9_\-]*)$")
 """nnU-Net v2 naming: three-digit id, underscore, a name."""
 
 
+FOLDER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*")
+"""The one rule for a name that becomes a folder (variant, configuration, sweep, model member):
+starts with a letter or digit, then letters, digits, ``.``, ``_``, ``-``; so never ``..``, ``/`` or empty."""
+
+
+def is_folder_name(text: str) -> bool:
+    """Whether ``text`` may be used as one path component under a results root (`FOLDER_NAME_RE`)."""
+    return FOLDER_NAME_RE.fullmatch(text) is not None
+
+
 def dataset_name(dataset_id: int, name: str) -> str:
     """``dataset_name(4, "Hippocampus") -> "Dataset004_Hippocampus"``."""
     if not 0 < dataset_id < 1000:
