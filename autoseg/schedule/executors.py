@@ -118,6 +118,7 @@ def job_environment(paths: Paths, launch_gpu: str | None, cpus: int, job_paths: 
         "TMPDIR": str(job_paths.tmp),
         "TORCHINDUCTOR_CACHE_DIR": str(job_paths.compile_cache),
         "PYTHONUNBUFFERED": "1",
+        "PYTHONUTF8": "1",  # text in UTF-8 whatever the locale (torch.compile fails under an ASCII one)
         "AUTOSEG_JOB_ID": job_id,
     }
     if pin_gpu:
