@@ -11,7 +11,7 @@ import pytest
 
 from autoseg.common.errors import AutosegError
 from autoseg.common.paths import Paths
-from autoseg.planning.plan import PlanRequest, plan_and_save
+from autoseg.planning.planner import PlanRequest, plan_and_save
 from autoseg.preprocess import list_preprocessed_cases, preprocess_dataset
 from tests.preprocess.conftest import own_roots
 
