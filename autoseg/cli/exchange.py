@@ -8,6 +8,7 @@ import click
 
 from autoseg.cli.app import cli, paths_from
 from autoseg.cli.predict import multi_value_command, parse_fold
+from autoseg.infer.exchange import export_model, install_model
 
 
 @cli.command("export-model", cls=multi_value_command("-c", "--configs", "-f", "--folds"))
@@ -26,8 +27,6 @@ from autoseg.cli.predict import multi_value_command, parse_fold
 def export_model_cmd(ctx: click.Context, dataset: str, configs: tuple[str, ...], folds: tuple[str, ...],
                      output: Path, variant: str, plans: str, checkpoint: str, force: bool) -> None:
     """Zip trained folds (weights only), plans, dataset.json and find-best's choice, with a manifest."""
-    from autoseg.infer.exchange import export_model
-
     paths = paths_from(ctx)
     m = export_model(paths, paths.resolve_dataset(dataset), configs, [parse_fold(f) for f in folds], output,
                      variant=variant, checkpoint=checkpoint, force=force, plans=plans)
@@ -42,7 +41,5 @@ def export_model_cmd(ctx: click.Context, dataset: str, configs: tuple[str, ...],
 @click.pass_context
 def install_model_cmd(ctx: click.Context, zip_file: Path, force: bool) -> None:
     """Verify a model zip against its manifest and install it into the results root."""
-    from autoseg.infer.exchange import install_model
-
     m, target = install_model(paths_from(ctx), zip_file, force=force)
     click.echo(f"installed {m.dataset} ({' + '.join(m.configs)}, folds {', '.join(map(str, m.folds))}) -> {target}")

@@ -1,6 +1,9 @@
-"""The end-of-training validation of one fold: full-resolution predictions, then metrics.
+"""The final validation of one fold: full-resolution predictions, then metrics.
 
-The trainer calls `run_validation` with its network after the last epoch. Every validation
+The fold run calls `validate_fold` with its network after the last epoch, and
+`validate_finished` with ``checkpoint_final.pt``'s network to (re)validate a trained fold
+(``--validation-only``, or resuming a run killed while validating); both go through
+`run_validation`, which `validation_complete` checks the outputs of. Every validation
 case is predicted from its RAW image with exactly the `predict` code path (preprocessing,
 sliding window, TTA, reverting to the original geometry), written to ``out_dir``
 (``fold_k/validation/CASE<ending>``) and evaluated against the raw label, giving
@@ -15,7 +18,9 @@ A cascade fold validates with ``previous_stage`` (those exports of its validatio
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,24 +29,40 @@ import torch
 from torch import nn
 
 from autoseg.common.errors import AutosegError
-from autoseg.common.jsonio import atomic_write_json, save_record
-from autoseg.common.paths import Paths
+from autoseg.common.jsonio import atomic_write_json, load_record, save_record
+from autoseg.common.paths import Paths, TrainingId
 from autoseg.common.progress import progress
 from autoseg.dataset.io import write_image
 from autoseg.dataset.spec import load_dataset
 from autoseg.evaluate.summary import SUMMARY_FILE, Summary, evaluate_pairs
-from autoseg.infer.cascade import PreviousStage, export_for_next_stage, next_stage_file, next_stages, write_next_stage
+from autoseg.data.augment import training_mirror_axes
+from autoseg.infer.cascade import (
+    export_for_next_stage,
+    next_stage_file,
+    next_stages,
+    previous_stage_exports,
+    write_next_stage,
+)
 from autoseg.infer.predict import (
     LoadedModel,
     PredictOptions,
+    PreviousStage,
     labels_from_probabilities,
+    load_model,
     model_input,
     model_probabilities,
     prepare_case,
     resolve_device,
     write_probabilities,
 )
+from autoseg.pipeline.folds import PLANS_COPY, VALIDATION_DIR, TrainResult
+from autoseg.planning.plan import load_plan_file
 from autoseg.planning.plans import Configuration, Plan
+from autoseg.preprocess import revert_preprocessing
+from autoseg.splits import fold_cases, load_splits
+from autoseg.train import checkpoint as ckpt_files
+from autoseg.train.checkpoint import load_checkpoint
+from autoseg.train.config import TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +80,6 @@ def run_validation(net: nn.Module, plan: Plan, config: Configuration, mirror_axe
 
     ``previous_stage`` is required for a cascade configuration (its extra input channels).
     """
-    from autoseg.preprocess import revert_preprocessing
-
     spec = load_dataset(paths.raw_dataset(dataset))
     if not case_ids:
         raise AutosegError("fold has no validation cases", out_dir)
@@ -109,3 +128,80 @@ def run_validation(net: nn.Module, plan: Plan, config: Configuration, mirror_axe
 def _write_progress(out_dir: Path, done: int, total: int, started: float) -> None:
     atomic_write_json(out_dir / VALIDATION_PROGRESS,
                       {"cases_done": done, "cases_total": total, "started_at": started, "updated_at": time.time()})
+
+
+def previous_stage_of(exports: dict[str, Path], case_ids: Sequence[str]) -> PreviousStage | None:
+    """The CV exports of ``case_ids`` as a validation's previous-stage source (None without a cascade)."""
+    if not exports:
+        return None
+    return PreviousStage(exports={c: exports[c] for c in case_ids})
+
+
+def validate_fold(paths: Paths, tid: TrainingId, net: nn.Module, plan: Plan, cfg: TrainerConfig,
+                  fold_dir: Path, device: torch.device, show_progress: bool,
+                  save_probabilities: bool = False) -> Path:
+    """Sliding-window prediction and metrics of the fold's validation cases (nnU-Net's final validation);
+    ``final_validation=no_mirroring`` leaves out the test-time mirroring."""
+    config = plan.configuration(tid.config)
+    _, val_ids = fold_cases(load_splits(paths, tid.dataset), tid.fold)
+    previous = previous_stage_of(previous_stage_exports(paths, tid, plan), val_ids)
+    out_dir = fold_dir / VALIDATION_DIR
+    net.deep_supervision = False
+    net.eval()
+    mirror_axes = () if cfg.final_validation == "no_mirroring" else training_mirror_axes(config, cfg.augment)
+    run_validation(net, plan, config, mirror_axes, val_ids, paths,
+                   tid.dataset, out_dir, device, save_probabilities=save_probabilities, show_progress=show_progress,
+                   previous_stage=previous)
+    return out_dir
+
+
+def validation_complete(paths: Paths, tid: TrainingId, fold_dir: Path, with_probabilities: bool) -> bool:
+    """The fold's validation finished (summary.json is written last), with probabilities if asked,
+    and with the exports every next stage of the run's plan needs (a cascade's previous stage)."""
+    out_dir = fold_dir / VALIDATION_DIR
+    if not (out_dir / SUMMARY_FILE).is_file():
+        return False
+    nexts = next_stages(load_plan_file(fold_dir / PLANS_COPY), tid.config) if (fold_dir / PLANS_COPY).is_file() else []
+    if not with_probabilities and not nexts:
+        return True
+    _, val_ids = fold_cases(load_splits(paths, tid.dataset), tid.fold)
+    if not all(next_stage_file(out_dir, n.name, c).is_file() for n in nexts for c in val_ids):
+        return False
+    return not with_probabilities or all((out_dir / f"{cid}.json").is_file() for cid in val_ids)  # sidecar after npz
+
+
+def validate_finished(paths: Paths, tid: TrainingId, fold_dir: Path, device: torch.device,
+                      save_probabilities: bool, mirroring: bool = True, quiet: bool = False) -> TrainResult:
+    """Validate with ``checkpoint_final.pt``'s network (the same code path as the end of training),
+    with the model's test-time mirroring unless ``mirroring`` is False (``final_validation=no_mirroring``).
+
+    The previous validation folder is replaced only once the new one is complete.
+    """
+    ckpt = load_checkpoint(fold_dir / ckpt_files.FINAL, hint="retrain this fold with --force")
+    model = load_model([fold_dir], device, checkpoint="final")
+    _, val_ids = fold_cases(load_splits(paths, tid.dataset), tid.fold)
+    previous = previous_stage_of(previous_stage_exports(paths, tid, model.plan), val_ids)
+    final_dir = fold_dir / VALIDATION_DIR
+    staging = fold_dir / f".{VALIDATION_DIR}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    run_validation(model.nets[0], model.plan, model.config, model.mirror_axes if mirroring else (), val_ids,
+                   paths, tid.dataset,
+                   staging, device, save_probabilities=save_probabilities, show_progress=not quiet,
+                   previous_stage=previous)
+    _point_summary_at(staging, final_dir)
+    old = fold_dir / f".{VALIDATION_DIR}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final_dir.exists():
+        final_dir.rename(old)
+    staging.rename(final_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    last = ckpt.history[-1]["ema_pseudo_dice"] if ckpt.history else None
+    return TrainResult(tid, fold_dir, "validated", ckpt.epoch, ckpt.best_ema_pseudo_dice, last, final_dir)
+
+
+def _point_summary_at(staging: Path, final_dir: Path) -> None:
+    """Rewrite the staged summary.json's prediction paths to where the rename will put them."""
+    summary = load_record(staging / SUMMARY_FILE, Summary)
+    cases = tuple(dataclasses.replace(c, prediction=str(final_dir / Path(c.prediction).relative_to(staging)))
+                  if Path(c.prediction).is_relative_to(staging) else c for c in summary.cases)
+    save_record(staging / SUMMARY_FILE, dataclasses.replace(summary, cases=cases))
