@@ -44,7 +44,7 @@ from autoseg.pipeline.folds import (
     record_inputs,
 )
 from autoseg.pipeline.isolation import compile_cache, isolated_dirs, stop_on_signals
-from autoseg.pipeline.validate import validate_finished, validate_fold, validation_complete
+from autoseg.pipeline.validate import FoldValidation, validate_finished, validate_fold, validation_complete
 from autoseg.planning.plan import load_plan
 from autoseg.planning.plans import Plan
 from autoseg.splits import fold_cases, load_splits
@@ -151,7 +151,8 @@ def _validation_only(paths: Paths, tid: TrainingId, rt: Runtime, save_probabilit
         barrier(rt.dist)
         return TrainResult(tid, fold_dir, "validated", 0, None, None)
     with fold_lock(fold_dir), isolated_dirs(fold_dir):
-        result = validate_finished(paths, tid, fold_dir, rt.device, save_probabilities, mirroring, rt.quiet)
+        job = FoldValidation(paths, tid, rt.device, save_probabilities, show_progress=not rt.quiet)
+        result = validate_finished(job, mirroring)
     barrier(rt.dist)
     return result
 
@@ -224,12 +225,16 @@ def _finished(req: _Request, ckpt: Checkpoint, fold_dir: Path) -> TrainResult:
     wanted = req.save_probabilities or finished_cfg.final_validation != "off"
     if dist.is_main and wanted and not validation_complete(req.paths, tid, fold_dir, req.save_probabilities):
         log.info("%s is trained but its validation is incomplete; validating", tid)
-        return validate_finished(req.paths, tid, fold_dir, req.rt.device, req.save_probabilities,
-                                 finished_cfg.final_validation != "no_mirroring", req.rt.quiet)
+        return validate_finished(_validation_of(req, req.rt), finished_cfg.final_validation != "no_mirroring")
     log.info("%s is finished (%s exists); nothing to do", tid, ckpt_files.FINAL)
     return TrainResult(tid, fold_dir, "already_finished", ckpt.epoch, ckpt.best_ema_pseudo_dice,
                        ckpt.history[-1]["ema_pseudo_dice"] if ckpt.history else None,
                        fold_dir / VALIDATION_DIR if dist.is_main else None)
+
+
+def _validation_of(req: _Request, rt: Runtime) -> FoldValidation:
+    """The request's final validation, run on ``rt``'s device (rank 0 only)."""
+    return FoldValidation(req.paths, req.tid, rt.device, req.save_probabilities, not rt.quiet)
 
 
 def _checked_pretrained(cfg: TrainerConfig, plan: Plan | None, config_name: str) -> PretrainedWeights:
@@ -279,8 +284,7 @@ def _train(run: _FoldRun) -> TrainResult:
     if rt.dist.is_main and cfg.final_validation == "off":
         log.info("%s: final validation skipped (final_validation=off); `--validation-only` runs it later", tid)
     elif rt.dist.is_main:
-        validation_dir = validate_fold(req.paths, tid, net, plan, cfg, run.fold_dir, rt.device, not rt.quiet,
-                                       req.save_probabilities)
+        validation_dir = validate_fold(_validation_of(req, rt), net, plan, cfg)
     barrier(rt.dist)
     return TrainResult(tid, run.fold_dir, "trained", result.epochs_completed, result.best_ema_pseudo_dice,
                        result.final_ema_pseudo_dice, validation_dir)

@@ -23,6 +23,7 @@ import logging
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -137,21 +138,38 @@ def previous_stage_of(exports: dict[str, Path], case_ids: Sequence[str]) -> Prev
     return PreviousStage(exports={c: exports[c] for c in case_ids})
 
 
-def validate_fold(paths: Paths, tid: TrainingId, net: nn.Module, plan: Plan, cfg: TrainerConfig,
-                  fold_dir: Path, device: torch.device, show_progress: bool,
-                  save_probabilities: bool = False) -> Path:
-    """Sliding-window prediction and metrics of the fold's validation cases (nnU-Net's final validation);
-    ``final_validation=no_mirroring`` leaves out the test-time mirroring."""
-    config = plan.configuration(tid.config)
-    _, val_ids = fold_cases(load_splits(paths, tid.dataset), tid.fold)
-    previous = previous_stage_of(previous_stage_exports(paths, tid, plan), val_ids)
-    out_dir = fold_dir / VALIDATION_DIR
+@dataclass(frozen=True)
+class FoldValidation:
+    """Which fold to validate (its dir: ``paths.training_dir(tid)``), on which device, and what to keep."""
+
+    paths: Paths
+    tid: TrainingId
+    device: torch.device
+    save_probabilities: bool = False
+    """Keep the softmax maps (``CASE.npz`` + ``CASE.json``), which `find_best` needs for ensembles."""
+    show_progress: bool = True
+
+    @property
+    def fold_dir(self) -> Path:
+        return self.paths.training_dir(self.tid)
+
+    def previous_stage(self, plan: Plan, val_ids: Sequence[str]) -> PreviousStage | None:
+        """A cascade fold's previous-stage source for its validation cases (None otherwise)."""
+        return previous_stage_of(previous_stage_exports(self.paths, self.tid, plan), val_ids)
+
+
+def validate_fold(job: FoldValidation, net: nn.Module, plan: Plan, cfg: TrainerConfig) -> Path:
+    """Sliding-window prediction and metrics of the fold's validation cases with the trained ``net``
+    (nnU-Net's final validation); ``final_validation=no_mirroring`` leaves out the test-time mirroring."""
+    config = plan.configuration(job.tid.config)
+    _, val_ids = fold_cases(load_splits(job.paths, job.tid.dataset), job.tid.fold)
+    out_dir = job.fold_dir / VALIDATION_DIR
     net.deep_supervision = False
     net.eval()
     mirror_axes = () if cfg.final_validation == "no_mirroring" else training_mirror_axes(config, cfg.augment)
-    run_validation(net, plan, config, mirror_axes, val_ids, paths,
-                   tid.dataset, out_dir, device, save_probabilities=save_probabilities, show_progress=show_progress,
-                   previous_stage=previous)
+    run_validation(net, plan, config, mirror_axes, val_ids, job.paths, job.tid.dataset, out_dir, job.device,
+                   save_probabilities=job.save_probabilities, show_progress=job.show_progress,
+                   previous_stage=job.previous_stage(plan, val_ids))
     return out_dir
 
 
@@ -170,24 +188,22 @@ def validation_complete(paths: Paths, tid: TrainingId, fold_dir: Path, with_prob
     return not with_probabilities or all((out_dir / f"{cid}.json").is_file() for cid in val_ids)  # sidecar after npz
 
 
-def validate_finished(paths: Paths, tid: TrainingId, fold_dir: Path, device: torch.device,
-                      save_probabilities: bool, mirroring: bool = True, quiet: bool = False) -> TrainResult:
+def validate_finished(job: FoldValidation, mirroring: bool = True) -> TrainResult:
     """Validate with ``checkpoint_final.pt``'s network (the same code path as the end of training),
     with the model's test-time mirroring unless ``mirroring`` is False (``final_validation=no_mirroring``).
 
     The previous validation folder is replaced only once the new one is complete.
     """
+    fold_dir = job.fold_dir
     ckpt = load_checkpoint(fold_dir / ckpt_files.FINAL, hint="retrain this fold with --force")
-    model = load_model([fold_dir], device, checkpoint="final")
-    _, val_ids = fold_cases(load_splits(paths, tid.dataset), tid.fold)
-    previous = previous_stage_of(previous_stage_exports(paths, tid, model.plan), val_ids)
+    model = load_model([fold_dir], job.device, checkpoint="final")
+    _, val_ids = fold_cases(load_splits(job.paths, job.tid.dataset), job.tid.fold)
     final_dir = fold_dir / VALIDATION_DIR
     staging = fold_dir / f".{VALIDATION_DIR}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     run_validation(model.nets[0], model.plan, model.config, model.mirror_axes if mirroring else (), val_ids,
-                   paths, tid.dataset,
-                   staging, device, save_probabilities=save_probabilities, show_progress=not quiet,
-                   previous_stage=previous)
+                   job.paths, job.tid.dataset, staging, job.device, save_probabilities=job.save_probabilities,
+                   show_progress=job.show_progress, previous_stage=job.previous_stage(model.plan, val_ids))
     _point_summary_at(staging, final_dir)
     old = fold_dir / f".{VALIDATION_DIR}.old"
     shutil.rmtree(old, ignore_errors=True)
@@ -196,7 +212,7 @@ def validate_finished(paths: Paths, tid: TrainingId, fold_dir: Path, device: tor
     staging.rename(final_dir)
     shutil.rmtree(old, ignore_errors=True)
     last = ckpt.history[-1]["ema_pseudo_dice"] if ckpt.history else None
-    return TrainResult(tid, fold_dir, "validated", ckpt.epoch, ckpt.best_ema_pseudo_dice, last, final_dir)
+    return TrainResult(job.tid, fold_dir, "validated", ckpt.epoch, ckpt.best_ema_pseudo_dice, last, final_dir)
 
 
 def _point_summary_at(staging: Path, final_dir: Path) -> None:
