@@ -9,6 +9,8 @@ import click
 from autoseg.cli.app import cli, paths_from
 from autoseg.cli.predict import multi_value_command
 from autoseg.dataset.spec import LabelScheme, read_dataset_json
+from autoseg.evaluate.best import find_best, format_best
+from autoseg.evaluate.summary import evaluate_folder, format_summary_table
 
 SUMMARY_FILE = "summary.json"
 
@@ -28,8 +30,6 @@ SUMMARY_FILE = "summary.json"
 def evaluate_cmd(ctx: click.Context, pred_dir: Path, ref_dir: Path, dataset: str, tolerance: float,
                  output: Path | None, allow_missing: bool, num_workers: int, force: bool) -> None:
     """Dice, IoU, HD95 and surface Dice of predictions against reference labels."""
-    from autoseg.evaluate.summary import evaluate_folder, format_summary_table
-
     paths = paths_from(ctx)
     meta = read_dataset_json(paths.raw_dataset(paths.resolve_dataset(dataset)))
     summary = evaluate_folder(pred_dir, ref_dir, LabelScheme.from_labels(meta["labels"]).labels,
@@ -51,8 +51,6 @@ def evaluate_cmd(ctx: click.Context, pred_dir: Path, ref_dir: Path, dataset: str
 def find_best_cmd(ctx: click.Context, dataset: str, configs: tuple[str, ...], variant: str, checkpoint: str,
                   output: Path | None, force: bool) -> None:
     """Pick the best configuration or ensemble and its postprocessing from cross-validation."""
-    from autoseg.evaluate.best import find_best, format_best
-
     paths = paths_from(ctx)
     name = paths.resolve_dataset(dataset)
     best = find_best(paths, name, list(configs) or None, variant, checkpoint, output, force)

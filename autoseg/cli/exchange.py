@@ -8,6 +8,9 @@ import click
 
 from autoseg.cli.app import cli, paths_from
 from autoseg.cli.predict import multi_value_command, parse_fold
+from autoseg.common.sizes import parse_size
+from autoseg.infer.exchange import export_model, install_model
+from autoseg.infer.unpack_limits import UnpackLimits
 
 
 @cli.command("export-model", cls=multi_value_command("-c", "--configs", "-f", "--folds"))
@@ -26,8 +29,6 @@ from autoseg.cli.predict import multi_value_command, parse_fold
 def export_model_cmd(ctx: click.Context, dataset: str, configs: tuple[str, ...], folds: tuple[str, ...],
                      output: Path, variant: str, plans: str, checkpoint: str, force: bool) -> None:
     """Zip trained folds (weights only), plans, dataset.json and find-best's choice, with a manifest."""
-    from autoseg.infer.exchange import export_model
-
     paths = paths_from(ctx)
     m = export_model(paths, paths.resolve_dataset(dataset), configs, [parse_fold(f) for f in folds], output,
                      variant=variant, checkpoint=checkpoint, force=force, plans=plans)
@@ -50,9 +51,6 @@ def install_model_cmd(ctx: click.Context, zip_file: Path, force: bool, max_size:
     Before writing anything it refuses a zip whose declared sizes exceed --max-size or the free
     space of the results root, or that holds a member expanding absurdly (a zip bomb).
     """
-    from autoseg.common.sizes import parse_size
-    from autoseg.infer.exchange import install_model
-    from autoseg.infer.unpack_limits import UnpackLimits
 
     limits = UnpackLimits(max_size=parse_size(max_size), allow_high_ratio=allow_high_ratio)
     m, target = install_model(paths_from(ctx), zip_file, force=force, limits=limits)

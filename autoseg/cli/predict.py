@@ -8,6 +8,10 @@ import click
 
 from autoseg.cli.app import cli, paths_from
 from autoseg.common.errors import AutosegError
+from autoseg.evaluate.best import predict_with_best
+from autoseg.infer.exchange import select_from_model_folder
+from autoseg.infer.onnx_export import export_onnx
+from autoseg.infer.predict import PredictOptions, PredictRequest, run_prediction
 
 CHECKPOINT_CHOICES = ("final", "best", "latest")
 """Same as `autoseg.infer.predict.CHECKPOINT_CHOICES`; repeated so `autoseg --help` need not import torch."""
@@ -85,13 +89,9 @@ def predict_cmd(ctx: click.Context, dataset: str | None, model_dir: Path | None,
                 step: float, no_tta: bool, save_probabilities: bool, device: str, batch_size: int,
                 num_workers: int, force: bool, prev_stage_dir: Path | None) -> None:
     """Segment every case of a folder with trained folds (written in each input's own geometry)."""
-    from autoseg.infer.predict import PredictOptions, PredictRequest, run_prediction
-
     paths = paths_from(ctx)
     options = PredictOptions(step=step, tta=not no_tta, batch_size=batch_size)
     if model_dir is not None:
-        from autoseg.infer.exchange import select_from_model_folder
-
         unset = click.core.ParameterSource.DEFAULT  # then the model's manifest decides
         chosen = select_from_model_folder(
             paths, model_dir, dataset, configs, tuple(parse_fold(f) for f in folds),
@@ -101,7 +101,6 @@ def predict_cmd(ctx: click.Context, dataset: str | None, model_dir: Path | None,
                                                           chosen.checkpoint, chosen.best_file)
         configs, folds = chosen.configs, tuple(str(f) for f in chosen.folds)
     if best_file is not None:
-        from autoseg.evaluate.best import predict_with_best
         result = predict_with_best(paths, best_file, input_dir, output_dir, device, save_probabilities, force,
                                    options, dataset=paths.resolve_dataset(dataset) if dataset else None,
                                    num_workers=num_workers, prev_stage_dir=prev_stage_dir)
@@ -132,8 +131,6 @@ def predict_cmd(ctx: click.Context, dataset: str | None, model_dir: Path | None,
 def export_onnx_cmd(ctx: click.Context, dataset: str, config: str, fold: str, output: Path, variant: str,
                     plans: str, checkpoint: str, opset: int, force: bool) -> None:
     """Export one fold's network to ONNX, checked against torch with onnxruntime."""
-    from autoseg.infer.onnx_export import export_onnx
-
     paths = paths_from(ctx)
     rec = export_onnx(paths, paths.resolve_dataset(dataset), config, parse_fold(fold), output, variant=variant,
                       checkpoint=checkpoint, opset=opset, force=force, plans=plans)

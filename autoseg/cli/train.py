@@ -10,11 +10,15 @@ import click
 
 from autoseg.cli.app import cli, paths_from
 from autoseg.common.errors import AutosegError
+from autoseg.common.jsonio import load_record
 from autoseg.common.paths import DEFAULT_PLANS, TrainingId
+from autoseg.evaluate.summary import SUMMARY_FILE, Summary
+from autoseg.pipeline.folds import parse_fold
+from autoseg.pipeline.run import train_fold
+from autoseg.planning.store import resolve_plans
 from autoseg.train.config import TrainerConfig, apply_overrides, default_num_workers
 from autoseg.train.ddp import DistContext
 from autoseg.train.loop import EXIT_INTERRUPTED, TrainingInterrupted
-from autoseg.train.run import parse_fold, train_fold
 
 
 def _env_int(name: str, default: int | None) -> int | None:
@@ -66,8 +70,6 @@ def train_cmd(ctx: click.Context, dataset: str, config: str, fold: str, resume: 
               pretrained: Path | None, device: str, num_workers: int | None, save_probabilities: bool,
               validation_only: bool, quiet: bool) -> None:
     """Train DATASET's CONFIG on FOLD (0-4 or 'all'), then validate the fold."""
-    from autoseg.planning.store import resolve_plans
-
     paths = paths_from(ctx)
     name = paths.resolve_dataset(dataset)
     plan = None if plans is None else resolve_plans(paths, name, plans)
@@ -97,9 +99,6 @@ def train_cmd(ctx: click.Context, dataset: str, config: str, fold: str, resume: 
 
 def _echo_validation(validation_dir: Path) -> None:
     """One line with the fold's validation Dice, when its summary exists."""
-    from autoseg.common.jsonio import load_record
-    from autoseg.evaluate.summary import SUMMARY_FILE, Summary
-
     file = validation_dir / SUMMARY_FILE
     if file.is_file():
         summary = load_record(file, Summary)

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
@@ -39,12 +39,23 @@ from autoseg.common.paths import Paths, TrainingId
 from autoseg.common.progress import progress
 from autoseg.dataset.io import read_image
 from autoseg.dataset.spec import LabelScheme
-from autoseg.evaluate.postprocess import (PostprocessingRules, PostprocessingTally, Targets, apply_postprocessing,
-                                          class_dice, nanmean)
+from autoseg.evaluate.postprocess import (
+    PostprocessingRules,
+    PostprocessingTally,
+    Targets,
+    apply_postprocessing,
+    class_dice,
+    nanmean,
+)
 from autoseg.evaluate.summary import SUMMARY_FILE, Summary
-
-if TYPE_CHECKING:
-    from autoseg.infer.predict import FolderResult, PredictOptions
+from autoseg.infer.predict import (
+    FolderResult,
+    PredictOptions,
+    labels_from_probabilities,
+    load_configuration,
+    load_probabilities,
+    predict_folder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +169,6 @@ def _segmentation(cv: dict[str, dict[str, _CVCase]], configs: tuple[str, ...], c
     """One case's label map of a candidate: the saved prediction, or the label map of the averaged
     probabilities of a pair (summed in place: two probability maps in memory at most; argmax for
     classes, regions_class_order for regions)."""
-    from autoseg.infer.predict import labels_from_probabilities, load_probabilities
-
     if len(configs) == 1:
         return read_image(cv[configs[0]][cid].prediction)[0]
     total, rec = None, None
@@ -260,14 +269,12 @@ def predict_with_best(paths: Paths, best_file: Path, input_dir: Path, output_dir
                       save_probabilities: bool = False, force: bool = False,
                       options: "PredictOptions | None" = None, show_progress: bool = True,
                       dataset: str | None = None, num_workers: int = 1,
-                      prev_stage_dir: Path | None = None) -> "FolderResult":
+                      prev_stage_dir: Path | None = None) -> FolderResult:
     """Predict a folder with the configurations, folds and postprocessing recorded in best.json.
 
     ``dataset``, when given (``-d``), must be the one best.json was made for. A cascade
     configuration predicts its previous stage first, or reads it from ``prev_stage_dir``.
     """
-    from autoseg.infer.predict import PredictOptions, load_configuration, predict_folder
-
     best = load_best(Path(best_file))
     if dataset is not None and dataset != best.dataset:
         raise AutosegError(f"was made for {best.dataset}, not {dataset}", best_file)

@@ -2,7 +2,7 @@
 
 A cascade configuration (``Configuration.previous_stage`` set) takes, after the image
 channels, one-hot channels of classes 1..K-1 of the previous stage's segmentation on its own
-preprocessed grid. Where that segmentation comes from (`PreviousStage`):
+preprocessed grid. Where that segmentation comes from (`autoseg.infer.predict.PreviousStage`):
 
 - cross-validation: each 3d_lowres fold's final validation exports its validation cases'
   predictions on the next stage's preprocessed grid (`export_for_next_stage`, files
@@ -17,9 +17,7 @@ preprocessed grid. Where that segmentation comes from (`PreviousStage`):
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,29 +25,19 @@ from autoseg.common.errors import AutosegError
 from autoseg.common.jsonio import atomic_write_with
 from autoseg.common.paths import Paths, TrainingId
 from autoseg.planning.plans import Configuration, Plan
-
-if TYPE_CHECKING:
-    from autoseg.infer.predict import LoadedModel
-    from autoseg.preprocess import CaseProperties
+from autoseg.preprocess import (
+    CaseProperties,
+    resample_data,
+    resample_seg,
+    resampled_shape,
+    separate_axis,
+    target_spacing,
+)
+from autoseg.splits import fold_cases, load_splits
+from autoseg.train.checkpoint import FINAL
 
 NEXT_STAGE_DIR = "next_stage"
 """Sub-folder of a fold's ``validation/`` holding the exports for the next stage(s)."""
-
-
-@dataclass(frozen=True)
-class PreviousStage:
-    """Where a cascade model gets the previous stage's segmentation; exactly one source is set."""
-
-    model: "LoadedModel | None" = None
-    """Predict the previous stage with this model (its folds averaged)."""
-    folder: Path | None = None
-    """Read ``CASE<ending>`` label maps in the input's geometry from this folder."""
-    exports: dict[str, Path] | None = None
-    """Case id -> (1, *spatial) segmentation already on this configuration's grid (CV exports)."""
-
-    def __post_init__(self) -> None:
-        if sum(x is not None for x in (self.model, self.folder, self.exports)) != 1:
-            raise ValueError("PreviousStage needs exactly one of model, folder, exports")
 
 
 def next_stages(plan: Plan, config_name: str) -> list[Configuration]:
@@ -66,18 +54,16 @@ def _transposed(values: tuple, plan: Plan) -> tuple:
     return tuple(values[a] for a in plan.transpose_forward)
 
 
-def preprocessed_shape(props: "CaseProperties", plan: Plan, config: Configuration) -> tuple[int, ...]:
+def preprocessed_shape(props: CaseProperties, plan: Plan, config: Configuration) -> tuple[int, ...]:
     """The (transposed) shape ``config``'s preprocessing gives a case, from another configuration's properties.
 
     Every configuration crops the same nonzero box; only the target spacing differs.
     """
-    from autoseg.preprocess import resampled_shape, target_spacing
-
     spacing_t = _transposed(props.spacing_original, plan)
     return resampled_shape(_transposed(props.shape_after_crop, plan), spacing_t, target_spacing(config, spacing_t))
 
 
-def export_for_next_stage(probabilities: np.ndarray, props: "CaseProperties", plan: Plan,
+def export_for_next_stage(probabilities: np.ndarray, props: CaseProperties, plan: Plan,
                           next_config: Configuration) -> np.ndarray:
     """Softmax (K, *this grid) -> int8 (1, *next stage's grid) label map (resample, then argmax).
 
@@ -85,8 +71,6 @@ def export_for_next_stage(probabilities: np.ndarray, props: "CaseProperties", pl
     straight to the next stage's (same crop and transposition, another spacing), never
     through the original image grid.
     """
-    from autoseg.preprocess import resample_data, separate_axis, target_spacing
-
     shape = preprocessed_shape(props, plan, next_config)
     if tuple(shape) != tuple(probabilities.shape[1:]):
         new_spacing = target_spacing(next_config, _transposed(props.spacing_original, plan))
@@ -100,14 +84,12 @@ def write_next_stage(path: Path, seg: np.ndarray) -> None:
     atomic_write_with(path, lambda f: np.save(f, seg))
 
 
-def seg_to_preprocessed_grid(seg: np.ndarray, props: "CaseProperties", plan: Plan,
+def seg_to_preprocessed_grid(seg: np.ndarray, props: CaseProperties, plan: Plan,
                              config: Configuration) -> np.ndarray:
     """A (z, y, x) label map in the original geometry -> int8 (1, *spatial) on the case's preprocessed grid.
 
     The same crop, transposition and per-label resampling as training labels get.
     """
-    from autoseg.preprocess import resample_seg
-
     if tuple(seg.shape) != tuple(props.shape_before_crop):
         raise AutosegError(f"previous-stage segmentation has shape {tuple(seg.shape)}, the image "
                            f"{tuple(props.shape_before_crop)}", props.case_id or None)
@@ -124,9 +106,6 @@ def previous_stage_exports(paths: Paths, tid: TrainingId, plan: Plan) -> dict[st
     Needs every fold of the previous stage (same variant and seed) trained and validated with
     this plan's next stage; otherwise one error naming the missing folds.
     """
-    from autoseg.splits import fold_cases, load_splits
-    from autoseg.train.checkpoint import FINAL
-
     prev = plan.configuration(tid.config).previous_stage
     if prev is None:
         return {}

@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import stat
 import tempfile
@@ -46,7 +45,7 @@ import autoseg
 from autoseg.common.errors import AutosegError
 from autoseg.common.jsonio import (atomic_write_json, atomic_write_with, load_record, read_json, record_from_dict,
                                    record_to_dict)
-from autoseg.common.paths import DATASET_NAME_RE, DEFAULT_PLANS, Paths, TrainingId
+from autoseg.common.paths import DATASET_NAME_RE, DEFAULT_PLANS, Paths, TrainingId, is_folder_name
 from autoseg.infer.predict import checkpoint_file
 from autoseg.infer.unpack_limits import UnpackLimits, check_declared_sizes, read_declared
 from autoseg.train.checkpoint import RngState, load_checkpoint, save_checkpoint
@@ -57,14 +56,12 @@ MANIFEST_FILE = "manifest.json"
 EXPORT_CHECKPOINTS = ("final", "best")
 """Which checkpoint an export takes; ``latest`` is a run in progress, not a model to share."""
 FOLD_RECORDS = ("trainer_config.json", "plans.json", "dataset.json")
-"""Files training copies next to a fold's checkpoints (autoseg.train.run); exported when present."""
+"""Files training copies next to a fold's checkpoints (autoseg.pipeline.folds); exported when present."""
 BEST_FILE = "best.json"
 """Same name as `autoseg.evaluate.best.BEST_FILE` (not imported: that module pulls in cc3d and the metrics)."""
 HASH_CHUNK = 1 << 20
 MAX_MANIFEST_SIZE = 64 << 20
 """A manifest is read whole before any cap applies: 64 MiB is ~100x the largest real one."""
-FOLDER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-"""A configuration or variant folder named by a manifest: no separators, no '..' (it becomes a path)."""
 
 
 @dataclass(frozen=True)
@@ -282,7 +279,7 @@ def _member_problem(info: zipfile.ZipInfo, dataset: str | None) -> str | None:
 def _check_folder_names(manifest: ModelManifest, where: str | Path) -> None:
     """Configurations and the variant name results folders: one plain path component each."""
     for name in (*manifest.configs, *manifest.previous_stages, manifest.variant):
-        if not FOLDER_NAME_RE.match(name):
+        if not is_folder_name(name):  # it becomes a path: no separators, no '..'
             raise AutosegError(f"manifest names folder {name!r}, not a plain folder name", where)
 
 

@@ -40,11 +40,16 @@ from autoseg.common.errors import AutosegError
 from autoseg.common.jsonio import atomic_write_bytes, load_record, save_record
 from autoseg.common.paths import DEFAULT_PLANS, Paths, TrainingId
 from autoseg.common.progress import progress
+from autoseg.data.augment import training_mirror_axes
+from autoseg.data.cascade import one_hot_foreground
 from autoseg.dataset.io import SUPPORTED_ENDINGS, Geometry, file_ending, read_case, read_image, write_image
 from autoseg.dataset.spec import LabelScheme, LabelValue, warn_stray_files
-from autoseg.infer.cascade import PreviousStage, seg_to_preprocessed_grid
+from autoseg.infer.cascade import seg_to_preprocessed_grid
 from autoseg.infer.sliding_window import DEFAULT_BATCH_SIZE, DEFAULT_STEP, predict_sliding_window
+from autoseg.nets.unet import build_unet
 from autoseg.planning.plans import Configuration, Plan
+from autoseg.preprocess import preprocess_case, revert_preprocessing
+from autoseg.train.checkpoint import load_checkpoint, load_model_state
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +82,22 @@ class LoadedModel:
     @property
     def num_classes(self) -> int:
         return self.plan.num_classes
+
+
+@dataclass(frozen=True)
+class PreviousStage:
+    """Where a cascade model gets the previous stage's segmentation; exactly one source is set."""
+
+    model: LoadedModel | None = None
+    """Predict the previous stage with this model (its folds averaged)."""
+    folder: Path | None = None
+    """Read ``CASE<ending>`` label maps in the input's geometry from this folder."""
+    exports: dict[str, Path] | None = None
+    """Case id -> (1, *spatial) segmentation already on this configuration's grid (CV exports)."""
+
+    def __post_init__(self) -> None:
+        if sum(x is not None for x in (self.model, self.folder, self.exports)) != 1:
+            raise ValueError("PreviousStage needs exactly one of model, folder, exports")
 
 
 @dataclass(frozen=True)
@@ -172,10 +193,6 @@ def prepare_network(net: nn.Module) -> nn.Module:
 def load_model(fold_dirs: Sequence[Path], device: str | torch.device = "cpu",
                checkpoint: str = "final") -> LoadedModel:
     """Rebuild every fold's network from its checkpoint; all folds must share plan and configuration."""
-    from autoseg.data.augment import training_mirror_axes
-    from autoseg.nets.unet import build_unet
-    from autoseg.train.checkpoint import load_checkpoint, load_model_state
-
     if not fold_dirs:
         raise AutosegError("no folds given", "-f")
     device = resolve_device(device)
@@ -277,8 +294,6 @@ def case_id_of(image_files: Sequence[Path]) -> str:
 
 def _with_previous_stage(model: LoadedModel, data_pp: np.ndarray, seg_pp: np.ndarray) -> np.ndarray:
     """Image channels followed by one-hot classes 1..K-1 of the previous stage (the cascade's input)."""
-    from autoseg.data.cascade import one_hot_foreground
-
     if tuple(seg_pp.shape[-data_pp.ndim + 1:]) != tuple(data_pp.shape[1:]):
         raise AutosegError(f"previous-stage segmentation has shape {tuple(seg_pp.shape)}, the preprocessed "
                            f"case {tuple(data_pp.shape[1:])}")
@@ -319,8 +334,6 @@ def prepare_case(models: Sequence[LoadedModel], image_files: Sequence[Path] | No
 
     ``case_id`` (default: from the first file name) finds a cascade's previous-stage segmentation.
     """
-    from autoseg.preprocess import preprocess_case
-
     if not models:
         raise AutosegError("no model to predict with")
     if data is None or geometry is None:
@@ -382,8 +395,6 @@ def model_probabilities(model: LoadedModel, data_pp: np.ndarray,
 def predict_prepared(models: Sequence[LoadedModel], case: PreparedCase,
                      options: PredictOptions = PredictOptions()) -> np.ndarray:
     """Class probabilities (K, z, y, x) float32 in the input's grid, averaged over folds and models."""
-    from autoseg.preprocess import revert_preprocessing
-
     total: np.ndarray | None = None
     for i, (model, (_, props)) in enumerate(zip(models, case.inputs)):
         probs = model_probabilities(model, model_input(model, case, i, options), options)

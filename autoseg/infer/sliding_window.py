@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from autoseg.common.progress import progress
+
 DEFAULT_STEP = 0.5
 """Window step as a fraction of the patch size (nnU-Net's tile_step_size default)."""
 
@@ -131,8 +133,6 @@ def predict_sliding_window(net: nn.Module, data: torch.Tensor, patch_size: Seque
     ``mirror_axes`` are spatial axis indices (0 = first spatial axis); every combination is
     predicted and averaged. ``amp`` (default: on for CUDA) runs the network under bf16 autocast.
     """
-    from autoseg.common.progress import progress
-
     device = torch.device(device)
     acc_device = device if results_device is None else torch.device(results_device)
     if data.ndim != len(patch_size) + 1:

@@ -9,13 +9,9 @@ left by a killed run.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
-import os
 import re
 import zlib
-from collections.abc import Iterator
 from concurrent.futures import as_completed
 from pathlib import Path
 
@@ -23,6 +19,7 @@ import numpy as np
 
 from autoseg.common.errors import AutosegError
 from autoseg.common.jsonio import load_record, save_record
+from autoseg.common.locks import PidLock
 from autoseg.common.paths import Paths
 from autoseg.common.procs import spawn_pool
 from autoseg.common.progress import progress
@@ -155,32 +152,14 @@ def preprocess_dataset(paths: Paths, dataset: str, config_names: list[str], num_
     return {c.name: paths.preprocessed_data(dataset, c.data_identifier) for c in configs}
 
 
-@contextlib.contextmanager
-def _folder_lock(folder: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``<folder>/.lock`` (our pid inside) while preprocessing into it.
+def _folder_lock(folder: Path) -> PidLock:
+    """An exclusive `PidLock` on ``<folder>/.lock`` (our pid inside) while preprocessing into it.
 
     The kernel drops the lock when its holder dies, even by SIGKILL, so a killed run leaves no
     stale lock; a live holder makes us refuse with its pid. The pool's workers are spawned
     (exec), so they do not inherit the descriptor (Python opens it non-inheritable).
     """
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise AutosegError(f"another process (pid {holder}) is preprocessing into this folder; "
-                           "wait for it to finish or stop it first", folder) from None
-    try:
-        with contextlib.suppress(OSError):  # the pid is for the message only: a full disk must not stop us here
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    return PidLock(folder / LOCK_FILE, "another process ({holder}) is preprocessing into this folder")
 
 
 def _remove_stale_temp_files(folder: Path) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 from autoseg.common.errors import AutosegError
 from autoseg.common.jsonio import atomic_write_bytes, atomic_write_text, load_record
 from autoseg.common.paths import Paths, TrainingId
+from autoseg.evaluate.summary import Summary
 from autoseg.schedule.sweep import SweepSpec
 
 log = logging.getLogger(__name__)
@@ -258,8 +259,6 @@ def _finite(x: object) -> float | None:
 
 def read_run(fold_dir: Path, key: RunKey) -> RunResult:
     """Everything the report needs from one fold folder (missing files give None fields)."""
-    from autoseg.evaluate.summary import Summary
-
     records = read_training_log(fold_dir / LOG_FILE)
     times = [_finite(r.get("epoch_time_s")) for r in records]
     speeds = [s for s in (_finite(r.get("iterations_per_s")) for r in records) if s is not None]

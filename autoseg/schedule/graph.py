@@ -221,7 +221,7 @@ def _needs_probabilities(paths: Paths, job: JobSpec) -> bool:
     Its train job is DONE and will not run again, so a validate job adds the maps.
     """
     from autoseg.train.checkpoint import FINAL
-    from autoseg.train.run import validation_complete
+    from autoseg.pipeline.validate import validation_complete
 
     tid = job.training_id()
     fold_dir = paths.training_dir(tid)
@@ -242,7 +242,8 @@ def warn_changed_finished(paths: Paths, jobs: list[JobSpec]) -> list[str]:
     from autoseg.common.jsonio import load_record
     from autoseg.train.checkpoint import FINAL
     from autoseg.train.config import TrainerConfig, apply_overrides, changed_keys, format_changes
-    from autoseg.train.run import RESUME_MAY_CHANGE, TRAINER_CONFIG_FILE
+    from autoseg.pipeline.folds import TRAINER_CONFIG_FILE
+    from autoseg.pipeline.run import RESUME_MAY_CHANGE
 
     changed: dict[str, list[str]] = {}
     for job in jobs:

@@ -24,9 +24,9 @@ TRAINING_LOG = "training_log.jsonl"
 DRIVEN_BY_SCHEDULER = frozenset({"local", "inprocess"})
 """Executors whose jobs die with (or are stopped by) the scheduler; Slurm jobs outlive it."""
 VALIDATION_SUMMARY = Path("validation") / "summary.json"
-"""Where a fold's final validation writes its evaluation (autoseg.train.run's VALIDATION_DIR)."""
+"""Where a fold's final validation writes its evaluation (autoseg.pipeline.folds.VALIDATION_DIR)."""
 VALIDATION_PROGRESS = Path("validation") / "progress.json"
-"""Cases done/total of a running final validation (autoseg.infer.validate.VALIDATION_PROGRESS)."""
+"""Cases done/total of a running final validation (autoseg.pipeline.validate.VALIDATION_PROGRESS)."""
 ETA_EPOCH_WINDOW = 5
 """ETA = remaining epochs x mean time of the last few epochs (early epochs include compile/warm-up)."""
 

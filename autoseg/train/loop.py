@@ -37,7 +37,6 @@ from autoseg.common.jsonio import atomic_write_text
 from autoseg.common.progress import progress
 from autoseg.dataset.spec import LabelScheme
 from autoseg.planning.plans import Plan
-from autoseg.report.plots import plot_progress
 from autoseg.train import checkpoint as ckpt_files
 from autoseg.train.checkpoint import (
     Checkpoint,
@@ -48,7 +47,8 @@ from autoseg.train.checkpoint import (
     save_latest,
 )
 from autoseg.train.config import TrainerConfig
-from autoseg.train.ddp import DistContext, all_reduce_sum, wrap_model
+from autoseg.train.ddp import DistContext, all_reduce_sum, device_for, wrap_model
+from autoseg.train.progress_plot import plot_progress
 from autoseg.train.schedules import learning_rate
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,6 @@ class Runtime:
 def resolve_runtime(cfg: TrainerConfig, device: str = "auto", dist: DistContext | None = None,
                     quiet: bool = False) -> Runtime:
     """Turn "auto" settings into concrete ones: bf16 autocast and torch.compile on CUDA only."""
-    from autoseg.train.ddp import device_for
-
     dist = dist or DistContext()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

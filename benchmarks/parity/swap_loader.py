@@ -20,8 +20,8 @@ import torch
 
 import autoseg.data.loader as loader_module
 from autoseg.common.paths import Paths, TrainingId
+from autoseg.pipeline.run import train_fold
 from autoseg.train.config import TrainerConfig, apply_overrides
-from autoseg.train.run import train_fold
 
 
 class _Batches:

@@ -22,8 +22,8 @@ from autoseg.cli import cli
 from autoseg.common.errors import AutosegError
 from autoseg.common.paths import Paths, TrainingId
 from autoseg.dataset.phantom import PhantomRecipe, make_phantom_dataset
+from autoseg.pipeline.folds import fold_lock
 from autoseg.preprocess import list_preprocessed_cases
-from autoseg.train.run import fold_lock
 from tests.faults.procs_util import cmdline, descendants, start_time, survivors
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux only")
@@ -122,7 +122,7 @@ def test_killed_preprocess_leaves_no_pool_worker_and_reruns(planned: Paths) -> N
 HOLDER = textwrap.dedent("""
     import multiprocessing, sys, time
     from pathlib import Path
-    from autoseg.train.run import fold_lock
+    from autoseg.pipeline.folds import fold_lock
 
     with fold_lock(Path(sys.argv[1])):
         child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))  # a loader worker

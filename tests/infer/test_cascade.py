@@ -10,7 +10,8 @@ import pytest
 from autoseg.common.paths import Paths
 from autoseg.dataset.io import read_case, read_image
 from autoseg.dataset.phantom import PhantomRecipe, make_phantom_dataset
-from autoseg.infer.cascade import PreviousStage, export_for_next_stage, next_stages, seg_to_preprocessed_grid
+from autoseg.infer.cascade import export_for_next_stage, next_stages, seg_to_preprocessed_grid
+from autoseg.infer.predict import PreviousStage
 from autoseg.planning.planner import PlanRequest, plan_and_save
 from autoseg.preprocess import preprocess_case
 

@@ -10,7 +10,7 @@ from autoseg.common.paths import Paths
 from autoseg.dataset.spec import load_dataset
 from autoseg.evaluate.best import find_best, predict_with_best
 from autoseg.infer.predict import PredictOptions, load_model
-from autoseg.infer.validate import run_validation
+from autoseg.pipeline.validate import run_validation
 from tests.infer.conftest import link_inputs, save_untrained_fold, tiny_plan
 
 DS = "Dataset999_Phantom"

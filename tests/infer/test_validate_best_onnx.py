@@ -18,7 +18,7 @@ from autoseg.dataset.spec import load_dataset
 from autoseg.evaluate.best import BestConfig, find_best
 from autoseg.evaluate.summary import Summary
 from autoseg.infer.predict import PredictOptions, fold_dirs_for, load_model
-from autoseg.infer.validate import run_validation
+from autoseg.pipeline.validate import run_validation
 from tests.dice_check import check_summary_against_files
 from tests.infer.conftest import link_inputs, save_untrained_fold, tiny_plan
 

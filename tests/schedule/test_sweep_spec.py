@@ -243,12 +243,12 @@ def test_record_is_written_and_guards_changed_meaning(tmp_path: Path, paths: Pat
 
 
 def test_variant_folders_are_safe_for_the_trainer(tmp_path: Path) -> None:
-    from autoseg.train.run import SAFE_NAME_RE
+    from autoseg.common.paths import FOLDER_NAME_RE
 
     spec = load_sweep(write_sweep(tmp_path, minimal_sweep(variants={"tiny+lr": {"lr": 1e-20}})))
     runs = [v.run_name(spec.name) for v in spec.variants]
     assert "toy.lr-0.003__augment.mirror-false" in runs and "toy.tiny_lr" in runs
-    assert all(SAFE_NAME_RE.fullmatch(r) for r in runs)
+    assert all(FOLDER_NAME_RE.fullmatch(r) for r in runs)
     assert spec.variant("tiny+lr").trainer_overrides == ("lr=1e-20",)
 
 

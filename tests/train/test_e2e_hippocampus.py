@@ -20,12 +20,12 @@ from click.testing import CliRunner
 from autoseg.cli import cli
 from autoseg.common.jsonio import save_record
 from autoseg.common.paths import Paths, TrainingId
+from autoseg.pipeline.run import train_fold
 from autoseg.planning.plan import apply_plan_overrides
 from autoseg.planning.planner import PlanRequest, plan_and_save
 from autoseg.preprocess import preprocess_dataset
 from autoseg.train.checkpoint import load_checkpoint
 from autoseg.train.config import TrainerConfig, apply_overrides
-from autoseg.train.run import train_fold
 from tests.dice_check import check_summary_against_files
 
 DATASET = "Dataset004_Hippocampus"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import autoseg.infer.validate as validate_module
+import autoseg.pipeline.validate as validate_module
 from autoseg.cli import cli
 from autoseg.common.paths import Paths, TrainingId
 from autoseg.dataset.phantom import PhantomRecipe, make_phantom_dataset

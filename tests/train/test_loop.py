@@ -97,13 +97,13 @@ class SignalAfter:
 
 
 def test_sigterm_finishes_the_step_and_saves_latest(tmp_path) -> None:
-    from autoseg.train.run import _stop_on_signals
+    from autoseg.pipeline.isolation import stop_on_signals
 
     cfg = TrainerConfig(epochs=3, iterations_per_epoch=3, val_iterations=1)
     setup = make_setup(tmp_path, cfg)
     setup.train_batches = SignalAfter(setup.train_batches, 3 + 2)  # during epoch 1
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(TrainingInterrupted) as info, _stop_on_signals() as stop:
+    with pytest.raises(TrainingInterrupted) as info, stop_on_signals() as stop:
         fit(setup, cpu_runtime(), stop=stop)
     assert signal.getsignal(signal.SIGTERM) is before  # handler restored
     assert info.value.epoch == 1 and setup.train_batches.drawn == 5  # stopped right after that step

@@ -8,9 +8,10 @@ from click.testing import CliRunner
 from autoseg.cli import cli
 from autoseg.common.errors import AutosegError
 from autoseg.common.paths import Paths, TrainingId
+from autoseg.pipeline.folds import fold_lock, parse_fold
+from autoseg.pipeline.run import train_fold
 from autoseg.train.config import TrainerConfig
 from autoseg.train.loop import fit
-from autoseg.train.run import fold_lock, parse_fold, train_fold
 from tests.train.conftest import cpu_runtime, make_setup, tiny_plan
 
 TID = TrainingId("Dataset990_Tiny", "3d_fullres", 0)

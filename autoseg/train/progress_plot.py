@@ -1,4 +1,4 @@
-"""Plots: ``progress.png`` of a training run (losses, pseudo-Dice, epoch time, learning rate).
+"""``progress.png`` of a training run (losses, pseudo-Dice, epoch time, learning rate).
 
 Drawn with matplotlib's Agg backend (no display needed on cluster nodes) and written
 atomically, so a reader never sees a half-written image while training redraws it.

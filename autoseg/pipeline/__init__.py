@@ -1,0 +1,1 @@
+"""autoseg.pipeline stage (see docs/architecture.md)."""
