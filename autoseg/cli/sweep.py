@@ -12,8 +12,8 @@ from autoseg.report.sweep_report import build_sweep_report, format_markdown, wri
 from autoseg.schedule.resources import PoolConfig, parse_gpus
 from autoseg.schedule.runner import RunOptions, simulate_schedule
 from autoseg.schedule.sweep import SweepSpec, load_sweep
-from autoseg.schedule.sweep_jobs import SweepJobs, build_sweep_jobs, sweep_dir
-from autoseg.schedule.sweep_run import run_sweep
+from autoseg.schedule.sweep.jobs import SweepJobs, build_sweep_jobs, sweep_dir
+from autoseg.schedule.sweep.run import run_sweep
 from autoseg.schedule.train_all import TrainAllOptions, make_executor, pool_config
 
 

@@ -8,7 +8,7 @@ resume each other's checkpoints. Plan overrides give a derived plan stored at
 the dataset's plan unless the overrides change preprocessing (target spacing, resampling orders),
 in which case it gets its own ``data_identifier`` and a preprocess job. The sweep itself is
 recorded in ``results/sweeps/<name>/sweep.json`` (next to its report). Nothing here runs a job:
-see `autoseg.schedule.sweep_run`.
+see `autoseg.schedule.sweep.run`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from autoseg.planning.plans import Configuration, Plan
 from autoseg.preprocess import list_preprocessed_cases
 from autoseg.schedule.jobs import JobKind, JobSpec, Resources, link_cascades, qualified_config
 from autoseg.schedule.graph import check_folds, estimate_train_seconds
-from autoseg.schedule.sweep import SweepSpec, Variant, canonical_json, split_preset
+from autoseg.schedule.sweep.spec import SweepSpec, Variant, canonical_json, split_preset
 from autoseg.train.config import TrainerConfig, apply_overrides
 
 SWEEP_FILENAME = "sweep.json"
