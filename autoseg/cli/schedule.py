@@ -14,7 +14,7 @@ from autoseg.schedule.executors import SlurmOptions
 from autoseg.schedule.resources import parse_folds, parse_gpus
 from autoseg.schedule.graph import TrainAllRequest
 from autoseg.schedule.jobs import JobKind, JobSpec
-from autoseg.schedule.runner import Assignment
+from autoseg.schedule.order import Assignment
 from autoseg.schedule.status import collect_status, latest_run
 from autoseg.schedule.train_all import TrainAllOptions, observer_rows, preview, train_all
 

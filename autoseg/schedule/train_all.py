@@ -12,7 +12,8 @@ from autoseg.schedule.jobs import JobSpec
 from autoseg.schedule.resources import PoolConfig, check_gpus_exist, machine_cores, query_gpu_memory_gb
 from autoseg.schedule.lock import RunLock
 from autoseg.schedule.graph import TrainAllRequest, build_train_all_jobs, warn_changed_finished
-from autoseg.schedule.runner import Assignment, RunOptions, RunSummary, run_jobs, simulate_schedule
+from autoseg.schedule.order import Assignment, simulate_schedule
+from autoseg.schedule.runner import RunOptions, RunSummary, run_jobs
 from autoseg.schedule.store import JobRow, StateStore
 
 log = logging.getLogger(__name__)
