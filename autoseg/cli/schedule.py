@@ -10,7 +10,7 @@ import click
 from autoseg.cli.app import cli, paths_from
 from autoseg.cli.planning import DEFAULT_GPU_MEMORY_GB, GreedyMultiOption
 from autoseg.report.tables import format_duration, render_status, render_table
-from autoseg.schedule.executors import SlurmOptions
+from autoseg.schedule.slurm import SlurmOptions
 from autoseg.schedule.resources import parse_folds, parse_gpus
 from autoseg.schedule.graph import TrainAllRequest
 from autoseg.schedule.jobs import JobKind, JobSpec
