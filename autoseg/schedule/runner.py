@@ -253,9 +253,8 @@ class _Run:
                            external_id=handle.external_id, started_at=time.time(), cores=cores, workers=workers,
                            augment_device=augment_device(job, gpu is not None) if slot is not None else None)
         # tracked before anything else is written: a full disk from here on stops a known child
-        self.state[job.job_id] = JobState.RUNNING
         self.running[job.job_id] = _Running(handle, slot, record)
-        self.store.update(job.job_id, state=JobState.RUNNING, attempt=attempt, gpu=gpu, cpus=cpus, workers=workers,
+        self.set_state(job.job_id, JobState.RUNNING, attempt=attempt, gpu=gpu, cpus=cpus, workers=workers,
                           executor=self.executor.name, external_id=handle.external_id, host=self.host,
                           started_at=record.started_at, ended_at=None, exit_code=None, log_path=str(jp.log),
                           message=None)
@@ -268,6 +267,15 @@ class _Run:
             raise full from e
         log.info("started %s (attempt %d, GPU %s, %d CPUs %s, %d workers)", job.job_id, attempt, gpu, cpus,
                  format_cores(cores) or "-", workers)
+
+    def set_state(self, job_id: str, state: JobState, **fields: object) -> None:
+        """The one place a job's state changes: this run's table, then the state store (with ``fields``).
+
+        The attempt's ``job.json`` (`JobRecord`) is written beside it at the start and end of an
+        attempt (`launch`, `finish`); `record_disk_full` is the best-effort variant on a full disk.
+        """
+        self.state[job_id] = state
+        self.store.update(job_id, state=state, **fields)
 
     def reap(self) -> None:
         for job_id, run in list(self.running.items()):
@@ -303,16 +311,14 @@ class _Run:
         ended = time.time()
         save_record(JobPaths.of(self.paths, job_id).record,
                     replace(run.record, state=state, ended_at=ended, exit_code=rc))
-        self.store.update(job_id, state=state, ended_at=ended, exit_code=rc, message=message)
-        self.state[job_id] = state
+        self.set_state(job_id, state, ended_at=ended, exit_code=rc, message=message)
         if state is JobState.PENDING:
             self._recall_chained(job_id, blocked=False)
         elif state is JobState.FAILED:
             self._recall_chained(job_id, blocked=True)
             for dep in sorted(dependents_of(self.jobs, job_id)):
                 if self.state[dep] in (JobState.PENDING, JobState.INTERRUPTED):
-                    self.state[dep] = JobState.BLOCKED
-                    self.store.update(dep, state=JobState.BLOCKED)
+                    self.set_state(dep, JobState.BLOCKED)
                     log.warning("%s blocked: %s failed", dep, job_id)
 
     def _recall_chained(self, job_id: str, blocked: bool) -> None:
@@ -324,8 +330,7 @@ class _Run:
             run.handle.kill()
             self.tries[dep] -= 1
             new = JobState.BLOCKED if blocked else JobState.PENDING
-            self.state[dep] = new
-            self.store.update(dep, state=new, external_id=None)
+            self.set_state(dep, new, external_id=None)
 
     # ------------------------------------------------------------------ a full disk
     def record_disk_full(self, job_id: str, state: JobState, err: OSError, **fields: object) -> None:
