@@ -9,6 +9,7 @@ import click
 
 from autoseg.cli.app import cli, paths_from
 from autoseg.cli.planning import DEFAULT_GPU_MEMORY_GB, GreedyMultiOption
+from autoseg.common.values import TRUE_WORDS
 from autoseg.report.tables import format_duration, render_status, render_table
 from autoseg.schedule.slurm import SlurmOptions
 from autoseg.schedule.resources import parse_folds, parse_gpus
@@ -26,7 +27,7 @@ FAKE_GPUS_ENV = "AUTOSEG_FAKE_GPUS"
 
 def fake_gpus_from_env() -> bool:
     """Whether ``$AUTOSEG_FAKE_GPUS`` says the ``--gpus`` ids are stand-ins (1/true/yes/on)."""
-    return os.environ.get(FAKE_GPUS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return os.environ.get(FAKE_GPUS_ENV, "").strip().lower() in TRUE_WORDS
 
 
 class LiveTable:
