@@ -9,12 +9,13 @@ import click
 
 from autoseg.cli.app import cli, paths_from
 from autoseg.cli.planning import DEFAULT_GPU_MEMORY_GB, GreedyMultiOption
+from autoseg.common.values import TRUE_WORDS
 from autoseg.report.tables import format_duration, render_status, render_table
-from autoseg.schedule.executors import SlurmOptions
+from autoseg.schedule.slurm import SlurmOptions
 from autoseg.schedule.resources import parse_folds, parse_gpus
 from autoseg.schedule.graph import TrainAllRequest
 from autoseg.schedule.jobs import JobKind, JobSpec
-from autoseg.schedule.runner import Assignment
+from autoseg.schedule.order import Assignment
 from autoseg.schedule.status import collect_status, latest_run
 from autoseg.schedule.train_all import TrainAllOptions, observer_rows, preview, train_all
 
@@ -26,7 +27,7 @@ FAKE_GPUS_ENV = "AUTOSEG_FAKE_GPUS"
 
 def fake_gpus_from_env() -> bool:
     """Whether ``$AUTOSEG_FAKE_GPUS`` says the ``--gpus`` ids are stand-ins (1/true/yes/on)."""
-    return os.environ.get(FAKE_GPUS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return os.environ.get(FAKE_GPUS_ENV, "").strip().lower() in TRUE_WORDS
 
 
 class LiveTable:

@@ -10,10 +10,11 @@ from autoseg.cli.app import cli, paths_from
 from autoseg.cli.schedule import EXIT_INTERRUPTED, EXIT_JOBS_FAILED, LiveTable, fake_gpus_from_env
 from autoseg.report.sweep_report import build_sweep_report, format_markdown, write_sweep_report
 from autoseg.schedule.resources import PoolConfig, parse_gpus
-from autoseg.schedule.runner import RunOptions, simulate_schedule
+from autoseg.schedule.order import simulate_schedule
+from autoseg.schedule.runner import RunOptions
 from autoseg.schedule.sweep import SweepSpec, load_sweep
-from autoseg.schedule.sweep_jobs import SweepJobs, build_sweep_jobs, sweep_dir
-from autoseg.schedule.sweep_run import run_sweep
+from autoseg.schedule.sweep.jobs import SweepJobs, build_sweep_jobs, sweep_dir
+from autoseg.schedule.sweep.run import run_sweep
 from autoseg.schedule.train_all import TrainAllOptions, make_executor, pool_config
 
 

@@ -238,7 +238,11 @@ def from_jsonable(tp: Any, value: Any, where: str = "<record>") -> Any:
                 kwargs[name] = from_jsonable(hints[name], value[name], f"{where}:{name}")
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise AutosegError(f"missing key {name!r} for {tp.__name__}", where)
-        return tp(**kwargs)
+        try:
+            return tp(**kwargs)
+        except AutosegError as e:  # a field check of the record's class (`TrainerConfig`, `JobSpec`)
+            e.where = f"{where}:{e.where}" if e.where else where
+            raise
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         try:
             return tp(value)

@@ -10,10 +10,7 @@ saves and loads plans.json; `autoseg.planning.planner.plan_and_save` is what ``a
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
 import logging
-import types
 import typing
 from dataclasses import dataclass, replace
 from typing import Any
@@ -21,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from autoseg.common.errors import AutosegError, ConfigError
+from autoseg.common.values import did_you_mean, parse_text
 from autoseg.dataset.spec import class_labels
 from autoseg.fingerprint import Fingerprint
 from autoseg.planning import memory, rules
@@ -155,7 +153,7 @@ def check_config_names(configs: typing.Iterable[str] | None) -> tuple[str, ...]:
     names = tuple(configs)
     for n in names:
         if n not in CONFIG_NAMES:
-            raise ConfigError(f"unknown configuration {n!r}{_did_you_mean(n, CONFIG_NAMES)} "
+            raise ConfigError(f"unknown configuration {n!r}{did_you_mean(n, CONFIG_NAMES)} "
                               f"(known: {', '.join(CONFIG_NAMES)})", "--configs")
     if not names:
         raise ConfigError("no configuration requested", "--configs")
@@ -271,69 +269,9 @@ def _plan_3d(grid: _Target, names: tuple[str, ...], configs: tuple[str, ...] | N
 # --------------------------------------------------------------------------- overrides
 
 
-def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
 def _overridable() -> dict[str, Any]:
     hints = typing.get_type_hints(Configuration)
     return {f.name: hints[f.name] for f in dataclasses.fields(Configuration) if f.name not in NOT_OVERRIDABLE}
-
-
-def _parse_value(tp: Any, text: str, where: str) -> Any:
-    """``text`` as a value of the Configuration field type ``tp`` (ints, floats, bools, tuples, None)."""
-    text = text.strip()
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    try:
-        if origin in (typing.Union, types.UnionType):
-            if text.lower() in ("none", "null", ""):
-                return None
-            return _parse_value(next(a for a in args if a is not type(None)), text, where)
-        if origin is tuple:
-            return _parse_tuple(args[0], text, where)
-        if tp is bool:
-            low = text.lower()
-            if low not in ("true", "false", "yes", "no", "1", "0"):
-                raise ValueError(text)
-            return low in ("true", "yes", "1")
-        if tp is int:
-            return int(text)
-        if tp is float:
-            return float(text)
-        if tp is str:
-            if not text:
-                raise ValueError(text)
-            return text
-    except (ValueError, TypeError, json.JSONDecodeError, StopIteration):
-        raise ConfigError(f"cannot read {text!r} as {_type_name(tp)}", where) from None
-    raise ConfigError(f"cannot override a value of type {tp}", where)
-
-
-def _parse_tuple(item: Any, text: str, where: str) -> tuple:
-    """``48,64,48`` / ``[48, 64, 48]``; nested: ``1,1,1;2,2,2`` / ``[[1,1,1],[2,2,2]]``."""
-    if text.startswith("["):
-        raw = json.loads(text)
-        if not isinstance(raw, list):
-            raise ValueError(text)
-        parts = [json.dumps(p) if isinstance(p, list) else str(p) for p in raw]
-    else:
-        parts = [p for p in text.replace(" ", "").split(";" if typing.get_origin(item) is tuple else ",")]
-    if not parts or any(p == "" for p in parts):
-        raise ValueError(text)
-    return tuple(_parse_value(item, p, where) for p in parts)
-
-
-def _type_name(tp: Any) -> str:
-    names = {int: "an integer", float: "a number", bool: "true/false", str: "a name"}
-    if tp in names:
-        return names[tp]
-    if typing.get_origin(tp) is tuple:
-        inner = typing.get_args(tp)[0]
-        if typing.get_origin(inner) is tuple:
-            return "a list of per-axis lists like 1,1,1;2,2,2 or [[1,1,1],[2,2,2]]"
-        return f"a comma-separated list of {'integers' if inner is int else 'numbers'} like 48,64,48"
-    return "a name or none"
 
 
 def check_override_syntax(overrides: typing.Sequence[str]) -> None:
@@ -345,11 +283,11 @@ def check_override_syntax(overrides: typing.Sequence[str]) -> None:
         if not sep or not dot or not config or not name:
             raise ConfigError("expected CONFIG.KEY=VALUE, e.g. 3d_fullres.patch_size=48,64,48", text)
         if config not in CONFIG_NAMES:
-            raise ConfigError(f"unknown configuration {config!r}{_did_you_mean(config, CONFIG_NAMES)} "
+            raise ConfigError(f"unknown configuration {config!r}{did_you_mean(config, CONFIG_NAMES)} "
                               f"(known: {', '.join(CONFIG_NAMES)})", key)
         if name not in fields:
-            raise ConfigError(f"unknown key {name!r}{_did_you_mean(name, fields)} (keys: {', '.join(fields)})", key)
-        _parse_value(fields[name], value, key)
+            raise ConfigError(f"unknown key {name!r}{did_you_mean(name, fields)} (keys: {', '.join(fields)})", key)
+        parse_text(value, fields[name], key)
 
 
 def parse_overrides(overrides: typing.Sequence[str], plan: Plan) -> dict[str, dict[str, tuple[Any, str]]]:
@@ -366,11 +304,11 @@ def parse_overrides(overrides: typing.Sequence[str], plan: Plan) -> dict[str, di
         if not sep or not dot or not config or not name:
             raise ConfigError("expected CONFIG.KEY=VALUE, e.g. 3d_fullres.patch_size=48,64,48", text)
         if config not in plan.configurations:
-            raise ConfigError(f"configuration {config!r} is not in the plan{_did_you_mean(config, plan.configurations)} "
+            raise ConfigError(f"configuration {config!r} is not in the plan{did_you_mean(config, plan.configurations)} "
                               f"(planned: {', '.join(plan.configurations)})", key)
         if name not in fields:
-            raise ConfigError(f"unknown key {name!r}{_did_you_mean(name, fields)} (keys: {', '.join(fields)})", key)
-        out.setdefault(config, {})[name] = (_parse_value(fields[name], value, key), text)
+            raise ConfigError(f"unknown key {name!r}{did_you_mean(name, fields)} (keys: {', '.join(fields)})", key)
+        out.setdefault(config, {})[name] = (parse_text(value, fields[name], key), text)
     return out
 
 

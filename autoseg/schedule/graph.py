@@ -7,13 +7,23 @@ Pure graph building over what is on disk; `autoseg.schedule.runner.run_jobs` run
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, replace
 
-from autoseg.common.errors import AutosegError
-from autoseg.common.paths import DEFAULT_PLANS, Paths
+from autoseg.common.errors import AutosegError, DatasetError
+from autoseg.common.jsonio import load_record
+from autoseg.common.paths import DEFAULT_PLANS, Paths, is_folder_name
+from autoseg.dataset.spec import load_dataset
+from autoseg.planning.store import load_plan
+from autoseg.planning.presets import get_preset
+from autoseg.preprocess import list_preprocessed_cases
 from autoseg.schedule.jobs import (CASCADE_FOLDS, JobKind, JobSpec, Resources, link_cascades, previous_stage_of,
                                    qualified_config)
+from autoseg.splits import DEFAULT_N_FOLDS, load_splits, user_splits_file
+from autoseg.train.checkpoint import FINAL
+from autoseg.train.config import TrainerConfig, apply_overrides, changed_keys, format_changes
+from autoseg.pipeline.folds import TRAINER_CONFIG_FILE
+from autoseg.pipeline.run import RESUME_MAY_CHANGE
+from autoseg.pipeline.validate import validation_complete
 
 log = logging.getLogger(__name__)
 
@@ -24,50 +34,26 @@ only for large images, which is unknown before planning)."""
 REFERENCE_VOXELS_PER_S = 6e6
 """Rough training throughput (patch voxels x batch per second) used only to order jobs longest-first."""
 
-VARIANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*")
-"""A variant is a folder name (as `autoseg train --variant` checks it)."""
+def estimate_train_seconds(patch_size: tuple[int, ...], batch_size: int, cfg: TrainerConfig) -> float:
+    """Estimated training time from the plan and the trainer config: patch voxels x batch x steps / throughput.
 
-DEFAULT_EPOCHS = 1000
-DEFAULT_ITERATIONS_PER_EPOCH = 250
-DEFAULT_VAL_ITERATIONS = 50
-"""nnU-Net's schedule (also TrainerConfig's defaults), for duration estimates without ``--set``."""
-
-
-def _override_number(overrides: tuple[str, ...], keys: tuple[str, ...], default: float) -> float:
-    value = default
-    for item in overrides:
-        key, _, text = item.partition("=")
-        if key.strip() in keys:
-            try:
-                value = float(text)
-            except ValueError:
-                pass  # the trainer reports a bad value with its own message
-    return value
-
-
-def estimate_train_seconds(patch_size: tuple[int, ...], batch_size: int, overrides: tuple[str, ...] = ()) -> float:
-    """Estimated training time from the plan and the schedule: patch voxels x batch x steps / throughput."""
+    ``cfg.batch_size`` (when set) replaces the plan's ``batch_size``; steps are epochs x (train +
+    validation iterations), all from the job's parsed `TrainerConfig`.
+    """
     voxels = 1.0
     for s in patch_size:
         voxels *= s
-    batch = _override_number(overrides, ("batch_size",), batch_size)
-    epochs = _override_number(overrides, ("epochs",), DEFAULT_EPOCHS)
-    steps = epochs * (_override_number(overrides, ("iterations_per_epoch",), DEFAULT_ITERATIONS_PER_EPOCH)
-                      + _override_number(overrides, ("val_iterations",), DEFAULT_VAL_ITERATIONS))
+    batch = cfg.batch_size if cfg.batch_size is not None else batch_size
+    steps = cfg.epochs * (cfg.iterations_per_epoch + cfg.val_iterations)
     return voxels * batch * steps / REFERENCE_VOXELS_PER_S
 
 
 def _planned(paths: Paths, dataset: str, preset: str = DEFAULT_PLANS):  # type: ignore[no-untyped-def]
-    from autoseg.planning.store import load_plan
-
     return load_plan(paths, dataset, preset) if paths.plans_file(dataset, preset).is_file() else None
 
 
 def _missing_preprocessing(paths: Paths, dataset: str, plan, configs: tuple[str, ...]) -> tuple[str, ...]:  # type: ignore[no-untyped-def]
     """Configurations whose preprocessed data (every raw case) or the dataset's splits.json are missing."""
-    from autoseg.dataset.spec import load_dataset
-    from autoseg.preprocess import list_preprocessed_cases
-
     n_cases = len(load_dataset(paths.raw_dataset(dataset)).cases) if paths.raw_dataset(dataset).is_dir() else 0
     missing = []
     for name in configs:
@@ -97,11 +83,9 @@ class TrainAllRequest:
 
 def build_train_all_jobs(paths: Paths, request: TrainAllRequest) -> list[JobSpec]:
     """Plan -> preprocess -> train per config x fold -> find-best, per dataset; finished stages omitted."""
-    if not VARIANT_RE.fullmatch(request.variant):
+    if not is_folder_name(request.variant):
         raise AutosegError(f"variant name {request.variant!r} must use letters, digits, '.', '_' or '-' only",
                            "--variant")
-    from autoseg.planning.presets import get_preset
-
     get_preset(request.plans)
     names = [paths.resolve_dataset(d) for d in request.datasets] or paths.list_raw_datasets()
     if not names:
@@ -119,10 +103,6 @@ def fold_count(paths: Paths, dataset: str) -> tuple[int, str] | None:
     preprocessing will make. None when that cannot be told yet (no raw dataset, unreadable one:
     the plan job reports that).
     """
-    from autoseg.common.errors import DatasetError
-    from autoseg.dataset.spec import load_dataset
-    from autoseg.splits import DEFAULT_N_FOLDS, load_splits, user_splits_file
-
     for file in (user_splits_file(paths, dataset), paths.splits_file(dataset)):
         if file.is_file():
             return load_splits(paths, dataset).n_folds, str(file)
@@ -146,16 +126,6 @@ def check_folds(paths: Paths, dataset: str, folds: tuple[int | str, ...], where:
     if missing:
         raise AutosegError(f"{dataset} has folds 0-{n - 1} and 'all' ({source}); no fold {', '.join(missing)}",
                            where)
-
-
-def _final_validation_off(overrides: tuple[str, ...]) -> bool:
-    """Whether ``--set`` turns the final validation off (then nothing is validated or compared).
-
-    Parsing the overrides here also makes a bad ``--set`` fail before any job starts.
-    """
-    from autoseg.train.config import TrainerConfig, apply_overrides
-
-    return apply_overrides(TrainerConfig(), overrides).final_validation == "off"
 
 
 def _dataset_jobs(paths: Paths, ds: str, req: TrainAllRequest) -> list[JobSpec]:
@@ -185,13 +155,13 @@ def _dataset_jobs(paths: Paths, ds: str, req: TrainAllRequest) -> list[JobSpec]:
             train_deps = (prep.job_id,)
     train_ids: list[str] = []
     complete_configs = []
-    validated = not _final_validation_off(req.trainer_overrides)
+    trainer = apply_overrides(TrainerConfig(), req.trainer_overrides)  # a bad --set fails before any job starts
+    validated = trainer.final_validation != "off"  # else nothing is validated or compared
     ensembles = validated and len(configs) > 1  # find-best can compare ensembles only with saved softmax maps
     for name in configs:
         conf = plan.configurations[name] if plan else None
         res = Resources(gpus=1, gpu_memory_gb=(conf.estimated_vram_gb or None) if conf else None,
-                        est_duration_s=estimate_train_seconds(conf.patch_size, conf.batch_size,
-                                                              req.trainer_overrides) if conf else None)
+                        est_duration_s=estimate_train_seconds(conf.patch_size, conf.batch_size, trainer) if conf else None)
         folds = tuple(dict.fromkeys((*CASCADE_FOLDS, *req.folds))) if name in previous else req.folds
         for fold in folds:
             job = JobSpec.make(JobKind.TRAIN, ds, config=qualified_config(name, req.plans), fold=fold,
@@ -220,9 +190,6 @@ def _needs_probabilities(paths: Paths, job: JobSpec) -> bool:
 
     Its train job is DONE and will not run again, so a validate job adds the maps.
     """
-    from autoseg.train.checkpoint import FINAL
-    from autoseg.pipeline.validate import validation_complete
-
     tid = job.training_id()
     fold_dir = paths.training_dir(tid)
     if not (fold_dir / FINAL).is_file():
@@ -239,12 +206,6 @@ def warn_changed_finished(paths: Paths, jobs: list[JobSpec]) -> list[str]:
     A finished fold is not trained again (its job is done), so ``train-all --set epochs=4`` after
     ``epochs=2`` would otherwise report success for models trained with 2 epochs. Returns the lines.
     """
-    from autoseg.common.jsonio import load_record
-    from autoseg.train.checkpoint import FINAL
-    from autoseg.train.config import TrainerConfig, apply_overrides, changed_keys, format_changes
-    from autoseg.pipeline.folds import TRAINER_CONFIG_FILE
-    from autoseg.pipeline.run import RESUME_MAY_CHANGE
-
     changed: dict[str, list[str]] = {}
     for job in jobs:
         tid = job.training_id()
@@ -254,7 +215,7 @@ def warn_changed_finished(paths: Paths, jobs: list[JobSpec]) -> list[str]:
         if not (fold_dir / FINAL).is_file() or not (fold_dir / TRAINER_CONFIG_FILE).is_file():
             continue
         used = load_record(fold_dir / TRAINER_CONFIG_FILE, TrainerConfig)
-        given = apply_overrides(TrainerConfig(), job.trainer_overrides)
+        given = job.trainer_config()
         given = replace(given, seed=tid.seed) if tid.seed is not None else given
         changes = changed_keys(given, used, ignore=RESUME_MAY_CHANGE)
         if changes:

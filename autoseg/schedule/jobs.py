@@ -21,6 +21,7 @@ from typing import ClassVar
 from autoseg.common.errors import AutosegError
 from autoseg.common.paths import DEFAULT_PLANS, PLANS_SEPARATOR, Paths, TrainingId, split_config_dirname
 from autoseg.planning.plans import Plan
+from autoseg.train.config import TrainerConfig, apply_overrides
 
 CASCADE_FOLDS: tuple[int, ...] = (0, 1, 2, 3, 4)
 """A cascade's previous stage is needed on every cross-validation fold: each case's
@@ -93,6 +94,18 @@ class JobSpec:
     preset: str = DEFAULT_PLANS
     """Plan / preprocess jobs: the planner preset (``plan --preset``, ``preprocess --plans``). Train
     jobs name a preset's plans in their config instead (``resenc-l__3d_fullres``, `TrainingId`)."""
+
+    def __post_init__(self) -> None:
+        if self.trainer_overrides:
+            self.trainer_config()  # a bad value fails here, as `autoseg train --set` would, not in the child
+
+    def trainer_config(self) -> TrainerConfig:
+        """The `TrainerConfig` this job trains with: ``trainer_overrides`` parsed once by `apply_overrides`.
+
+        The overrides stay ``key=value`` text in the record (``job.json``, the state store), which
+        is what the child's ``--set`` gets; the scheduler reads every value from this instead.
+        """
+        return apply_overrides(TrainerConfig(), self.trainer_overrides)
 
     @classmethod
     def make(cls, kind: JobKind, dataset: str, **fields: object) -> "JobSpec":

@@ -18,8 +18,10 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from autoseg.common.errors import AutosegError
+from autoseg.common.errors import AutosegError, ConfigError
+from autoseg.data.augment import resolve_augment_device
 from autoseg.schedule.jobs import JobKind, JobSpec
+from autoseg.train.config import TrainerConfig, apply_overrides
 
 log = logging.getLogger(__name__)
 
@@ -151,14 +153,9 @@ def query_gpu_memory_gb(gpus: tuple[str, ...]) -> float | None:
 
 
 def requested_augment_device(overrides: Sequence[str]) -> str:
-    """The ``augment.device`` a job's trainer overrides ask for (the last one wins, as in
-    `autoseg.train.config.apply_overrides`); ``auto`` when none does."""
-    device = "auto"
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if sep and key.strip() == "augment.device":
-            device = text.strip()
-    return device
+    """The ``augment.device`` a job's trainer overrides ask for, as `apply_overrides` reads them
+    (the last one wins); ``auto`` when none does."""
+    return apply_overrides(TrainerConfig(), overrides).augment.device
 
 
 def augment_device(job: JobSpec, on_gpu: bool) -> str | None:
@@ -167,11 +164,8 @@ def augment_device(job: JobSpec, on_gpu: bool) -> str | None:
     slot. None for jobs that do not augment (anything but a training)."""
     if job.kind is not JobKind.TRAIN:
         return None
-    from autoseg.common.errors import ConfigError
-    from autoseg.data.augment import resolve_augment_device  # lazily: numpy/scipy only when placing trainings
-
     try:
-        return resolve_augment_device(requested_augment_device(job.trainer_overrides), "cuda" if on_gpu else "cpu")
+        return resolve_augment_device(job.trainer_config().augment.device, "cuda" if on_gpu else "cpu")
     except ConfigError:
         return "cpu"  # the trainer itself refuses the value; until then assume the larger need
 

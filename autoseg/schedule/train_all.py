@@ -7,12 +7,15 @@ from dataclasses import dataclass, field, replace
 
 from autoseg.common.errors import AutosegError
 from autoseg.common.paths import Paths
-from autoseg.schedule.executors import Executor, LocalExecutor, SlurmExecutor, SlurmOptions
+from autoseg.schedule.executors import Executor, LocalExecutor
+from autoseg.schedule.slurm import SlurmExecutor, SlurmOptions
 from autoseg.schedule.jobs import JobSpec
 from autoseg.schedule.resources import PoolConfig, check_gpus_exist, machine_cores, query_gpu_memory_gb
 from autoseg.schedule.lock import RunLock
 from autoseg.schedule.graph import TrainAllRequest, build_train_all_jobs, warn_changed_finished
-from autoseg.schedule.runner import Assignment, RunOptions, RunSummary, run_jobs, simulate_schedule
+from autoseg.schedule.order import Assignment, simulate_schedule
+from autoseg.schedule.runner import RunOptions, RunSummary, run_jobs
+from autoseg.schedule.status import job_status
 from autoseg.schedule.store import JobRow, StateStore
 
 log = logging.getLogger(__name__)
@@ -118,6 +121,4 @@ def preview(paths: Paths, options: TrainAllOptions) -> tuple[list[JobSpec], list
 
 def observer_rows(paths: Paths, rows: list[JobRow]) -> list:  # type: ignore[type-arg]
     """Status rows for a live view."""
-    from autoseg.schedule.status import job_status
-
     return [job_status(paths, r) for r in rows]

@@ -10,15 +10,14 @@ The config used is saved as ``trainer_config.json`` in the fold dir and inside e
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar
 
 from autoseg.common.errors import ConfigError
 from autoseg.common.jsonio import to_jsonable
+from autoseg.common.values import check_value, did_you_mean, on_off, parse_text
 from autoseg.data.augment import AugmentConfig
 from autoseg.train.losses import LOSSES
 from autoseg.train.schedules import LR_SCHEDULES
@@ -49,10 +48,6 @@ SWITCH_WORDS: dict[str, tuple[str, str]] = {"compile": ("true", "false"), "amp":
 
 MAX_DEFAULT_WORKERS = 12
 """nnU-Net's default number of data-augmentation workers per training process."""
-
-TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
-FALSE_WORDS = frozenset({"false", "0", "no", "off"})
-NONE_WORDS = frozenset({"none", "null"})
 
 
 @dataclass(frozen=True)
@@ -115,10 +110,9 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         for key, (on, off) in SWITCH_WORDS.items():  # a boolean (YAML, Python) or on/off word -> the mode
-            value = getattr(self, key)
-            word = str(value).strip().lower() if isinstance(value, bool | int | str) else None
-            if word in TRUE_WORDS or word in FALSE_WORDS:
-                object.__setattr__(self, key, on if word in TRUE_WORDS else off)
+            flag = on_off(getattr(self, key))
+            if flag is not None:
+                object.__setattr__(self, key, on if flag else off)
         checks: list[tuple[bool, str, str]] = [
             (self.epochs >= 1, "epochs", "must be >= 1"),
             (self.iterations_per_epoch >= 1, "iterations_per_epoch", "must be >= 1"),
@@ -183,94 +177,71 @@ def default_num_workers(cpu_count: int, processes: int = 1) -> int:
     return max(0, min(MAX_DEFAULT_WORKERS, share - 1))
 
 
-def apply_overrides(cfg: TrainerConfig, overrides: Iterable[str]) -> TrainerConfig:
-    """Apply ``["key=value", "augment.mirror=false", ...]`` to ``cfg``, parsing each value by type.
+def trainer_keys() -> dict[str, Any]:
+    """Every key ``--set`` takes (``augment.<name>`` for augmentation) -> its declared type."""
+    top = typing.get_type_hints(TrainerConfig)
+    keys = {f.name: top[f.name] for f in dataclasses.fields(TrainerConfig) if f.name != "augment"}
+    aug = typing.get_type_hints(AugmentConfig)
+    keys.update({f"augment.{f.name}": aug[f.name] for f in dataclasses.fields(AugmentConfig)})
+    return keys
 
-    Bools take true/false/1/0/yes/no, optional fields take none, tuples take ``a,b,c``.
-    An unknown key is a `ConfigError` naming the closest known keys.
+
+def split_override(item: str) -> tuple[str, str]:
+    """``"key=value"`` -> ``("key", "value")``; anything else is a `ConfigError`."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"expected KEY=VALUE, got {item!r}", where=item)
+    return key.strip(), text.strip()
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    """``["epochs=50", "augment.mirror=off"]`` -> ``{"epochs": 50, "augment.mirror": False}``, typed.
+
+    Each value is parsed against the field's type (`autoseg.common.values.parse_text`); the
+    last of a repeated key wins. An unknown key is a `ConfigError` naming the closest known keys.
     """
-    top: dict[str, Any] = {}
-    nested: dict[str, Any] = {}
-    top_hints = typing.get_type_hints(TrainerConfig)
-    aug_hints = typing.get_type_hints(AugmentConfig)
-    top_keys = [f.name for f in dataclasses.fields(TrainerConfig) if f.name != "augment"]
-    aug_keys = [f.name for f in dataclasses.fields(AugmentConfig)]
-    known = top_keys + [f"augment.{k}" for k in aug_keys]
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        key, text = key.strip(), text.strip()
-        if not sep or not key:
-            raise ConfigError(f"expected KEY=VALUE, got {item!r}", where=item)
-        if key.startswith("augment."):
-            name = key[len("augment."):]
-            if name not in aug_keys:
-                raise ConfigError(_unknown(key, known), where=key)
-            nested[name] = parse_value(text, aug_hints[name], key)
-        elif key in top_keys:
-            top[key] = parse_value(text, top_hints[key], key)
-        else:
-            raise ConfigError(_unknown(key, known), where=key)
+    return typed_overrides({k: v for k, v in map(split_override, overrides)}, from_text=True)
+
+
+def typed_overrides(values: Mapping[str, Any], from_text: bool = False,
+                    where: Callable[[str], str] = str) -> dict[str, Any]:
+    """``{key: value}`` checked against `trainer_keys`: text parsed (``from_text``) or a typed (YAML)
+    value checked; ``where(key)`` names the place in errors (the key itself by default)."""
+    keys = trainer_keys()
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in keys:
+            raise ConfigError(_unknown(key, list(keys)), where=where(key))
+        tp = keys[key]
+        if key in SWITCH_WORDS and on_off(value) is not None:  # compile: false, amp: off
+            value = SWITCH_WORDS[key][0 if on_off(value) else 1]
+        out[key] = parse_text(value, tp, where(key)) if from_text else check_value(value, tp, where(key))
+    return out
+
+
+def apply_overrides(cfg: TrainerConfig, overrides: Iterable[str] | Mapping[str, Any],
+                    where: Callable[[str], str] = str) -> TrainerConfig:
+    """Apply ``["key=value", "augment.mirror=false", ...]`` (or already typed ``{key: value}``) to ``cfg``.
+
+    Bools take `TRUE_WORDS`/`FALSE_WORDS`, optional fields take none, tuples take ``a,b,c``
+    (`autoseg.common.values.parse_text`). An unknown key is a `ConfigError` naming the closest
+    known keys; a value outside a field's range is the `TrainerConfig` check's `ConfigError`.
+    """
+    if isinstance(overrides, Mapping):
+        typed = typed_overrides(overrides, where=where)
+    else:
+        typed = typed_overrides(dict(map(split_override, overrides)), from_text=True, where=where)
+    top = {k: v for k, v in typed.items() if not k.startswith("augment.")}
+    nested = {k[len("augment."):]: v for k, v in typed.items() if k.startswith("augment.")}
     try:
         augment = dataclasses.replace(cfg.augment, **nested) if nested else cfg.augment
         return dataclasses.replace(cfg, augment=augment, **top)
+    except ConfigError as e:
+        raise ConfigError(e.message, where=where(e.where or "--set")) from None
     except (TypeError, ValueError) as e:  # a validation in AugmentConfig that is not a ConfigError
-        raise ConfigError(str(e), where="--set") from None
+        raise ConfigError(str(e), where=where("--set")) from None
 
 
 def _unknown(key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
-    hint = f"; did you mean {' or '.join(close)}?" if close else f"; known keys: {', '.join(known)}"
-    return f"unknown trainer key{hint}"
-
-
-def parse_value(text: str, tp: Any, key: str) -> Any:
-    """Parse one ``--set`` value against a field type (int, float, bool, str, tuples, Optional, Literal)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    low = text.strip().lower()
-    if origin in (Union, types.UnionType):
-        if low in NONE_WORDS and type(None) in args:
-            return None
-        problems = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return parse_value(text, arg, key)
-            except ConfigError as e:
-                problems.append(e.message)
-        raise ConfigError("; ".join(problems), where=key)
-    if origin is Literal:
-        for choice in args:
-            if str(choice).lower() == low:
-                return choice
-        raise ConfigError(f"{text!r} is not one of {list(args)}", where=key)
-    if origin is tuple:
-        parts = [p.strip() for p in text.strip().strip("()[]").split(",") if p.strip()]
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(parse_value(p, args[0], key) for p in parts)
-        if args and len(parts) != len(args):
-            raise ConfigError(f"expected {len(args)} comma-separated values, got {text!r}", where=key)
-        return tuple(parse_value(p, a, key) for p, a in zip(parts, args)) if args else tuple(parts)
-    if tp is bool:
-        if low in TRUE_WORDS:
-            return True
-        if low in FALSE_WORDS:
-            return False
-        raise ConfigError(f"expected true/false, got {text!r}", where=key)
-    if tp is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise ConfigError(f"expected an integer, got {text!r}", where=key) from None
-    if tp is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise ConfigError(f"expected a number, got {text!r}", where=key) from None
-    if tp is str:
-        return text.strip()
-    if tp is type(None):
-        if low in NONE_WORDS:
-            return None
-        raise ConfigError(f"expected none, got {text!r}", where=key)
-    raise ConfigError(f"cannot set a value of type {tp!r} from the command line", where=key)
+    hint = did_you_mean(key, known, n=3, cutoff=0.5)
+    return f"unknown trainer key{hint or '; known keys: ' + ', '.join(known)}"

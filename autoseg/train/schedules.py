@@ -11,8 +11,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 
-class ScheduleSettings(Protocol):
-    """The `autoseg.train.config.TrainerConfig` fields a schedule reads (a protocol: config imports this module)."""
+class LrSettings(Protocol):
+    """The part of `autoseg.train.config.TrainerConfig` a schedule reads (so this module needs no config import)."""
 
     @property
     def lr(self) -> float: ...
@@ -24,27 +24,27 @@ class ScheduleSettings(Protocol):
     def lr_schedule(self) -> str: ...
 
 
-def poly_lr(epoch: int, cfg: ScheduleSettings) -> float:
+def poly_lr(epoch: int, cfg: LrSettings) -> float:
     """``cfg.lr * (1 - epoch / cfg.epochs) ** cfg.poly_exponent`` (nnU-Net's PolyLRScheduler)."""
     if not 0 <= epoch <= cfg.epochs:
         raise ValueError(f"epoch {epoch} outside 0..{cfg.epochs}")
     return cfg.lr * (1.0 - epoch / cfg.epochs) ** cfg.poly_exponent
 
 
-def constant_lr(epoch: int, cfg: ScheduleSettings) -> float:
+def constant_lr(epoch: int, cfg: LrSettings) -> float:
     """``cfg.lr`` every epoch (an ablation baseline)."""
     if not 0 <= epoch <= cfg.epochs:
         raise ValueError(f"epoch {epoch} outside 0..{cfg.epochs}")
     return cfg.lr
 
 
-LR_SCHEDULES: dict[str, Callable[[int, ScheduleSettings], float]] = {
+LR_SCHEDULES: dict[str, Callable[[int, LrSettings], float]] = {
     "poly": poly_lr,
     "constant": constant_lr,
 }
 """``TrainerConfig.lr_schedule`` name -> schedule."""
 
 
-def learning_rate(epoch: int, cfg: ScheduleSettings) -> float:
+def learning_rate(epoch: int, cfg: LrSettings) -> float:
     """The learning rate for ``epoch`` under the configured schedule."""
     return LR_SCHEDULES[cfg.lr_schedule](epoch, cfg)

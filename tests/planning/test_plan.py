@@ -142,7 +142,7 @@ def test_spacing_override_gets_its_own_data(hippocampus_like_fingerprint: Finger
 @pytest.mark.parametrize("override, message", [
     ("3d_fullres.patch_sise=48,64,48", "did you mean 'patch_size'"),
     ("3d_fulres.patch_size=48,64,48", "did you mean '3d_fullres'"),
-    ("3d_fullres.batch_size=four", "cannot read 'four' as an integer"),
+    ("3d_fullres.batch_size=four", "expected an integer, got 'four'"),
     ("3d_fullres.patch_size=48,64", "needs 3 values"),
     ("3d_fullres.patch_size=50,64,48", "not a multiple of 8"),
     ("3d_fullres.features_per_stage=32,64", "stages"),

@@ -20,7 +20,8 @@ from autoseg.schedule.jobs import JobKind, JobPaths, JobRecord, JobSpec, JobStat
 from autoseg.schedule.resources import (CPU_AUGMENT_CORES, DEVICE_AUGMENT_CORES, PROCESS_POOL_CORES, PoolConfig,
                                         SlotPool, augment_device, core_need, divide_cores, format_cores,
                                         requested_augment_device)
-from autoseg.schedule.runner import RunOptions, num_workers_for, run_locked, simulate_schedule
+from autoseg.schedule.order import num_workers_for, simulate_schedule
+from autoseg.schedule.runner import RunOptions, run_locked
 from autoseg.schedule.status import collect_status
 from autoseg.schedule.store import StateStore
 from autoseg.schedule.train_all import TrainAllOptions, preview

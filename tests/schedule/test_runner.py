@@ -12,7 +12,8 @@ from autoseg.common.jsonio import load_record
 from autoseg.schedule.executors import InProcessExecutor, Launch
 from autoseg.schedule.jobs import JobKind, JobPaths, JobRecord, JobSpec, JobState, Resources
 from autoseg.schedule.resources import PoolConfig
-from autoseg.schedule.runner import RunOptions, check_graph, priorities, run_jobs, simulate_schedule
+from autoseg.schedule.order import check_graph, priorities, simulate_schedule
+from autoseg.schedule.runner import RunOptions, run_jobs
 from autoseg.schedule.store import StateStore
 from tests.schedule.conftest import DATASET, train_jobs
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from autoseg.schedule.executors import SlurmExecutor, SlurmOptions
+from autoseg.schedule.slurm import SlurmExecutor, SlurmOptions
 from autoseg.schedule.jobs import JobPaths, JobState
 from autoseg.schedule.runner import RunOptions, run_locked
 from autoseg.schedule.store import StateStore

@@ -21,7 +21,7 @@ from autoseg.report.sweep_report import build_sweep_report
 from autoseg.schedule.jobs import JobPaths, JobRecord, JobState
 from autoseg.schedule.store import StateStore
 from autoseg.schedule.sweep import SweepSpec, load_sweep
-from autoseg.schedule.sweep_jobs import sweep_dir, sweep_record_file
+from autoseg.schedule.sweep.jobs import sweep_dir, sweep_record_file
 from tests.dice_check import check_summary_against_files
 from tests.helpers import HIPPOCAMPUS_MISSING, hippocampus_available, hippocampus_case_ids, link_hippocampus_subset
 from tests.sweep_fixtures import write_sweep

@@ -14,7 +14,7 @@ from autoseg.planning.planner import PlanRequest, plan_and_save
 from autoseg.planning.plans import Plan
 from autoseg.schedule.jobs import JobKind
 from autoseg.schedule.sweep import load_sweep
-from autoseg.schedule.sweep_jobs import build_sweep_jobs, derived_plan_file
+from autoseg.schedule.sweep.jobs import build_sweep_jobs, derived_plan_file
 from tests.sweep_fixtures import minimal_sweep, write_sweep
 
 DS = "Dataset999_Phantom"

@@ -28,7 +28,7 @@ from autoseg.report.sweep_report import (
     write_sweep_report,
 )
 from autoseg.schedule.sweep import load_sweep
-from autoseg.schedule.sweep_jobs import sweep_dir
+from autoseg.schedule.sweep.jobs import sweep_dir
 from tests.sweep_fixtures import fake_fold, fake_summary, minimal_sweep, write_sweep
 
 

@@ -19,7 +19,7 @@ from autoseg.schedule.sweep import (
     parse_sweep,
     safe_name,
 )
-from autoseg.schedule.sweep_jobs import record_sweep, sweep_record_file
+from autoseg.schedule.sweep.jobs import record_sweep, sweep_record_file
 from tests.sweep_fixtures import minimal_sweep, write_sweep
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "sweeps"

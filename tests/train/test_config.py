@@ -32,7 +32,7 @@ def test_overrides_parse_by_type() -> None:
 
 
 @pytest.mark.parametrize("item, where, fragment", [
-    ("lrr=0.1", "lrr", "did you mean lr"),
+    ("lrr=0.1", "lrr", "did you mean 'lr'"),
     ("augment.mirorr=false", "augment.mirorr", "augment.mirror"),
     ("epochs=ten", "epochs", "expected an integer"),
     ("amp=maybe", "amp", "must be one of"),

@@ -61,7 +61,7 @@ def test_continue_on_a_finished_run_does_nothing(paths) -> None:
 def test_cli_user_errors_are_one_line(paths) -> None:
     (paths.raw / "Dataset990_Tiny").mkdir(parents=True)
     bad_key = _cli(paths, "train", "990", "3d_fullres", "0", "--set", "epoch=3")
-    assert bad_key.exit_code == 2 and "error: epoch: unknown trainer key; did you mean epochs" in bad_key.stderr
+    assert bad_key.exit_code == 2 and "error: epoch: unknown trainer key; did you mean 'epochs'" in bad_key.stderr
     bad_fold = _cli(paths, "train", "990", "3d_fullres", "five")
     assert bad_fold.exit_code == 2 and "error: FOLD: fold must be a number" in bad_fold.stderr
     bad_variant = _cli(paths, "train", "990", "3d_fullres", "0", "--variant", "../x")

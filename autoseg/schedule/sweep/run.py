@@ -13,8 +13,8 @@ from autoseg.schedule.executors import Executor
 from autoseg.schedule.lock import RunLock
 from autoseg.schedule.runner import RunOptions, RunSummary, run_jobs
 from autoseg.schedule.store import StateStore
-from autoseg.schedule.sweep import SweepSpec, split_preset
-from autoseg.schedule.sweep_jobs import SweepJobs, build_sweep_jobs, record_sweep
+from autoseg.schedule.sweep.spec import SweepSpec, split_preset
+from autoseg.schedule.sweep.jobs import SweepJobs, build_sweep_jobs, record_sweep
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ resume each other's checkpoints. Plan overrides give a derived plan stored at
 the dataset's plan unless the overrides change preprocessing (target spacing, resampling orders),
 in which case it gets its own ``data_identifier`` and a preprocess job. The sweep itself is
 recorded in ``results/sweeps/<name>/sweep.json`` (next to its report). Nothing here runs a job:
-see `autoseg.schedule.sweep_run`.
+see `autoseg.schedule.sweep.run`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from autoseg.planning.plans import Configuration, Plan
 from autoseg.preprocess import list_preprocessed_cases
 from autoseg.schedule.jobs import JobKind, JobSpec, Resources, link_cascades, qualified_config
 from autoseg.schedule.graph import check_folds, estimate_train_seconds
-from autoseg.schedule.sweep import SweepSpec, Variant, canonical_json, split_preset
+from autoseg.schedule.sweep.spec import SweepSpec, Variant, canonical_json, split_preset
+from autoseg.train.config import TrainerConfig, apply_overrides
 
 SWEEP_FILENAME = "sweep.json"
 """The sweep record in `sweep_dir`: the spec as first run, so a re-run can check it still means the same."""
@@ -235,7 +236,8 @@ def build_sweep_jobs(spec: SweepSpec, paths: Paths, write_plans: bool = True) ->
                 conf = derived.configuration(c) if derived is not None else None
                 resources = Resources(gpus=1, gpu_memory_gb=(conf.estimated_vram_gb or None) if conf else None,
                                       est_duration_s=estimate_train_seconds(
-                                          conf.patch_size, conf.batch_size, spec.trainer_overrides(v)) if conf else None)
+                                          conf.patch_size, conf.batch_size,
+                                          apply_overrides(TrainerConfig(), spec.trainer_overrides(v))) if conf else None)
                 for seed in spec.seeds:
                     for fold in spec.folds:
                         jobs.append(JobSpec.make(

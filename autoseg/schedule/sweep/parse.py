@@ -1,274 +1,40 @@
-"""Ablation sweep files: one YAML file becomes a validated grid of variants (a `SweepSpec`).
+"""Reading a sweep file: YAML -> a fully validated `SweepSpec` (every problem found, one line each).
 
-A sweep file (see ``docs/sweeps.md``)::
-
-    name: lr_and_mirroring
-    datasets: [Dataset004_Hippocampus]
-    configs: [3d_fullres]
-    folds: [0, 1, 2, 3, 4]
-    seeds: [0]
-    base: {epochs: 100}                 # applied to every variant
-    grid:                               # cartesian product
-      lr: [0.01, 0.003]
-      augment.mirror: [true, false]
-    variants:                           # plus named one-off variants
-      big_patch: {plan.3d_fullres.patch_size: [48, 64, 48]}
-
-is parsed and fully validated by `load_sweep` before anything runs (unknown keys, types,
-empty grid axes, duplicate variants, unknown datasets: every problem found, one line each
-naming the file and the key). YAML is read with YAML 1.2 floats (``1e-3`` is a number, which
-PyYAML's YAML 1.1 reads as a string) and YAML 1.1 booleans (``on``/``off``/``yes``/``no``);
-on/off knobs take booleans, ``0`` and ``1`` (``compile: false``, ``amp: off``). Trainer keys are
-checked by applying them to a `TrainerConfig`; ``plan.<config>.<field>``
-keys against `Configuration`'s fields. ``plan.preset`` picks a planner preset (``resenc-l``: its
-plans_resenc-l.json, results in ``resenc-l__<config>``), e.g. ``grid: {plan.preset: [default,
-resenc-l]}``; it is carried as the plan override ``preset=<name>`` (`split_preset`).
-
-This module is the sweep *file*: `SweepSpec`, `Variant`, parsing, validation and naming. What a
-spec becomes on disk and as jobs (derived plans, the job graph, ``sweep.json``) is in
-`autoseg.schedule.sweep_jobs`; running it through the scheduler is `autoseg.schedule.sweep_run`.
+Trainer keys are checked as typed values against `TrainerConfig` (`apply_overrides` of a
+``{key: value}`` mapping, `autoseg.common.values.check_value`), ``plan.<config>.<field>`` keys
+against `Configuration`'s fields; the records and naming rules are in `autoseg.schedule.sweep.spec`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
-import hashlib
 import itertools
 import json
 import logging
 import re
-import types
 import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import yaml
 
 from autoseg.common.errors import AutosegError, ConfigError, ConfigErrors
-from autoseg.common.jsonio import from_jsonable, load_record, to_jsonable
-from autoseg.common.paths import DATASET_NAME_RE, Paths
+from autoseg.common.jsonio import load_record
+from autoseg.common.paths import DATASET_NAME_RE, Paths, is_folder_name
+from autoseg.common.values import check_value, did_you_mean
 from autoseg.planning.plan import apply_plan_overrides
 from autoseg.planning.plans import Configuration, Plan
 from autoseg.planning.presets import DEFAULT_PRESET, PRESETS
+from autoseg.schedule.sweep.spec import (BASELINE_NAME, DEFAULT_FOLDS, DEFAULT_SEEDS, PLAN_FIELDS_NOT_OVERRIDABLE,
+                                         PLAN_PREFIX, PRESET_FIELD, REQUIRED_KEYS, TOP_LEVEL_KEYS, VARIANT_NAME_RE,
+                                         SweepSpec, Variant, canonical_json, flatten, format_value, name_value,
+                                         safe_name, split_preset)
 from autoseg.train.config import SWITCH_WORDS, TrainerConfig, apply_overrides
 
 log = logging.getLogger(__name__)
-
-TOP_LEVEL_KEYS = ("name", "description", "datasets", "configs", "folds", "seeds", "base", "grid",
-                  "variants", "baseline")
-"""Every key a sweep file may have; anything else is a typo and fails before a job starts."""
-
-REQUIRED_KEYS = ("name", "datasets", "configs")
-"""Keys without a sensible default."""
-
-DEFAULT_FOLDS: tuple[int, ...] = (0, 1, 2, 3, 4)
-"""nnU-Net's 5-fold cross-validation."""
-
-DEFAULT_SEEDS: tuple[int, ...] = (0,)
-"""One seed unless the sweep asks for more."""
-
-PLAN_PREFIX = "plan."
-"""Keys ``plan.<config>.<field>`` override a field of one planned `Configuration`."""
-
-PRESET_FIELD = "preset"
-"""``plan.preset``: the planner preset a variant trains with (`autoseg.planning.presets`)."""
-
-PLAN_FIELDS_NOT_OVERRIDABLE = frozenset({
-    "name", "data_identifier", "median_shape", "previous_stage", "next_stage", "estimated_vram_gb",
-    "reasons"})
-"""Configuration fields that are bookkeeping or derived, not choices a sweep can vary."""
-
-BASELINE_NAME = "baseline"
-"""Name of the grid point whose values all equal the (base-applied) defaults."""
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=,+-]*$")
-"""Sweep and variant names: safe as folder names and inside job ids (no ``:`` or ``/``)."""
-
-MAX_VARIANT_NAME_CHARS = 100
-"""Longer derived names are shortened with a hash so folder names stay well below 255 bytes."""
-
-SWEEP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-"""A sweep's name prefixes its variants' folders and `--variant` names, which allow only these."""
-
-
-# --------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One point of the sweep: the overrides that distinguish it from the sweep's base."""
-
-    name: str
-    """Readable and stable: ``lr=0.003,augment.mirror=false``, ``baseline`` or the given name."""
-    trainer_overrides: tuple[str, ...] = ()
-    """``key=value`` strings for ``autoseg train --set`` (the sweep's base not included)."""
-    plan_overrides: tuple[str, ...] = ()
-    """``<config>.<field>=<value>`` strings for `apply_plan_overrides` (base not included)."""
-    baseline: bool = False
-    """The variant every other one is compared to in the report."""
-    origin: str = "grid"
-    """``grid`` (a grid point) or ``named`` (from ``variants:``)."""
-
-    @property
-    def dirname(self) -> str:
-        """The name as a folder: ``lr=0.003,augment.mirror=false`` -> ``lr-0.003__augment.mirror-false``."""
-        return dirname_of(self.name)
-
-    def run_name(self, sweep: str) -> str:
-        """The TrainingId variant (folder under results/<ds>/<config>/): ``<sweep>.<dirname>``."""
-        return f"{sweep}.{self.dirname}"
-
-
-@dataclass(frozen=True)
-class SweepSpec:
-    """A parsed, validated sweep file; saved as ``<results>/sweeps/<name>/sweep.json`` when it starts."""
-
-    SCHEMA: ClassVar[str] = "autoseg.sweep"
-    VERSION: ClassVar[int] = 1
-
-    name: str
-    source: str
-    """The YAML file it came from."""
-    datasets: tuple[str, ...]
-    configs: tuple[str, ...]
-    folds: tuple[int | str, ...]
-    seeds: tuple[int, ...]
-    base_trainer_overrides: tuple[str, ...]
-    base_plan_overrides: tuple[str, ...]
-    variants: tuple[Variant, ...]
-    description: str = ""
-    started: str = ""
-    """UTC time the sweep record was first written (empty until then)."""
-
-    @property
-    def baseline(self) -> Variant:
-        return next(v for v in self.variants if v.baseline)
-
-    def variant(self, name: str) -> Variant:
-        for v in self.variants:
-            if v.name == name:
-                return v
-        raise AutosegError(f"sweep {self.name!r} has no variant {name!r}", self.source)
-
-    def trainer_overrides(self, variant: Variant) -> tuple[str, ...]:
-        """Base then variant overrides: the variant's value wins for a key set in both."""
-        return self.base_trainer_overrides + variant.trainer_overrides
-
-    def plan_overrides(self, variant: Variant) -> tuple[str, ...]:
-        return self.base_plan_overrides + variant.plan_overrides
-
-    def preset(self, variant: Variant) -> str:
-        """The planner preset a variant trains with (``plan.preset``; the variant's wins over base)."""
-        return split_preset(self.plan_overrides(variant))[0]
-
-
-def split_preset(overrides: typing.Sequence[str]) -> tuple[str, tuple[str, ...]]:
-    """``("preset=resenc-l", "3d_fullres.batch_size=2")`` -> ``("resenc-l", ("3d_fullres.batch_size=2",))``;
-    the last ``preset=`` wins, none means the default plans."""
-    preset, rest = DEFAULT_PRESET, []
-    for text in overrides:
-        key, _, value = text.partition("=")
-        if key == PRESET_FIELD:
-            preset = value
-        else:
-            rest.append(text)
-    return preset, tuple(rest)
-
-
-# --------------------------------------------------------------------------- value helpers
-
-
-def format_value(value: Any) -> str:
-    """A YAML value as the text ``--set key=value`` parses: ``true``, ``0.003``, ``48,64,48``, ``none``."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "none"
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return ",".join(format_value(v) for v in value)
-    return str(value)
-
-
-def name_value(value: Any) -> str:
-    """A value as it appears in a variant name: like `format_value`, lists joined by ``x`` (48x64x48)."""
-    if isinstance(value, (list, tuple)):
-        return "x".join(name_value(v) for v in value)
-    return format_value(value)
-
-
-def safe_name(text: str) -> str:
-    """A filesystem- and job-id-safe form of a derived name (stable: same text, same result)."""
-    cleaned = re.sub(r"[^A-Za-z0-9_.=,+-]", "_", text).strip("._") or "variant"
-    if len(cleaned) > MAX_VARIANT_NAME_CHARS:
-        digest = hashlib.sha1(text.encode()).hexdigest()[:8]
-        cleaned = f"{cleaned[:MAX_VARIANT_NAME_CHARS - 9]}~{digest}"
-    return cleaned
-
-
-def dirname_of(name: str) -> str:
-    """A variant name as a folder/`--variant` name (letters, digits, ``.``, ``_``, ``-`` only):
-    ``=`` becomes ``-``, ``,`` becomes ``__``, anything else odd ``_``. Deterministic, so stable."""
-    text = name.replace("=", "-").replace(",", "__")
-    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
-
-
-def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{augment: {mirror: false}}`` -> ``{"augment.mirror": False}`` (dotted keys pass through)."""
-    out: dict[str, Any] = {}
-    for key, value in mapping.items():
-        full = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{full}."))
-        else:
-            out[full] = value
-    return out
-
-
-def _yaml_type_ok(value: Any, tp: Any) -> bool:
-    """Does a YAML value have the type a field declares? (``1`` is not a bool, ``"0.1"`` not a float.)"""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_yaml_type_ok(value, a) for a in args)
-    if tp is type(None):
-        return value is None
-    if origin is typing.Literal:
-        return value in args
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            return False
-        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            return len(args) == len(value) and all(_yaml_type_ok(v, a) for v, a in zip(value, args))
-        return not args or all(_yaml_type_ok(v, args[0]) for v in value)
-    if tp is bool:  # YAML 1.1 reads on/off/yes/no as booleans; 0 and 1 are on/off too
-        return isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    if isinstance(tp, type) and issubclass(tp, Enum):
-        return value in {m.value for m in tp} or value in {m.name for m in tp}
-    return True  # a type we do not know how to check: the override parser has the last word
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
 
 # --------------------------------------------------------------------------- trainer / plan keys
 
@@ -277,38 +43,15 @@ def _default_trainer_config() -> TrainerConfig:
     return TrainerConfig()
 
 
-def _apply_trainer(cfg: TrainerConfig, overrides: typing.Sequence[str], where: str) -> TrainerConfig:
-    """`apply_overrides` with its error re-attributed to the sweep file and key."""
-    try:
-        return apply_overrides(cfg, list(overrides))
-    except AutosegError as e:
-        raise ConfigError(e.message, where=where) from None
+def _apply_trainer(cfg: TrainerConfig, values: typing.Iterable[tuple[str, Any]], where: str) -> TrainerConfig:
+    """`apply_overrides` of typed YAML values (checked once, not re-read from text), errors at ``where``."""
+    return apply_overrides(cfg, dict(values), where=lambda _key: where)
 
 
 def _get_dotted(obj: Any, key: str) -> Any:
     for part in key.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def _trainer_field_type(cfg: Any, key: str) -> Any:
-    """The declared type of a (dotted) TrainerConfig field, or None if it cannot be found."""
-    *owners, last = key.split(".")
-    obj = cfg
-    try:
-        for part in owners:
-            obj = getattr(obj, part)
-        if not dataclasses.is_dataclass(obj):
-            return None
-        return typing.get_type_hints(type(obj)).get(last)
-    except (AttributeError, NameError, TypeError):
-        return None
-
-
-def canonical_json(obj: Any) -> str:
-    """A value as sorted-key JSON: two settings are the same exactly when these texts are equal
-    (so ``0.01`` and ``1e-2``, a list and a tuple, compare equal)."""
-    return json.dumps(to_jsonable(obj), sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -335,7 +78,7 @@ def _parse_plan_key(key: str, configs: tuple[str, ...], where: str) -> _PlanKey:
         raise ConfigError(f"configuration {config!r} is not one of the sweep's configs {list(configs)}", where)
     allowed = sorted(set(_CONFIGURATION_TYPES) - PLAN_FIELDS_NOT_OVERRIDABLE)
     if fld not in _CONFIGURATION_TYPES:
-        raise ConfigError(f"unknown plan field {fld!r}{_did_you_mean(fld, allowed)}; "
+        raise ConfigError(f"unknown plan field {fld!r}{did_you_mean(fld, allowed)}; "
                           f"overridable: {', '.join(allowed)}", where)
     if fld in PLAN_FIELDS_NOT_OVERRIDABLE:
         raise ConfigError(f"plan field {fld!r} is derived by autoseg and cannot be overridden", where)
@@ -349,9 +92,7 @@ def _canonical_plan_value(pk: _PlanKey, value: Any, where: str) -> tuple[str, st
             raise ConfigError(f"expected a plans preset ({', '.join(PRESETS)}), got {value!r}", where)
         return canonical_json(value), f"{PRESET_FIELD}={value}"
     tp = _CONFIGURATION_TYPES[pk.field]
-    if not _yaml_type_ok(value, tp):
-        raise ConfigError(f"expected {_type_name(tp)}, got {value!r}", where)
-    typed = from_jsonable(tp, value, where)
+    typed = check_value(value, tp, where)
     return canonical_json(typed), f"{pk.config}.{pk.field}={format_value(typed)}"
 
 
@@ -410,12 +151,7 @@ def _check_trainer_value(ctx: _Ctx, key: str, value: Any, where: str) -> Any:
         raise ConfigError("set seeds with the top-level 'seeds:' list, not as an override", where)
     if isinstance(value, Mapping):
         raise ConfigError(f"expected a value, got a mapping {dict(value)!r}", where)
-    cfg = _apply_trainer(ctx.base_cfg, [f"{key}={format_value(value)}"], where)
-    tp = _trainer_field_type(cfg, key)
-    switch = key in SWITCH_WORDS and (isinstance(value, bool) or value in (0, 1))  # compile: false, amp: off
-    if tp is not None and not switch and not _yaml_type_ok(value, tp):
-        raise ConfigError(f"expected {_type_name(tp)}, got {value!r}", where)
-    return _get_dotted(cfg, key)
+    return _get_dotted(_apply_trainer(ctx.base_cfg, [(key, value)], where), key)
 
 
 def _split_overrides(ctx: _Ctx, body: Mapping[str, Any], where_prefix: str
@@ -453,7 +189,7 @@ def _parse_header(data: Mapping[str, Any], source: str, problems: _Problems
     """The top-level keys; each problem goes to ``problems`` (its key then gets an empty value)."""
     for key in data:
         if key not in TOP_LEVEL_KEYS:
-            problems.found.append(ConfigError(f"unknown key{_did_you_mean(str(key), TOP_LEVEL_KEYS)}; "
+            problems.found.append(ConfigError(f"unknown key{did_you_mean(str(key), TOP_LEVEL_KEYS)}; "
                                               f"allowed: {', '.join(TOP_LEVEL_KEYS)}", f"{source}:{key}"))
     for key in REQUIRED_KEYS:
         if key not in data:
@@ -464,7 +200,7 @@ def _parse_header(data: Mapping[str, Any], source: str, problems: _Problems
     folds: list = []
     seeds: list = []
     with problems.collect():
-        if "name" in data and (not isinstance(data["name"], str) or not SWEEP_NAME_RE.match(data["name"])):
+        if "name" in data and (not isinstance(data["name"], str) or not is_folder_name(data["name"])):
             raise ConfigError(f"expected a name of letters, digits, '_', '.', '-', got {data['name']!r}",
                               f"{source}:name")
     with problems.collect():
@@ -476,7 +212,7 @@ def _parse_header(data: Mapping[str, Any], source: str, problems: _Problems
     with problems.collect():
         configs = _require_list(data, "configs", source) if "configs" in data else []
         for c in configs:
-            if not isinstance(c, str) or not NAME_RE.match(c):
+            if not isinstance(c, str) or not VARIANT_NAME_RE.match(c):
                 raise ConfigError(f"expected configuration names like 3d_fullres, got {c!r}", f"{source}:configs")
     with problems.collect():
         folds = _require_list(data, "folds", source, DEFAULT_FOLDS)
@@ -513,7 +249,7 @@ def _resolve_dataset(ds: Any, paths: Paths | None, where: str) -> str:
         raise ConfigError(f"unknown dataset {ds!r}: {e.message}", where) from None
     if not (paths.raw_dataset(full).is_dir() or paths.plans_file(full).is_file()):
         known = paths.list_raw_datasets()
-        raise ConfigError(f"unknown dataset {full!r}: not in {paths.raw}{_did_you_mean(full, known)}", where)
+        raise ConfigError(f"unknown dataset {full!r}: not in {paths.raw}{did_you_mean(full, known)}", where)
     return full
 
 
@@ -569,7 +305,7 @@ def _named_points(ctx: _Ctx, variants: Any) -> list[tuple[str, _Point]]:
     for name, body in variants.items():
         where = ctx.where(f"variants.{name}")
         with ctx.problems.collect():
-            if not isinstance(name, str) or not NAME_RE.match(name):
+            if not isinstance(name, str) or not VARIANT_NAME_RE.match(name):
                 raise ConfigError("variant names use letters, digits and _ . = , + - only", where)
             body = {} if body is None else body
             if not isinstance(body, Mapping):
@@ -580,7 +316,7 @@ def _named_points(ctx: _Ctx, variants: Any) -> list[tuple[str, _Point]]:
 
 
 def _point_identity(ctx: _Ctx, point: _Point) -> str:
-    cfg = _apply_trainer(ctx.base_cfg, [f"{k}={format_value(v)}" for k, v in point.trainer], point.where)
+    cfg = _apply_trainer(ctx.base_cfg, point.trainer, point.where)
     plan = sorted((pk.text, _canonical_plan_value(pk, v, point.where)[0]) for pk, v in point.plan
                   if not _is_base_preset(ctx, pk, v))
     return canonical_json({"trainer": cfg, "plan": plan})
@@ -590,7 +326,7 @@ def _grid_variant(ctx: _Ctx, point: _Point) -> Variant:
     """Name a grid point by the keys whose value differs from the base; all-defaults is the baseline."""
     parts, trainer = [], []
     for key, value in point.trainer:
-        changed = _get_dotted(_apply_trainer(ctx.base_cfg, [f"{key}={format_value(value)}"], point.where), key)
+        changed = _get_dotted(_apply_trainer(ctx.base_cfg, [(key, value)], point.where), key)
         if canonical_json(changed) != canonical_json(_get_dotted(ctx.base_cfg, key)):
             # on/off knobs are named by the setting (amp=off, augment.mirror=false), not by how YAML spelled it
             shown = changed if key in SWITCH_WORDS or isinstance(changed, bool) else value
@@ -621,7 +357,7 @@ def _choose_baseline(ctx: _Ctx, variants: list[Variant], identities: list[str], 
     if requested is not None:
         names = [v.name for v in variants]
         if requested not in names:
-            raise ConfigError(f"no variant named {requested!r}{_did_you_mean(str(requested), names)}",
+            raise ConfigError(f"no variant named {requested!r}{did_you_mean(str(requested), names)}",
                               ctx.where("baseline"))
         index = names.index(requested)
     else:
@@ -655,7 +391,7 @@ def parse_sweep(data: Any, source: str | Path, paths: Paths | None = None) -> Sw
         base_trainer, base_plan = _split_overrides(ctx, base, "base.")
     base_trainer_strings = tuple(f"{k}={format_value(v)}" for k, v in base_trainer)
     with problems.collect():  # each key is valid alone; together they may not be (a cross-field check)
-        ctx.base_cfg = _apply_trainer(ctx.base_cfg, base_trainer_strings, ctx.where("base"))
+        ctx.base_cfg = _apply_trainer(ctx.base_cfg, base_trainer, ctx.where("base"))
     base_plan_strings = tuple(_canonical_plan_value(pk, v, ctx.where(f"base.{pk.text}"))[1]
                               for pk, v in base_plan)
     ctx.base_preset = split_preset(base_plan_strings)[0]
