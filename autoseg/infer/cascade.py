@@ -29,7 +29,7 @@ from autoseg.common.paths import Paths, TrainingId
 from autoseg.planning.plans import Configuration, Plan
 
 if TYPE_CHECKING:
-    from autoseg.infer.predict import LoadedModel
+    from autoseg.infer.model import LoadedModel
     from autoseg.preprocess import CaseProperties
 
 NEXT_STAGE_DIR = "next_stage"
