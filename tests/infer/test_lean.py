@@ -158,3 +158,23 @@ def test_memory_limit_picks_the_slab_or_fails_in_one_line(hippo_trained):
         predict_case([model], case.images, dataclasses.replace(FAST, memory_limit=small // 2))
     msg = str(err.value)
     assert "cannot be met" in msg and "\n" not in msg
+
+
+def test_predict_cli_memory_limit(hippo_trained, tmp_path):
+    import autoseg.cli
+    from click.testing import CliRunner
+
+    from tests.infer.conftest import link_inputs
+
+    paths, plan = hippo_trained
+    case = load_dataset(paths.raw_dataset("Dataset004_Hippocampus")).cases[1]
+    inp = link_inputs(list(case.images), tmp_path / "in")
+    base = ["--raw", str(paths.raw), "--results", str(paths.results), "--preprocessed", str(paths.preprocessed),
+            "predict", "-d", "4", "-c", "3d_fullres", "-f", "0", "-i", str(inp), "--no-tta", "--device", "cpu"]
+    for limit, problem in (("100MB", "cannot be met"), ("8 furlongs", "cannot read memory size")):
+        result = CliRunner().invoke(autoseg.cli.cli, [*base, "-o", str(tmp_path / "bad"), "--memory-limit", limit])
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1 and problem in result.stderr
+        assert not list((tmp_path / "bad").glob("*.nii.gz"))
+    ok = CliRunner().invoke(autoseg.cli.cli, [*base, "-o", str(tmp_path / "out"), "--memory-limit", "8GB"])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "out" / f"{case.case_id}.nii.gz").is_file()
