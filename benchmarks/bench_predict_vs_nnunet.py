@@ -223,8 +223,10 @@ def large_case(shape: tuple[int, int, int], seed: int = 0):
     return img, seg
 
 
-def setup_large(work: Path, shape: tuple[int, int, int]) -> tuple[Path, list[str], object]:
-    """A one-case generated dataset (spacing 0.8 x 0.8 x 1.5 mm), planned; returns (input dir, ids, plan)."""
+def setup_large(work: Path, shape: tuple[int, int, int], max_features: int | None = None
+                ) -> tuple[Path, list[str], object]:
+    """A one-case generated dataset (spacing 0.8 x 0.8 x 1.5 mm), planned (features capped at
+    ``max_features`` when given); returns (input dir, ids, plan)."""
     from autoseg.common.paths import Paths
     from autoseg.dataset.io import Geometry, write_image
     from autoseg.dataset.spec import load_dataset
@@ -245,13 +247,20 @@ def setup_large(work: Path, shape: tuple[int, int, int]) -> tuple[Path, list[str
             "numTraining": 1, "file_ending": ".nii.gz"}
     (raw / "dataset.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     plan = plan_dataset(extract_fingerprint(load_dataset(raw), progress_bar=False))
+    if max_features:  # memory runs: the accumulators and resampling do not depend on the width
+        import dataclasses
+
+        cfg = plan.configuration("3d_fullres")
+        cfg = dataclasses.replace(cfg, features_per_stage=tuple(min(f, max_features)
+                                                                for f in cfg.features_per_stage))
+        plan = dataclasses.replace(plan, configurations={**plan.configurations, "3d_fullres": cfg})
     write_models(work, plan, meta)
     return raw / "imagesTr", ["ct_000"], plan
 
 
 def estimates(work: Path, inp: Path, plan) -> str:
     """Both predictors' memory for the case in ``inp``: autoseg's lean budget, its whole-volume path's,
-    and nnU-Net's (float32 logits at network resolution plus softmax, resampled float32 logits)."""
+    and a lower bound of nnU-Net's (its float16 logit accumulator, before softmax and resampling)."""
     import numpy as np
     import torch
 
@@ -266,11 +275,11 @@ def estimates(work: Path, inp: Path, plan) -> str:
     data, props = case.inputs[0]
     lean = plan_lean(model, data.shape, props, None, PredictOptions())
     K, net_vox, orig = plan.num_classes, int(np.prod(data.shape[1:])), int(np.prod(case.geometry.shape))
-    nnunet = 4 * K * (2 * net_vox + 2 * orig)  # logits + softmax-free copy at network res; resampled + softmax
+    nnunet = 2 * K * net_vox  # its float16 logit accumulator alone (predict_sliding_window_return_logits)
     return (f"case {case.geometry.shape} -> network grid {tuple(data.shape[1:])}, {K} classes, patch "
             f"{config.patch_size}\n  autoseg lean (estimate): {lean.describe()}\n"
             f"  autoseg whole-volume path (estimate): {format_bytes(full_path_bytes([model], case))}\n"
-            f"  nnU-Net (lower bound, K x voxels float32 arrays only): {format_bytes(nnunet)}")
+            f"  nnU-Net (lower bound: its float16 K x voxels logit accumulator alone): {format_bytes(nnunet)}")
 
 
 # --------------------------------------------------------------------------- main
@@ -302,6 +311,8 @@ def main() -> None:
     ap.add_argument("--large", action="store_true", help="the generated CT-like case instead of Hippocampus")
     ap.add_argument("--large-shape", type=int, nargs=3, default=(400, 512, 512))
     ap.add_argument("--estimate-only", action="store_true", help="--large: memory estimates, no prediction")
+    ap.add_argument("--max-features", type=int, default=None,
+                    help="--large: cap the network width (a memory run on a small CPU; say so with the figures)")
     ap.add_argument("--child", choices=("autoseg", "autoseg-whole", "nnunet"), help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--inp", type=Path, help=argparse.SUPPRESS)
@@ -321,7 +332,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.large:
-            inp, ids, plan = setup_large(work, tuple(args.large_shape))
+            inp, ids, plan = setup_large(work, tuple(args.large_shape), args.max_features)
+            print(f"features {plan.configuration('3d_fullres').features_per_stage}")
             print(estimates(work, inp, plan))
             if args.estimate_only:
                 return

@@ -178,3 +178,20 @@ def test_predict_cli_memory_limit(hippo_trained, tmp_path):
     ok = CliRunner().invoke(autoseg.cli.cli, [*base, "-o", str(tmp_path / "out"), "--memory-limit", "8GB"])
     assert ok.exit_code == 0, ok.output
     assert (tmp_path / "out" / f"{case.case_id}.nii.gz").is_file()
+
+
+def test_lean_region_masks_equal_whole_volume(tmp_path):
+    """Sigmoid regions and regions_class_order slab by slab: the whole-volume map."""
+    from autoseg.common.paths import Paths
+    from autoseg.dataset.phantom import PhantomRecipe, make_region_phantom_dataset
+    from tests.infer.conftest import save_untrained_fold, tiny_plan
+
+    paths = Paths.under(tmp_path)
+    raw = make_region_phantom_dataset(paths.raw, PhantomRecipe(num_training=2, num_test=1, shape=(12, 40, 40)))
+    plan = tiny_plan(paths, raw.name)
+    assert plan.label_scheme.has_regions
+    save_untrained_fold(paths, plan, "3d_fullres", 0)
+    model = load_model(fold_dirs_for(paths, plan.dataset, "3d_fullres", [0]), "cpu")
+    case = load_dataset(paths.raw_dataset(raw.name)).cases[0]
+    lean, full, _ = _both(model, case.images, FAST)
+    assert np.array_equal(lean, full) and len(np.unique(full)) > 1
