@@ -121,7 +121,7 @@ def estimate_lean(model: LoadedModel, data_shape: Sequence[int], props, slab_row
         "final rows": 3 * K * rows * plane * 4,
         "resampler": K * in_rows * spatial[1] * spatial[2] * 4
                      + 3 * K * slab_rows * max(spatial[1], crop_t[1]) * max(spatial[2], crop_t[2]) * 4,
-        "network": _network_bytes(model, options.batch_size * (2 ** len(model.mirror_axes) if options.tta else 1)),
+        "network": _network_bytes(model, options.batch_size),  # mirrored copies run one after another
         "runtime": RUNTIME_OVERHEAD_BYTES,
     }
     return LeanBudget(slab_rows, accumulator_dtype, buffers)
