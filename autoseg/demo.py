@@ -16,7 +16,7 @@ from autoseg.common.paths import Paths, TrainingId
 from autoseg.dataset.phantom import PhantomRecipe, make_phantom_dataset
 from autoseg.evaluate.summary import Summary, evaluate_folder
 from autoseg.infer.predict import PredictRequest, run_prediction
-from autoseg.planning.plan import PlanRequest, plan_and_save
+from autoseg.planning.planner import PlanRequest, plan_and_save
 from autoseg.preprocess import preprocess_dataset
 from autoseg.train.config import TrainerConfig, apply_overrides
 from autoseg.train.run import TrainResult, train_fold

@@ -32,10 +32,10 @@ sys.path.insert(0, str(REPO))
 from autoseg.data.augment import (  # noqa: E402
     AugmentConfig,
     AugParams,
-    apply_augmentation,
     augmentation_setup,
     sample_params,
 )
+from autoseg.data.augment_cpu import apply_augmentation  # noqa: E402
 from autoseg.data.augment_device import augment_batch  # noqa: E402
 from benchmarks.common import git_commit  # noqa: E402
 from tests.data.conftest import make_config  # noqa: E402

@@ -30,7 +30,8 @@ def prepare_hippocampus(workdir: Path, cases: int, configs: tuple[str, ...], wor
 
     sys.path.insert(0, str(REPO))
     from autoseg.common.paths import Paths
-    from autoseg.planning.plan import PlanRequest, load_plan, plan_and_save
+    from autoseg.planning.planner import PlanRequest, plan_and_save
+    from autoseg.planning.store import load_plan
     from autoseg.preprocess import preprocess_dataset
     from tests.helpers import hippocampus_available, hippocampus_case_ids, link_hippocampus_subset
 

@@ -20,7 +20,7 @@ from autoseg.dataset.phantom import PhantomRecipe, make_phantom_dataset
 from autoseg.evaluate.best import find_best
 from autoseg.evaluate.summary import Summary
 from autoseg.infer.cascade import next_stage_file, previous_stage_exports
-from autoseg.planning.plan import load_plan
+from autoseg.planning.store import load_plan
 from autoseg.splits import ensure_splits, fold_cases, load_splits
 from autoseg.train.checkpoint import load_checkpoint
 

@@ -39,10 +39,21 @@ def export_model_cmd(ctx: click.Context, dataset: str, configs: tuple[str, ...],
 @cli.command("install-model")
 @click.argument("zip_file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Replace a model installed before (never a folder of training results).")
+@click.option("--max-size", default="4GiB", show_default=True, metavar="SIZE",
+              help="Refuse a zip that unpacks to more than this (8GB, 500MiB, ...).")
+@click.option("--allow-high-ratio", is_flag=True,
+              help="Accept members that expand more than 100x (the mark of a zip bomb).")
 @click.pass_context
-def install_model_cmd(ctx: click.Context, zip_file: Path, force: bool) -> None:
-    """Verify a model zip against its manifest and install it into the results root."""
-    from autoseg.infer.exchange import install_model
+def install_model_cmd(ctx: click.Context, zip_file: Path, force: bool, max_size: str, allow_high_ratio: bool) -> None:
+    """Verify a model zip against its manifest and install it into the results root.
 
-    m, target = install_model(paths_from(ctx), zip_file, force=force)
+    Before writing anything it refuses a zip whose declared sizes exceed --max-size or the free
+    space of the results root, or that holds a member expanding absurdly (a zip bomb).
+    """
+    from autoseg.common.sizes import parse_size
+    from autoseg.infer.exchange import install_model
+    from autoseg.infer.unpack_limits import UnpackLimits
+
+    limits = UnpackLimits(max_size=parse_size(max_size), allow_high_ratio=allow_high_ratio)
+    m, target = install_model(paths_from(ctx), zip_file, force=force, limits=limits)
     click.echo(f"installed {m.dataset} ({' + '.join(m.configs)}, folds {', '.join(map(str, m.folds))}) -> {target}")

@@ -6,7 +6,8 @@ import click
 
 from autoseg.cli.app import cli, paths_from
 from autoseg.common.errors import AutosegError
-from autoseg.planning.plan import CONFIG_NAMES, PlanRequest, plan_and_save
+from autoseg.planning.plan import CONFIG_NAMES
+from autoseg.planning.planner import PlanRequest, plan_and_save
 from autoseg.planning.plans import Plan
 from autoseg.planning.presets import DEFAULT_PRESET, PRESETS
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import click
 
 from autoseg.cli.app import cli, paths_from
+from autoseg.planning.store import resolve_plans
 from autoseg.preprocess import list_preprocessed_cases, load_dataset_plan, median_preprocessed_shape, preprocess_dataset
-from autoseg.planning.plan import resolve_plans
 from autoseg.splits import user_splits_file
 
 

@@ -66,7 +66,7 @@ def train_cmd(ctx: click.Context, dataset: str, config: str, fold: str, resume: 
               pretrained: Path | None, device: str, num_workers: int | None, save_probabilities: bool,
               validation_only: bool, quiet: bool) -> None:
     """Train DATASET's CONFIG on FOLD (0-4 or 'all'), then validate the fold."""
-    from autoseg.planning.plan import resolve_plans
+    from autoseg.planning.store import resolve_plans
 
     paths = paths_from(ctx)
     name = paths.resolve_dataset(dataset)

@@ -1,10 +1,10 @@
 """Training augmentation as batched torch ops on the training device (CPU or CUDA).
 
-The same augmentation as `autoseg.data.augment`, in a second implementation: `augment_batch`
-applies the per-sample `AugParams` that `sample_params` draws to a whole batch tensor, so the
-loader workers only cut the enlarged initial patches and the device does the rest. The same
-params give the same output (a seed reproduces a batch), and every transform agrees with
-`apply_augmentation` up to the interpolation differences listed below.
+The same augmentation as the CPU path (`autoseg.data.augment_cpu`), in a second implementation:
+`augment_batch` applies the per-sample `AugParams` that `sample_params` draws to a whole batch
+tensor, so the loader workers only cut the enlarged initial patches and the device does the
+rest. The same params give the same output (a seed reproduces a batch), and every transform
+agrees with `apply_augmentation` up to the interpolation differences listed below.
 
 Order, as in the CPU path: rotation/scaling (+ crop to the patch), Gaussian noise, Gaussian
 blur, multiplicative brightness, contrast, simulated low resolution, inverted gamma, gamma,
@@ -14,10 +14,12 @@ resolution (one resize pair per channel, for its own size).
 
 Differences from the CPU path, all within interpolation error:
 
-- rotation/scaling interpolate images linearly (nnU-Net v2's batchgeneratorsv2; the CPU path
-  uses cubic splines) through one ``affine_grid`` + ``grid_sample`` for all moved samples;
-- simulated low resolution goes back up linearly in 3D (there is no tricubic resize in torch)
-  and bicubically in-plane (2D and dummy 2D), where the CPU path uses cubic splines;
+- rotation/scaling interpolate images linearly on both paths (nnU-Net 2.8.1's SpatialTransform),
+  here through one ``affine_grid`` + ``grid_sample`` (float32 grid) for all moved samples, on
+  the CPU path through numpy corner weights (`autoseg.data.interpolate.LinearSampler`), so the
+  values agree to interpolation rounding, not bit for bit;
+- simulated low resolution uses the CPU path's modes (nearest-exact down, linear back up:
+  bilinear in-plane for 2D and dummy 2D, trilinear in 3D), as torch ``interpolate`` calls;
 - noise comes from a ``torch.Generator`` seeded with ``noise_seed`` on the device, so it has the
   same distribution as the CPU path's, not the same values;
 - labels: background scores 1 minus the other labels (no indicator of its own), so a voxel whose
@@ -25,14 +27,11 @@ Differences from the CPU path, all within interpolation error:
   path takes the argmax of the labels inside; exact ties go to the smaller label (the CPU path:
   the nearest neighbour's). Either way a voxel only holds a label of the input, or 0 outside.
 
-Cascade one-hot channels are degraded by `degrade_one_hot`: on the CPU the numpy
-`autoseg.data.cascade.apply_degradation` per degraded sample, elsewhere the same operations as
-torch ops (ball convolutions for the morphology, label propagation for connected components).
+Cascade one-hot channels are degraded on the device by `autoseg.data.cascade_device.degrade_one_hot`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -41,7 +40,6 @@ import torch.nn.functional as F
 from batchgenerators.augmentations.utils import rotate_coords_2d, rotate_coords_3d
 
 from autoseg.data.augment import AugmentSetup, AugParams
-from autoseg.data.cascade import MAX_REMOVED_COMPONENT_FRACTION, CascadeDegradation, apply_degradation
 
 BLUR_TRUNCATE = 4.0
 """Gaussian kernels reach 4 sigma, as scipy's gaussian_filter (the CPU path)."""
@@ -225,8 +223,15 @@ def _resample(data: torch.Tensor, seg: torch.Tensor, moved: Sequence[int], param
     if not labels.numel():
         return out, torch.zeros((n, s) + patch, dtype=seg.dtype, device=seg.device)
     scores = out[:, c:].reshape((n, s, labels.numel()) + patch)
-    # argmax over a handful of labels as elementwise ops (a reduction over that short middle axis is
-    # slow on the CPU), writing label values directly; strict '>' keeps ties with the smaller label
+    return out[:, :c], _label_argmax(scores, labels, seg.dtype)
+
+
+def _label_argmax(scores: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Label maps (n, S, *patch) from per-label scores (n, S, L, *patch); background scores 1 minus the others.
+
+    An argmax over a handful of labels as elementwise ops (a reduction over that short middle axis
+    is slow on the CPU), writing label values directly; strict '>' keeps ties with the smaller label.
+    """
     best = scores[:, :, 0]
     total = best.clone()
     winner = labels[0].expand(best.shape)
@@ -236,9 +241,8 @@ def _resample(data: torch.Tensor, seg: torch.Tensor, moved: Sequence[int], param
         winner = torch.where(better, labels[j], winner)
         best = torch.maximum(best, score)
         total += score
-    zero = torch.zeros((), dtype=seg.dtype, device=seg.device)
-    out_seg = torch.where(best > 1.0 - total, winner, zero)  # background: 1 minus the other labels
-    return out[:, :c], out_seg
+    zero = torch.zeros((), dtype=dtype, device=scores.device)
+    return torch.where(best > 1.0 - total, winner, zero)  # background: 1 minus the other labels
 
 
 # ----------------------------------------------------------------------------------- intensity
@@ -382,7 +386,7 @@ def _mirror(data: torch.Tensor, seg: torch.Tensor,
 def deep_supervision_targets(seg: torch.Tensor, scales: Sequence[Sequence[float]]) -> list[torch.Tensor]:
     """Nearest-neighbour copies of a (B, 1, *patch) target at each deep-supervision scale, on its device.
 
-    The same voxels as `autoseg.data.augment.downsample_seg_for_ds` (the index rule is computed
+    The same voxels as `autoseg.data.augment_cpu.downsample_seg_for_ds` (the index rule is computed
     in float64 as there), so labels, the ignore label included, stay labels at every scale.
     """
     out = []
@@ -396,104 +400,4 @@ def deep_supervision_targets(seg: torch.Tensor, scales: Sequence[Sequence[float]
             centres = (torch.arange(m, dtype=torch.float64, device=seg.device) + 0.5) * (n / m)
             target = target.index_select(axis + 2, centres.to(torch.long).clamp(max=n - 1))
         out.append(target)
-    return out
-
-
-def degrade_one_hot(one_hot: torch.Tensor, degradations: Sequence[CascadeDegradation]) -> torch.Tensor:
-    """Cascade one-hot channels (B, K-1, *patch) degraded per sample; returns a new tensor on the same device.
-
-    The same result as `autoseg.data.cascade.apply_degradation` per sample. On the CPU it runs
-    that numpy code (Euclidean distance transforms: linear time whatever the radius); on other
-    devices `_degrade_on_device` (ball convolutions and label propagation), so the batch stays
-    there. Samples without a degradation (about half, with nnU-Net's probabilities) are skipped.
-    """
-    if one_hot.shape[0] != len(degradations):
-        raise ValueError(f"{one_hot.shape[0]} samples and {len(degradations)} degradations differ")
-    out = one_hot.to(torch.float32, copy=True)
-    for b, degradation in enumerate(degradations):
-        if degradation.is_noop:
-            continue
-        if out.device.type == "cpu":
-            out[b] = torch.from_numpy(apply_degradation(out[b].numpy(), degradation))
-        else:
-            out[b] = _degrade_on_device(out[b], degradation)
-    return out
-
-
-def _ball_count(mask: torch.Tensor, radius: float) -> torch.Tensor:
-    """Per voxel, how many voxels of ``mask`` lie within Euclidean distance ``radius`` (outside the patch: none)."""
-    reach = int(math.floor(radius))
-    axes = np.meshgrid(*[np.arange(-reach, reach + 1)] * mask.ndim, indexing="ij")
-    ball = np.sqrt(sum(a.astype(np.float64) ** 2 for a in axes)) <= radius  # the distance transform's comparison
-    kernel = torch.as_tensor(ball, dtype=torch.float32).to(mask.device)[None, None]
-    conv = F.conv3d if mask.ndim == 3 else F.conv2d
-    return conv(mask.to(torch.float32)[None, None], kernel, padding=reach)[0, 0]
-
-
-def _binary_operation(mask: torch.Tensor, operation: str, radius: float) -> torch.Tensor:
-    """`cascade.binary_operation` as ball convolutions: dilation is "a mask voxel within r", erosion
-    "no background voxel within r" (the patch border is not background, as with the distance transform)."""
-    def dilate(m: torch.Tensor) -> torch.Tensor:
-        return _ball_count(m, radius) > 0.5
-
-    def erode(m: torch.Tensor) -> torch.Tensor:
-        return ~(_ball_count(~m, radius) > 0.5)
-
-    steps = {"dilation": (dilate,), "erosion": (erode,), "opening": (erode, dilate), "closing": (dilate, erode)}
-    if operation not in steps:
-        raise ValueError(f"unknown binary operation {operation!r} (known: {', '.join(steps)})")
-    for step in steps[operation]:
-        mask = step(mask)
-    return mask
-
-
-def _components(mask: torch.Tensor) -> torch.Tensor:
-    """Per voxel of ``mask`` the smallest flat index of its face-connected component (scipy's default
-    structure), ``mask.numel()`` elsewhere; ordering components by it is scipy.ndimage.label's order.
-
-    Min-propagation to the face neighbours plus pointer jumping, until nothing changes (one host
-    sync per round).
-    """
-    none = mask.numel()
-    flat_index = torch.arange(none, device=mask.device).reshape(mask.shape)
-    rep = torch.where(mask, flat_index, none)
-    while True:
-        low = rep
-        for axis in range(mask.ndim):
-            padded = F.pad(rep, _axis_pad(mask.ndim, axis), value=none)
-            size = mask.shape[axis]
-            low = torch.minimum(low, padded.narrow(axis, 0, size))
-            low = torch.minimum(low, padded.narrow(axis, 2, size))
-        jumped = torch.cat([low.reshape(-1), low.new_full((1,), none)])[low.reshape(-1)].reshape(mask.shape)
-        low = torch.where(mask, torch.minimum(low, jumped), none)
-        if torch.equal(low, rep):
-            return rep
-        rep = low
-
-
-def _axis_pad(ndim: int, axis: int) -> tuple[int, ...]:
-    """F.pad widths adding one element before and after ``axis`` of an ndim tensor (F.pad lists the last axis first)."""
-    pad = [0] * (2 * ndim)
-    pad[2 * (ndim - 1 - axis)] = pad[2 * (ndim - 1 - axis) + 1] = 1
-    return tuple(pad)
-
-
-def _degrade_on_device(one_hot: torch.Tensor, params: CascadeDegradation) -> torch.Tensor:
-    """`cascade.apply_degradation` for one sample (K-1, *patch) in torch ops, on the tensor's device."""
-    out = one_hot.clone()
-    channels = torch.arange(out.shape[0], device=out.device).reshape((-1,) + (1,) * (out.ndim - 1))
-    for c, operation, radius in params.morphology:
-        mask = out[c] > 0.5
-        new = _binary_operation(mask, operation, radius)
-        added = new & ~mask  # taken from every other class, so the encoding stays one-hot
-        out = torch.where(added[None] & (channels != c), 0.0, out)
-        out[c] = new.to(out.dtype)
-    for c, u in params.remove_component:
-        mask = out[c] > 0.5
-        rep = _components(mask)
-        starts, sizes = torch.unique(rep[mask], return_counts=True)  # sorted: scipy's label order
-        eligible = starts[sizes < MAX_REMOVED_COMPONENT_FRACTION * mask.numel()]
-        if eligible.numel():
-            chosen = eligible[min(int(u * eligible.numel()), eligible.numel() - 1)]
-            out[c] = torch.where(rep == chosen, 0.0, out[c])
     return out

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -39,17 +38,17 @@ from autoseg.common.procs import die_with_parent
 from autoseg.data.augment import (
     AugmentConfig,
     AugmentSetup,
-    apply_augmentation,
     augmentation_setup,
     crop_only_setup,
-    downsample_seg_for_ds,
     masked_channels,
     resolve_augment_device,
     restore_masked_background,
     sample_params,
 )
-from autoseg.data.augment_device import augment_batch, deep_supervision_targets, degrade_one_hot
+from autoseg.data.augment_cpu import apply_augmentation, downsample_seg_for_ds
+from autoseg.data.augment_device import augment_batch, deep_supervision_targets
 from autoseg.data.cascade import apply_degradation, one_hot_foreground, sample_degradation
+from autoseg.data.cascade_device import degrade_one_hot
 from autoseg.data.sampling import (
     OVERSAMPLE_FOREGROUND,
     CaseFiles,
@@ -373,18 +372,3 @@ def make_val_loader(spec: LoaderSpec) -> BatchLoader:
     _check_spec(spec)
     source = _BatchSource(spec, crop_only_setup(spec.config, _masked_channels(spec)), augment=False)
     return BatchLoader(source, spec.num_workers, spec.pin_memory)
-
-
-def samples_per_cpu_second(loader: BatchLoader, batches: int) -> float:
-    """Samples made per second of this process's CPU time over ``batches`` batches, after one warm-up batch.
-
-    Meaningful for an in-process loader (``num_workers=0``; run with ``OMP_NUM_THREADS=1``): worker
-    processes' time is not counted. `benchmarks/bench_augment.py` compares the augmentation paths with it.
-    """
-    if batches < 1:
-        raise ValueError(f"batches must be >= 1, got {batches}")
-    first = next(loader)
-    start = time.process_time()
-    for _ in range(batches):
-        next(loader)
-    return batches * int(first["data"].shape[0]) / (time.process_time() - start)

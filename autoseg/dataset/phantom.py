@@ -140,7 +140,7 @@ def make_phantom_dataset(root: str | Path, recipe: PhantomRecipe = PhantomRecipe
         "autoseg_phantom_recipe": {k: (list(v) if isinstance(v, tuple) else v)
                                    for k, v in recipe.__dict__.items()},
     }
-    (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return out
 
 
@@ -191,5 +191,5 @@ def make_region_phantom_dataset(root: str | Path, recipe: PhantomRecipe = Phanto
         "numTraining": recipe.num_training,
         "file_ending": ending,
     }
-    (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return out

@@ -15,8 +15,10 @@ Checkpoints are re-saved in our own checkpoint format without optimizer, scaler,
 history: the same ``torch.load(weights_only=True)`` loader reads them, nothing is pickled,
 and no new dependency (safetensors) is needed for the same safety. Installing verifies every
 member against the manifest before writing anything, refuses members that could land outside
-the target (absolute, ``..``, links, other top folders) and extracts into a temp folder that is
-renamed into place, so a failed install leaves nothing behind. It replaces an installed model
+the target (absolute, ``..``, links, other top folders), refuses from the declared sizes alone
+what exceeds the caps of `autoseg.infer.unpack_limits` (size, free space, compression ratio),
+never reads a member past its declared size, and extracts into a temp folder that is renamed
+into place, so a failed install leaves nothing behind. It replaces an installed model
 (one with a manifest) only with ``force`` and never a folder of training results.
 """
 
@@ -46,6 +48,7 @@ from autoseg.common.jsonio import (atomic_write_json, atomic_write_with, load_re
                                    record_to_dict)
 from autoseg.common.paths import DATASET_NAME_RE, DEFAULT_PLANS, Paths, TrainingId
 from autoseg.infer.predict import checkpoint_file
+from autoseg.infer.unpack_limits import UnpackLimits, check_declared_sizes, read_declared
 from autoseg.train.checkpoint import RngState, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,8 @@ FOLD_RECORDS = ("trainer_config.json", "plans.json", "dataset.json")
 BEST_FILE = "best.json"
 """Same name as `autoseg.evaluate.best.BEST_FILE` (not imported: that module pulls in cc3d and the metrics)."""
 HASH_CHUNK = 1 << 20
+MAX_MANIFEST_SIZE = 64 << 20
+"""A manifest is read whole before any cap applies: 64 MiB is ~100x the largest real one."""
 FOLDER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 """A configuration or variant folder named by a manifest: no separators, no '..' (it becomes a path)."""
 
@@ -289,6 +294,9 @@ def _read_manifest(zf: zipfile.ZipFile, zip_path: Path) -> ModelManifest:
         raise AutosegError(f"not an autoseg model: expected one <dataset>/{MANIFEST_FILE}, found {len(names)} "
                            f"(top folders: {sorted(tops)})", zip_path)
     where = f"{zip_path}:{names[0]}"
+    if zf.getinfo(names[0]).file_size > MAX_MANIFEST_SIZE:
+        raise AutosegError(f"manifest declares {zf.getinfo(names[0]).file_size} bytes, more than any model's; "
+                           "nothing was installed", where)
     try:
         data = json.loads(zf.read(names[0]).decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
@@ -300,8 +308,9 @@ def _read_manifest(zf: zipfile.ZipFile, zip_path: Path) -> ModelManifest:
     return manifest
 
 
-def _verify(zf: zipfile.ZipFile, zip_path: Path, manifest: ModelManifest) -> None:
-    """Every member safe and listed, every listed file present with its size and sha256."""
+def _verify(zf: zipfile.ZipFile, zip_path: Path, manifest: ModelManifest, limits: UnpackLimits,
+            space_at: Path | None) -> None:
+    """Every member safe and listed, sizes within ``limits``, every listed file present with its size and sha256."""
     ds = manifest.dataset
     listed = {f"{ds}/{f.path}": f for f in manifest.files}
     for info in zf.infolist():
@@ -318,9 +327,11 @@ def _verify(zf: zipfile.ZipFile, zip_path: Path, manifest: ModelManifest) -> Non
     for name, entry in listed.items():
         if name not in present:
             raise AutosegError(f"{name} is listed in the manifest but missing from the zip", zip_path)
+    check_declared_sizes(zf, zip_path, {name: entry.size for name, entry in listed.items()}, limits, space_at)
+    for name, entry in listed.items():
         h, size = hashlib.sha256(), 0
         with zf.open(name) as f:
-            for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
+            for chunk in read_declared(f, entry.size, name):
                 h.update(chunk)
                 size += len(chunk)
         if size != entry.size or h.hexdigest() != entry.sha256:
@@ -328,8 +339,13 @@ def _verify(zf: zipfile.ZipFile, zip_path: Path, manifest: ModelManifest) -> Non
                                "was changed or damaged); nothing was installed", zip_path)
 
 
-def inspect_model_zip(zip_path: Path) -> ModelManifest:
-    """The manifest of a model zip, after checking every member (no extraction)."""
+def inspect_model_zip(zip_path: Path, limits: UnpackLimits | None = None, space_at: Path | None = None
+                      ) -> ModelManifest:
+    """The manifest of a model zip, after checking every member (no extraction).
+
+    ``limits`` caps what it may unpack (default `UnpackLimits()`); ``space_at`` is the folder it
+    would unpack into, whose free space must hold it (None: not checked).
+    """
     zip_path = Path(zip_path)
     if not zip_path.is_file():
         raise AutosegError("model zip not found", zip_path)
@@ -341,16 +357,21 @@ def inspect_model_zip(zip_path: Path) -> ModelManifest:
                     raise AutosegError(f"refused: member {info.filename!r} {problem}; nothing was installed",
                                        zip_path)
             manifest = _read_manifest(zf, zip_path)
-            _verify(zf, zip_path, manifest)
+            _verify(zf, zip_path, manifest, limits or UnpackLimits(), space_at)
     except zipfile.BadZipFile as e:
         raise AutosegError(f"not a readable zip file ({e})", zip_path) from None
     return manifest
 
 
-def install_model(paths: Paths, zip_path: Path, force: bool = False) -> tuple[ModelManifest, Path]:
-    """Verify ``zip_path`` and unpack it as ``results/<dataset>/``; ``force`` replaces an existing folder."""
+def install_model(paths: Paths, zip_path: Path, force: bool = False,
+                  limits: UnpackLimits | None = None) -> tuple[ModelManifest, Path]:
+    """Verify ``zip_path`` and unpack it as ``results/<dataset>/``; ``force`` replaces an existing folder.
+
+    ``limits`` caps the unpacked size and compression ratio (default `UnpackLimits()`); the
+    results root's filesystem must have room for it too.
+    """
     zip_path = Path(zip_path)
-    manifest = inspect_model_zip(zip_path)
+    manifest = inspect_model_zip(zip_path, limits, space_at=paths.results)
     target = paths.results_dataset(manifest.dataset)
     if target.exists():
         if not (target / MANIFEST_FILE).is_file():
@@ -363,13 +384,15 @@ def install_model(paths: Paths, zip_path: Path, force: bool = False) -> tuple[Mo
     old = None
     try:
         with zipfile.ZipFile(zip_path) as zf:
-            for entry in (*manifest.files, ManifestFile(MANIFEST_FILE, 0, "")):
+            manifest_size = zf.getinfo(f"{manifest.dataset}/{MANIFEST_FILE}").file_size
+            for entry in (*manifest.files, ManifestFile(MANIFEST_FILE, manifest_size, "")):
                 dest = tmp / entry.path
                 if tmp.resolve() not in dest.resolve().parents:  # belt and braces after _member_problem
                     raise AutosegError(f"refused: member {entry.path!r} escapes the target", zip_path)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(f"{manifest.dataset}/{entry.path}") as src, open(dest, "wb") as out:
-                    shutil.copyfileobj(src, out, HASH_CHUNK)
+                    for chunk in read_declared(src, entry.size, entry.path):
+                        out.write(chunk)
         for entry in manifest.files:  # what landed on disk is what was verified
             if sha256_of(tmp / entry.path) != entry.sha256:
                 raise AutosegError(f"{entry.path}: checksum mismatch after extraction", tmp / entry.path)

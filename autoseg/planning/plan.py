@@ -1,9 +1,10 @@
-"""Planning: compose the pure rules into a `Plan`, apply user overrides, save and load plans.json.
+"""Planning: compose the pure rules into a `Plan`, and apply user overrides to it.
 
-``plan_dataset(fingerprint, gpu_memory_gb)`` is pure (no I/O); ``plan_and_save`` is what
-``autoseg plan`` runs: verify the raw dataset, fingerprint it (cached), plan, and write
-``preprocessed/<dataset>/plans.json`` atomically, refusing to replace a different plan
-without ``force`` because preprocessed data and trainings depend on it.
+``plan_dataset(fingerprint, gpu_memory_gb)`` is pure (no I/O): the dataset-level decisions
+(`rules`) and one `Configuration` per 2d / 3d_fullres / 3d_lowres / 3d_cascade_fullres, fitted
+to the memory budget of a planner preset (`presets`). ``apply_plan_overrides`` applies
+``CONFIG.KEY=VALUE`` strings and re-derives what depends on them. `autoseg.planning.store`
+saves and loads plans.json; `autoseg.planning.planner.plan_and_save` is what ``autoseg plan`` runs.
 """
 
 from __future__ import annotations
@@ -15,16 +16,13 @@ import logging
 import types
 import typing
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from autoseg.common.errors import AutosegError, ConfigError
-from autoseg.common.jsonio import load_record, record_to_dict, save_record
-from autoseg.common.paths import Paths
-from autoseg.dataset.spec import DatasetSpec, class_labels
-from autoseg.fingerprint import Fingerprint, load_or_extract_fingerprint
+from autoseg.dataset.spec import class_labels
+from autoseg.fingerprint import Fingerprint
 from autoseg.planning import memory, rules
 from autoseg.planning.plans import RESIDUAL_ENCODER, Configuration, Plan
 from autoseg.planning.presets import DEFAULT_PRESET, Preset, get_preset
@@ -150,7 +148,8 @@ def cascade_configuration(full: Configuration) -> Configuration:
                                            "channels (nnU-Net's cascade); data shared with 3d_fullres")})
 
 
-def _check_config_names(configs: typing.Iterable[str] | None) -> tuple[str, ...]:
+def check_config_names(configs: typing.Iterable[str] | None) -> tuple[str, ...]:
+    """The requested configuration names (default: all of `CONFIG_NAMES`), each checked."""
     if configs is None:
         return CONFIG_NAMES
     names = tuple(configs)
@@ -161,6 +160,24 @@ def _check_config_names(configs: typing.Iterable[str] | None) -> tuple[str, ...]
     if not names:
         raise ConfigError("no configuration requested", "--configs")
     return names
+
+
+@dataclass(frozen=True)
+class _Target:
+    """The dataset at its target spacing (transposed order): what every configuration is planned from."""
+
+    spacing: tuple[float, ...]
+    median_shape: np.ndarray
+    n_cases: int
+    num_classes: int
+    """Output channels: the ignore label (sparse annotation) gets none, so no memory either."""
+    gpu_memory_gb: float
+    preset: Preset
+
+    @property
+    def dataset_voxels(self) -> float:
+        """The median image's voxels times the number of cases (nnU-Net passes the 3D count to 2D too)."""
+        return float(np.prod(self.median_shape, dtype=np.float64)) * self.n_cases
 
 
 def plan_dataset(fingerprint: Fingerprint, gpu_memory_gb: float | None = None,
@@ -180,16 +197,15 @@ def plan_dataset(fingerprint: Fingerprint, gpu_memory_gb: float | None = None,
         raise ConfigError(f"GPU memory must be > 0 GB, got {gpu_memory_gb:g}", "--gpu-memory")
     if not fingerprint.cases:
         raise AutosegError("the fingerprint holds no cases", fingerprint.dataset)
-    names = _check_config_names(configs)
+    names = check_config_names(configs)
     spacings, shapes = fingerprint.spacings, fingerprint.shapes_after_crop
     target = rules.target_spacing(spacings, shapes)
     transpose = rules.transpose_axes(target.value)
     forward = list(transpose.value[0])
-    spacing_t = tuple(target.value[a] for a in forward)
     median = np.median(rules.resampled_shapes(spacings, shapes, target.value), axis=0)[forward]
-    # the ignore label (sparse annotation) gets no output channel, so no memory either
-    n_cases, num_classes = len(fingerprint.cases), len(class_labels(fingerprint.labels))
-    dataset_voxels = float(np.prod(median, dtype=np.float64)) * n_cases
+    grid = _Target(spacing=tuple(target.value[a] for a in forward), median_shape=median,
+                   n_cases=len(fingerprint.cases), num_classes=len(class_labels(fingerprint.labels)),
+                   gpu_memory_gb=gpu_memory_gb, preset=chosen)
     reasons = {"transpose": transpose.reason, "target_spacing": target.reason}
     if chosen.name != DEFAULT_PRESET:
         reasons["preset"] = f"{chosen.name}: {chosen.description}"
@@ -197,27 +213,12 @@ def plan_dataset(fingerprint: Fingerprint, gpu_memory_gb: float | None = None,
     if median[0] == 1:
         reasons["3d_fullres"] = reasons["3d_lowres"] = "not planned: the images are 2D (one slice)"
     elif any(n in names for n in ("3d_fullres", *LOWRES_STAGES)):
-        full = plan_configuration("3d_fullres", spacing_t, median, dataset_voxels, num_classes, gpu_memory_gb,
-                                  chosen)
-        forced = configs is not None and any(n in names for n in LOWRES_STAGES)
-        low, low_reason = _lowres(full, median, n_cases, num_classes, gpu_memory_gb, forced, chosen)
-        reasons["3d_lowres"] = low_reason
-        full = replace(full, batch_dice=low is not None, reasons={
-            **full.reasons, "spacing": target.reason,
-            "batch_dice": ("True: 3d_lowres exists, fullres trains on its crops (nnU-Net)" if low is not None
-                           else "False: no 3d_lowres; Dice per sample (nnU-Net)")})
-        if "3d_fullres" in names:
-            out["3d_fullres"] = full
-        if low is not None and (configs is None or forced):
-            # the cascade comes whole: a lowres stage without its next stage is still worth
-            # training (nnU-Net plans both), and the next stage cannot exist without it
-            out["3d_lowres"] = low
-            out["3d_cascade_fullres"] = cascade_configuration(full)
-            reasons["3d_cascade_fullres"] = "planned with 3d_lowres: it refines the lowres predictions"
-        elif low is None:
-            reasons["3d_cascade_fullres"] = "not planned: no 3d_lowres"
+        three, why = _plan_3d(grid, names, configs, target.reason)
+        out.update(three)
+        reasons.update(why)
     if "2d" in names:
-        two = plan_configuration("2d", spacing_t[1:], median[1:], dataset_voxels, num_classes, gpu_memory_gb, chosen)
+        two = plan_configuration("2d", grid.spacing[1:], median[1:], grid.dataset_voxels, grid.num_classes,
+                                 gpu_memory_gb, chosen)
         out["2d"] = replace(two, reasons={**two.reasons, "spacing": "in-plane part of the target spacing; "
                                           "the slice axis keeps its own spacing",
                                           "batch_dice": "True for 2d (nnU-Net)"})
@@ -235,6 +236,36 @@ def plan_dataset(fingerprint: Fingerprint, gpu_memory_gb: float | None = None,
         configurations={n: out[n] for n in CONFIG_NAMES if n in out}, preset=chosen.name,
         reasons=reasons)
     return apply_plan_overrides(plan, overrides) if overrides else plan
+
+
+def _plan_3d(grid: _Target, names: tuple[str, ...], configs: tuple[str, ...] | None,
+             spacing_reason: str) -> tuple[dict[str, Configuration], dict[str, str]]:
+    """3d_fullres, and 3d_lowres + 3d_cascade_fullres where the rules (or ``configs``) call for them.
+
+    Returns the configurations among ``names`` and the plan-level reasons about the cascade.
+    """
+    full = plan_configuration("3d_fullres", grid.spacing, grid.median_shape, grid.dataset_voxels, grid.num_classes,
+                              grid.gpu_memory_gb, grid.preset)
+    forced = configs is not None and any(n in names for n in LOWRES_STAGES)
+    low, low_reason = _lowres(full, grid.median_shape, grid.n_cases, grid.num_classes, grid.gpu_memory_gb, forced,
+                              grid.preset)
+    reasons = {"3d_lowres": low_reason}
+    full = replace(full, batch_dice=low is not None, reasons={
+        **full.reasons, "spacing": spacing_reason,
+        "batch_dice": ("True: 3d_lowres exists, fullres trains on its crops (nnU-Net)" if low is not None
+                       else "False: no 3d_lowres; Dice per sample (nnU-Net)")})
+    out: dict[str, Configuration] = {}
+    if "3d_fullres" in names:
+        out["3d_fullres"] = full
+    if low is not None and (configs is None or forced):
+        # the cascade comes whole: a lowres stage without its next stage is still worth
+        # training (nnU-Net plans both), and the next stage cannot exist without it
+        out["3d_lowres"] = low
+        out["3d_cascade_fullres"] = cascade_configuration(full)
+        reasons["3d_cascade_fullres"] = "planned with 3d_lowres: it refines the lowres predictions"
+    elif low is None:
+        reasons["3d_cascade_fullres"] = "not planned: no 3d_lowres"
+    return out, reasons
 
 
 # --------------------------------------------------------------------------- overrides
@@ -464,147 +495,3 @@ def _check_topology(cfg: Configuration) -> None:
                           f"{list(cfg.encoder_blocks_per_stage)}", f"{cfg.name}.encoder_blocks_per_stage")
     if not (0 <= cfg.resample_order_data <= 5 and 0 <= cfg.resample_order_seg <= 5):
         raise ConfigError("resampling orders are spline orders 0..5", f"{cfg.name}.resample_order_data")
-
-
-# --------------------------------------------------------------------------- files
-
-
-def save_plan(paths: Paths, plan: Plan) -> Path:
-    """Write ``preprocessed/<dataset>/plans.json`` (``plans_<preset>.json`` for a preset) atomically."""
-    return save_record(paths.plans_file(plan.dataset, plan.preset), plan)
-
-
-def load_plan_file(path: str | Path) -> Plan:
-    """Read a plans.json strictly (schema, version, keys)."""
-    return load_record(path, Plan)
-
-
-def load_plan(paths: Paths, dataset: str, preset: str = DEFAULT_PRESET) -> Plan:
-    """The saved plan of a dataset (of a preset), or an error telling the user to run ``autoseg plan``."""
-    get_preset(preset)
-    file = paths.plans_file(dataset, preset)
-    if not file.exists():
-        if preset == DEFAULT_PRESET:
-            raise AutosegError(f"no plan yet; run `autoseg plan {dataset}` first", file)
-        raise AutosegError(f"no {preset} plan yet; run `autoseg plan {dataset} --preset {preset}` first", file)
-    plan = load_plan_file(file)
-    if plan.preset != preset:
-        raise AutosegError(f"this file holds a {plan.preset!r} plan, expected {preset!r}", file)
-    return plan
-
-
-def resolve_plans(paths: Paths, dataset: str, plans: str | Path | None = None) -> Plan:
-    """What ``--plans`` names: nothing (plans.json), a preset (``resenc-l``: plans_resenc-l.json) or a file.
-
-    A preset whose plans file is missing fails with the ``autoseg plan --preset`` to run; a
-    value that is neither a preset nor an existing file fails naming the known presets.
-    """
-    from autoseg.planning.presets import PRESETS
-
-    if plans is None or str(plans) in PRESETS:
-        return load_plan(paths, dataset, DEFAULT_PRESET if plans is None else str(plans))
-    file = Path(plans)
-    if not file.is_file():
-        if file.suffix or len(file.parts) > 1:  # meant as a file
-            raise AutosegError("plan file not found", file)
-        raise AutosegError(f"neither a plans preset ({', '.join(PRESETS)}) nor an existing plans file", file)
-    return load_plan_file(file)
-
-
-def plan_differences(old: Plan, new: Plan) -> list[str]:
-    """Human-readable ``key: old -> new`` lines for the numbers that differ (reasons ignored)."""
-    a, b = _comparable(old), _comparable(new)
-    out = []
-    for key in sorted(set(a) | set(b)):
-        if a.get(key) != b.get(key):
-            out.append(f"{key}: {a.get(key, '(absent)')} -> {b.get(key, '(absent)')}")
-    return out
-
-
-def _comparable(plan: Plan) -> dict[str, Any]:
-    body = json.loads(json.dumps(record_to_dict(plan)))
-    flat: dict[str, Any] = {}
-    for key, value in body.items():
-        if key == "configurations":
-            for cname, cfg in value.items():
-                flat.update({f"{cname}.{k}": v for k, v in cfg.items() if k != "reasons"})
-        elif key != "reasons":
-            flat[key] = value
-    return flat
-
-
-@dataclass(frozen=True)
-class PlanRequest:
-    """What ``autoseg plan`` was asked for."""
-
-    gpu_memory_gb: float | None = None
-    """None: the preset's own target (8 GB for the default planner, 8 / 24 / 40 GB for ResEnc M / L / XL)."""
-    configs: tuple[str, ...] | None = None
-    overrides: tuple[str, ...] = ()
-    num_workers: int = 1
-    force: bool = False
-    """Re-extract the fingerprint and replace a different existing plans.json."""
-    progress_bar: bool = True
-    from_plans: str | None = None
-    """Take the configurations of this dataset's plans (or plans.json file) instead of planning
-    them (`autoseg.planning.transfer`): the topology a pretrained network needs."""
-    preset: str = DEFAULT_PRESET
-    """Planner preset (`autoseg.planning.presets`); a preset other than the default writes
-    ``plans_<preset>.json`` beside plans.json."""
-
-
-@dataclass(frozen=True)
-class PlanOutcome:
-    """The plan and what happened to plans.json."""
-
-    plan: Plan
-    plans_file: Path
-    written: bool
-    """False when an identical plans.json was already there."""
-
-
-def verify_raw_dataset(root: Path, num_workers: int = 1, show_progress: bool = True) -> DatasetSpec:
-    """Full verification (every image read): planning on a broken dataset would mislead."""
-    from autoseg.dataset.verify import verify_dataset
-
-    return verify_dataset(root, num_workers=num_workers, show_progress=show_progress)
-
-
-def plan_and_save(paths: Paths, dataset: str, request: PlanRequest = PlanRequest()) -> PlanOutcome:
-    """Verify, fingerprint (cached), plan and write plans.json (``autoseg plan``).
-
-    With ``request.from_plans`` the configurations come from another dataset's plans
-    (`autoseg.planning.transfer.transfer_plan`) and only the fingerprint is this dataset's. An
-    existing, different plans file is replaced only with ``request.force``: preprocessed data and
-    trainings were made with it.
-    """
-    _check_config_names(request.configs)
-    get_preset(request.preset)
-    check_override_syntax(request.overrides)  # fail on a typo before reading any image
-    name = paths.resolve_dataset(dataset)
-    source = None
-    if request.from_plans is not None:  # a missing source fails before reading any image too
-        from autoseg.planning.transfer import load_source_plan
-        source = load_source_plan(paths, request.from_plans)
-    spec = verify_raw_dataset(paths.raw_dataset(name), request.num_workers, request.progress_bar)
-    fp = load_or_extract_fingerprint(paths, name, request.num_workers, request.force, spec=spec,
-                                     progress_bar=request.progress_bar)
-    if source is None:
-        plan = plan_dataset(fp, request.gpu_memory_gb, request.configs, request.overrides, request.preset)
-    else:
-        from autoseg.planning.transfer import transfer_plan
-        plan = transfer_plan(source, fp, request.overrides)
-    file = paths.plans_file(name, request.preset)
-    if file.exists():
-        try:
-            diffs = plan_differences(load_plan_file(file), plan)
-        except AutosegError as e:
-            diffs = [f"the existing file is unreadable ({e.message})"]
-        if not diffs:
-            return PlanOutcome(plan, file, written=False)
-        if not request.force:
-            shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
-            raise AutosegError(f"a different plan exists ({shown}); preprocessed data and trainings depend on "
-                               "it: rerun with --force to replace it", file)
-    save_plan(paths, plan)
-    return PlanOutcome(plan, file, written=True)

@@ -1,6 +1,7 @@
 """The plan: every number preprocessing, the network and training need, per configuration.
 
-Written to ``preprocessed/<dataset>/plans.json`` by `autoseg.planning.plan.plan_dataset`.
+Planned by `autoseg.planning.plan.plan_dataset`; written to ``preprocessed/<dataset>/plans.json``
+by `autoseg.planning.store.save_plan`.
 Axis order: every per-axis tuple in a `Configuration` is in the *transposed* order
 (``Plan.transpose_forward`` applied to the (z, y, x) array axes; the coarse axis first).
 2D configurations have 2 entries per axis tuple (the in-plane axes), 3D ones have 3.

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from autoseg.common.errors import ConfigError
 from autoseg.common.paths import DEFAULT_PLANS
-from autoseg.planning import memory, rules
+from autoseg.planning import memory
 from autoseg.planning.plans import PLAIN_ENCODER, RESIDUAL_ENCODER
 
 DEFAULT_PRESET = DEFAULT_PLANS
@@ -32,6 +32,10 @@ RESENC_BLOCKS_PER_STAGE = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)
 
 RESENC_DECODER_CONVS_PER_STAGE = 1
 """Convs per decoder stage of the ResEnc U-Nets (nnU-Net ``UNet_blocks_per_stage_decoder``)."""
+
+MAX_DATASET_FRACTION_PER_BATCH = 0.05
+"""A batch covers at most 5 % of the dataset's voxels, against overfitting small datasets
+(nnU-Net ``max_dataset_covered``)."""
 
 RESENC_MAX_DATASET_FRACTION_PER_BATCH = 1.0
 """The ResEnc presets drop the 5 % cap: a batch may cover the whole dataset (nnU-Net
@@ -92,7 +96,7 @@ PRESETS: dict[str, Preset] = {
     DEFAULT_PRESET: Preset(
         name=DEFAULT_PRESET, encoder=PLAIN_ENCODER, encoder_blocks=(PLAIN_CONVS_PER_STAGE,) * 13,
         decoder_convs=PLAIN_CONVS_PER_STAGE, reference=memory.PLAIN_REFERENCE,
-        max_dataset_fraction_per_batch=rules.MAX_DATASET_FRACTION_PER_BATCH, shrink_to_reference_batch=False,
+        max_dataset_fraction_per_batch=MAX_DATASET_FRACTION_PER_BATCH, shrink_to_reference_batch=False,
         description="plain-conv U-Net for 8 GB; nnU-Net ExperimentPlanner"),
     # reference voxels: nnU-Net's UNet_reference_val_3d / _2d of each ResEnc planner ("set to
     # reproduce default nnU-Net's configurations as much as possible", i.e. empirical)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -21,9 +21,7 @@ from autoseg.common.errors import ConfigError
 from autoseg.fingerprint import IntensityStats
 from autoseg.planning import memory
 from autoseg.planning.plans import ChannelNormalization
-
-if TYPE_CHECKING:
-    from autoseg.planning.presets import Preset
+from autoseg.planning.presets import DEFAULT_PRESET, PRESETS, Preset
 
 T = TypeVar("T")
 
@@ -73,10 +71,6 @@ INITIAL_PATCH_EDGE_2D_VOX = 2048
 
 MIN_BATCH_SIZE = 2
 """Batch size is never below 2, even if the patch must shrink for it (nnU-Net ``UNet_min_batch_size``)."""
-
-MAX_DATASET_FRACTION_PER_BATCH = 0.05
-"""A batch covers at most 5 % of the dataset's voxels, against overfitting small datasets
-(nnU-Net ``max_dataset_covered``)."""
 
 LOWRES_MIN_PATCH_COVERAGE = 0.25
 """3d_lowres is planned when the 3d_fullres patch covers < 25 % of the median image's voxels
@@ -290,14 +284,8 @@ class PatchFit:
     shrink_steps: int
 
 
-def _default_preset() -> "Preset":
-    from autoseg.planning.presets import DEFAULT_PRESET, PRESETS  # presets imports this module
-
-    return PRESETS[DEFAULT_PRESET]
-
-
 def fit_patch_to_budget(spacing: Sequence[float], median_shape: Sequence[float], num_classes: int,
-                        gpu_memory_gb: float, preset: "Preset | None" = None) -> Decision[PatchFit]:
+                        gpu_memory_gb: float, preset: Preset | None = None) -> Decision[PatchFit]:
     """Shrink the initial patch until a batch of `MIN_BATCH_SIZE` fits the memory budget.
 
     Each step takes the axis with the largest patch / median-shape ratio (the one most out of
@@ -306,7 +294,7 @@ def fit_patch_to_budget(spacing: Sequence[float], median_shape: Sequence[float],
     ``preset`` gives the network whose memory is counted and its calibration; ResEnc presets
     shrink until the reference batch fits (nnU-Net's ResEnc planners).
     """
-    preset = preset or _default_preset()
+    preset = preset or PRESETS[DEFAULT_PRESET]
     ndim = len(spacing)
     ref_bs = memory.reference_batch_size(ndim, preset.reference)
     budget = memory.voxel_budget(ndim, gpu_memory_gb, preset.reference) * ref_bs
@@ -338,20 +326,20 @@ def fit_patch_to_budget(spacing: Sequence[float], median_shape: Sequence[float],
     return Decision(PatchFit(topo, voxels, steps), why)
 
 
-def _voxels(topo: Topology, num_classes: int, preset: "Preset") -> int:
+def _voxels(topo: Topology, num_classes: int, preset: Preset) -> int:
     feats = features_per_stage(len(topo.strides), len(topo.patch_size))
     return preset.feature_map_voxels(topo.patch_size, topo.strides, feats, num_classes)
 
 
 def batch_size(feature_map_voxels: int, patch_size: Sequence[int], ndim: int, gpu_memory_gb: float,
-               dataset_voxels: float, preset: "Preset | None" = None) -> Decision[int]:
+               dataset_voxels: float, preset: Preset | None = None) -> Decision[int]:
     """As many samples as the budget allows, at most 5 % of the dataset's voxels, at least 2.
 
     Budget: the preset's reference batch (2 in 3D, 12 in 2D) scaled by reference voxels / this
-    network's voxels. The 5 % cap (`MAX_DATASET_FRACTION_PER_BATCH`; the ResEnc presets lift
+    network's voxels. The 5 % cap (`presets.MAX_DATASET_FRACTION_PER_BATCH`; the ResEnc presets lift
     it to 100 %) keeps small datasets from being seen whole in a few steps.
     """
-    preset = preset or _default_preset()
+    preset = preset or PRESETS[DEFAULT_PRESET]
     ref_bs = memory.reference_batch_size(ndim, preset.reference)
     fraction = preset.max_dataset_fraction_per_batch
     by_memory = round(memory.voxel_budget(ndim, gpu_memory_gb, preset.reference) / feature_map_voxels * ref_bs)

@@ -21,7 +21,9 @@ from autoseg.common.errors import AutosegError
 from autoseg.common.paths import Paths
 from autoseg.fingerprint import Fingerprint
 from autoseg.planning import rules
+from autoseg.planning.plan import apply_plan_overrides
 from autoseg.planning.plans import Configuration, Plan
+from autoseg.planning.store import load_plan, load_plan_file
 
 TRANSFER_REASON = "from the plans of {source}"
 """Prefix of every transferred configuration number's reason, printed by ``autoseg plan``."""
@@ -29,8 +31,6 @@ TRANSFER_REASON = "from the plans of {source}"
 
 def load_source_plan(paths: Paths, source: str) -> Plan:
     """The plans to transfer: a plans.json file given by path, else the named dataset's plans.json."""
-    from autoseg.planning.plan import load_plan, load_plan_file
-
     file = Path(source)
     if file.suffix == ".json":
         if not file.is_file():
@@ -47,8 +47,6 @@ def transfer_plan(source: Plan, fingerprint: Fingerprint, overrides: typing.Sequ
     class count only re-initialises the segmentation heads when fine-tuning). ``overrides`` are
     ``CONFIG.KEY=VALUE`` strings applied afterwards, as for a planned dataset.
     """
-    from autoseg.planning.plan import apply_plan_overrides
-
     target = fingerprint.dataset
     if source.dataset == target:
         raise AutosegError("--from-plans names the dataset itself; plan it without --from-plans", target)

@@ -118,6 +118,7 @@ def job_environment(paths: Paths, launch_gpu: str | None, cpus: int, job_paths: 
         "TMPDIR": str(job_paths.tmp),
         "TORCHINDUCTOR_CACHE_DIR": str(job_paths.compile_cache),
         "PYTHONUNBUFFERED": "1",
+        "PYTHONUTF8": "1",  # text in UTF-8 whatever the locale (torch.compile fails under an ASCII one)
         "AUTOSEG_JOB_ID": job_id,
     }
     if pin_gpu:
@@ -232,7 +233,7 @@ class LocalExecutor:
 
 def _alive(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
             return f.read().split(") ")[-1][:1] not in ("Z", "X")
     except OSError:
         return False
@@ -284,7 +285,7 @@ class InProcessExecutor:
             try:
                 box["rc"] = int(self.fn(launch, stop))
             except Exception as e:
-                with open(launch.job_paths.log, "a") as f:
+                with open(launch.job_paths.log, "a", encoding="utf-8") as f:
                     f.write(f"{type(e).__name__}: {e}\n")
                 box["rc"] = 1
 
@@ -434,7 +435,7 @@ def _being_requeued(slurm_job_id: str | None, restarts_seen: int) -> bool:
         return False
     try:
         out = subprocess.run(["scontrol", "show", "job", "-o", slurm_job_id], capture_output=True, text=True,
-                             timeout=30, check=True).stdout
+                             timeout=30, check=True, encoding="utf-8").stdout
     except (OSError, subprocess.SubprocessError):
         return True
     for token in out.split():

@@ -58,7 +58,7 @@ def estimate_train_seconds(patch_size: tuple[int, ...], batch_size: int, overrid
 
 
 def _planned(paths: Paths, dataset: str, preset: str = DEFAULT_PLANS):  # type: ignore[no-untyped-def]
-    from autoseg.planning.plan import load_plan
+    from autoseg.planning.store import load_plan
 
     return load_plan(paths, dataset, preset) if paths.plans_file(dataset, preset).is_file() else None
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from autoseg.common.encoding import require_utf8_for_compile
 from autoseg.common.errors import AutosegError
 from autoseg.common.jsonio import atomic_write_text
 from autoseg.common.progress import progress
@@ -95,6 +96,8 @@ def resolve_runtime(cfg: TrainerConfig, device: str = "auto", dist: DistContext 
     amp = {"auto": "bf16" if on_cuda else "off"}.get(cfg.amp, cfg.amp)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     compile_on = {"auto": on_cuda, "true": True, "false": False}[cfg.compile]
+    if compile_on:
+        require_utf8_for_compile()  # inductor reads its templates in the locale's encoding
     return Runtime(device=device_for(dist, device), amp_dtype=dtype, use_grad_scaler=amp == "fp16",
                    compile=compile_on, dist=dist, quiet=quiet)
 

@@ -145,7 +145,7 @@ def _train_fold_locked(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: 
     resumable = resume and any((fold_dir / n).is_file()
                                for n in (ckpt_files.LATEST, ckpt_files.PREVIOUS, ckpt_files.FINAL))
     if plan is None and not resumable:  # fail on a missing plan before touching the fold dir
-        from autoseg.planning.plan import load_plan
+        from autoseg.planning.store import load_plan
         plan = load_plan(paths, tid.dataset, tid.plans)
     if plan is not None and plan.preset != tid.plans:
         raise AutosegError(f"the plan is a {plan.preset!r} plan but the run is filed under {tid.plans!r} plans",
@@ -186,7 +186,7 @@ def _train_fold_locked(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: 
             cfg, plan = _config_for_resume(ckpt, cfg), ckpt.plan
             rt = resolve_runtime(cfg, rt.device.type, dist, rt.quiet)  # amp/compile as the run began
         elif plan is None:  # resumable files vanished meanwhile
-            from autoseg.planning.plan import load_plan
+            from autoseg.planning.store import load_plan
             plan = load_plan(paths, tid.dataset, tid.plans)
         workers = cfg.num_workers if cfg.num_workers is not None else (
             num_workers if num_workers is not None else default_num_workers(os.cpu_count() or 1, dist.world_size))
@@ -361,7 +361,7 @@ def validation_complete(paths: Paths, tid: TrainingId, fold_dir: Path, with_prob
     and with the exports every next stage of the run's plan needs (a cascade's previous stage)."""
     from autoseg.evaluate.summary import SUMMARY_FILE
     from autoseg.infer.cascade import next_stage_file, next_stages
-    from autoseg.planning.plan import load_plan_file
+    from autoseg.planning.store import load_plan_file
     from autoseg.splits import fold_cases, load_splits
 
     out_dir = fold_dir / VALIDATION_DIR

@@ -48,7 +48,7 @@ def main() -> None:
     from autoseg.common.paths import Paths
     from autoseg.data.sampling import class_voxel_counts
     from autoseg.nets.unet import build_unet, init_heads_to_prior
-    from autoseg.planning.plan import load_plan_file
+    from autoseg.planning.store import load_plan_file
     from autoseg.splits import fold_cases, load_splits
 
     def autoseg_init() -> dict[str, torch.Tensor]:

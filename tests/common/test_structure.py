@@ -53,3 +53,33 @@ def test_checkpoints_are_never_unpickled() -> None:
         if "weights_only=False" in text or "pickle.load" in text:
             offenders.append(path.relative_to(PACKAGE).as_posix())
     assert offenders == []
+
+
+def _text_call_without_encoding(node: ast.AST) -> bool:
+    """open()/Path.open("w")/read_text()/write_text() in text mode that names no encoding."""
+    if not isinstance(node, ast.Call) or any(k.arg in ("encoding", None) for k in node.keywords):
+        return False
+    func = node.func
+    if isinstance(func, ast.Attribute) and func.attr in ("read_text", "write_text"):
+        return True
+    is_builtin = isinstance(func, ast.Name) and func.id == "open"
+    is_method = isinstance(func, ast.Attribute) and func.attr == "open" and not (
+        isinstance(func.value, ast.Name) and func.value.id == "os")
+    if not (is_builtin or is_method):
+        return False
+    mode = next((k.value for k in node.keywords if k.arg == "mode"), None)
+    position = 1 if is_builtin else 0
+    if mode is None and len(node.args) > position:
+        mode = node.args[position]
+    if mode is None:
+        return is_builtin  # open(path) reads text; zf.open(name), Store.open(paths) are not files
+    text = mode.value if isinstance(mode, ast.Constant) and isinstance(mode.value, str) else None
+    return text is not None and "b" not in text and (is_builtin or set(text) <= set("rwxa+t"))
+
+
+def test_every_text_file_read_and_write_names_its_encoding() -> None:
+    """Python's default is the locale's encoding, ASCII in some environments (issue 24)."""
+    offenders = [f"{path.relative_to(PACKAGE).as_posix()}:{node.lineno}" for path in _modules()
+                 for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                 if _text_call_without_encoding(node)]
+    assert offenders == [], "name encoding=\"utf-8\" (python3 /work/encoding_sweep.py does it)"

@@ -12,15 +12,13 @@ from autoseg.common.errors import ConfigError
 from autoseg.data.augment import (
     AugmentConfig,
     AugParams,
-    apply_augmentation,
     augmentation_setup,
-    center_crop,
     crop_only_setup,
-    downsample_seg_for_ds,
     initial_patch_size,
     sample_params,
     training_mirror_axes,
 )
+from autoseg.data.augment_cpu import apply_augmentation, center_crop, downsample_seg_for_ds
 from tests.data.conftest import CONFIG_2D, CONFIG_3D, CONFIG_3D_ANISO, make_config
 
 

@@ -12,19 +12,11 @@ from autoseg.data.augment import (
     AugmentConfig,
     AugmentSetup,
     AugParams,
-    apply_augmentation,
     augmentation_setup,
-    center_crop,
-    downsample_seg_for_ds,
     sample_params,
 )
-from autoseg.data.augment_device import (
-    _components,
-    _degrade_on_device,
-    augment_batch,
-    deep_supervision_targets,
-    degrade_one_hot,
-)
+from autoseg.data.augment_cpu import apply_augmentation, center_crop, downsample_seg_for_ds
+from autoseg.data.augment_device import augment_batch, deep_supervision_targets
 from autoseg.data.cascade import (
     MORPHOLOGY_OPERATIONS,
     CascadeDegradation,
@@ -32,6 +24,7 @@ from autoseg.data.cascade import (
     one_hot_foreground,
     sample_degradation,
 )
+from autoseg.data.cascade_device import _components, _degrade_on_device, degrade_one_hot
 from autoseg.nets.unet import deep_supervision_scales
 from tests.data.conftest import make_config
 from tests.helpers import HIPPOCAMPUS_MISSING, HIPPOCAMPUS_MSD, hippocampus_available, hippocampus_case_ids

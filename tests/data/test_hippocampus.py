@@ -11,7 +11,7 @@ from autoseg.common.paths import Paths
 from autoseg.data.augment import AugmentConfig
 from autoseg.data.loader import LoaderSpec, make_train_loader, make_val_loader
 from autoseg.nets.unet import build_unet
-from autoseg.planning.plan import PlanRequest, plan_and_save
+from autoseg.planning.planner import PlanRequest, plan_and_save
 from autoseg.preprocess import preprocess_dataset
 from tests.helpers import (
     HIPPOCAMPUS_MISSING,

@@ -7,13 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autoseg.data.augment import (
-    AugmentConfig,
-    AugParams,
-    apply_augmentation,
-    augmentation_setup,
-    downsample_seg_for_ds,
-)
+from autoseg.data.augment import AugmentConfig, AugParams, augmentation_setup
+from autoseg.data.augment_cpu import apply_augmentation, downsample_seg_for_ds
 from autoseg.data.loader import LoaderSpec, make_train_loader
 from tests.data.conftest import CASE_SHAPE, CONFIG_2D, CONFIG_3D, write_case
 

@@ -98,7 +98,8 @@ def test_sampling_points_are_batchgenerators_rotated_and_scaled_mesh(grid: tuple
         scale_coords,
     )
 
-    from autoseg.data.augment import AugParams, _sampling_points
+    from autoseg.data.augment import AugParams
+    from autoseg.data.augment_cpu import _sampling_points
 
     spatial_in = tuple(g + 4 for g in grid)
     coords = create_zero_centered_coordinate_mesh(grid)

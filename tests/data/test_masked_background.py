@@ -22,14 +22,14 @@ from autoseg.common.paths import Paths
 from autoseg.data.augment import (
     AugmentConfig,
     AugParams,
-    apply_augmentation,
     augmentation_setup,
     restore_masked_background,
 )
+from autoseg.data.augment_cpu import apply_augmentation
 from autoseg.data.loader import LoaderSpec, make_train_loader, make_val_loader
 from autoseg.data.sampling import load_foreground, sample_patch
 from autoseg.dataset.io import Geometry, read_image, write_image
-from autoseg.planning.plan import PlanRequest, plan_and_save
+from autoseg.planning.planner import PlanRequest, plan_and_save
 from autoseg.preprocess import (
     SETTINGS_FILENAME,
     PreprocessingSettings,

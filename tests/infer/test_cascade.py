@@ -11,7 +11,7 @@ from autoseg.common.paths import Paths
 from autoseg.dataset.io import read_case, read_image
 from autoseg.dataset.phantom import PhantomRecipe, make_phantom_dataset
 from autoseg.infer.cascade import PreviousStage, export_for_next_stage, next_stages, seg_to_preprocessed_grid
-from autoseg.planning.plan import PlanRequest, plan_and_save
+from autoseg.planning.planner import PlanRequest, plan_and_save
 from autoseg.preprocess import preprocess_case
 
 DATASET = "Dataset999_Phantom"

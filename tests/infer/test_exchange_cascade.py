@@ -18,7 +18,7 @@ import torch
 from autoseg.common.paths import Paths, TrainingId
 from autoseg.dataset.phantom import PhantomRecipe, make_phantom_dataset
 from autoseg.nets.unet import build_unet
-from autoseg.planning.plan import PlanRequest, plan_and_save
+from autoseg.planning.planner import PlanRequest, plan_and_save
 from autoseg.train.checkpoint import Checkpoint, RngState, save_checkpoint
 from autoseg.train.config import TrainerConfig
 from autoseg.train.run import input_channels

@@ -29,7 +29,8 @@ from autoseg.data.augment import AugmentConfig  # noqa: E402
 from autoseg.data.loader import LoaderSpec, make_train_loader  # noqa: E402
 from autoseg.dataset.phantom import LABELS, PhantomRecipe, make_phantom_dataset  # noqa: E402
 from autoseg.nets.unet import deep_supervision_scales  # noqa: E402
-from autoseg.planning.plan import PlanRequest, apply_plan_overrides, plan_and_save  # noqa: E402
+from autoseg.planning.plan import apply_plan_overrides  # noqa: E402
+from autoseg.planning.planner import PlanRequest, plan_and_save  # noqa: E402
 from autoseg.preprocess import list_preprocessed_cases, load_preprocessed_case, preprocess_dataset  # noqa: E402
 
 DATASET = "Dataset997_AugParity"

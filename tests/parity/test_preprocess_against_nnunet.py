@@ -25,7 +25,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager  # noqa
 from autoseg.common.jsonio import save_record  # noqa: E402
 from autoseg.common.paths import Paths  # noqa: E402
 from autoseg.dataset.phantom import PhantomRecipe, make_phantom_dataset  # noqa: E402
-from autoseg.planning.plan import PlanRequest, apply_plan_overrides, plan_and_save  # noqa: E402
+from autoseg.planning.plan import apply_plan_overrides  # noqa: E402
+from autoseg.planning.planner import PlanRequest, plan_and_save  # noqa: E402
 from autoseg.preprocess import load_preprocessed_case, preprocess_dataset  # noqa: E402
 
 DATASET = "Dataset998_ParityPhantom"

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 import autoseg.cli
 from autoseg.common.paths import Paths
-from autoseg.planning.plan import PlanRequest, load_plan, plan_and_save
+from autoseg.planning.planner import PlanRequest, plan_and_save
+from autoseg.planning.store import load_plan
 
 DATASET = "Dataset004_Hippocampus"
 

@@ -8,8 +8,8 @@ import pytest
 
 from autoseg.common.errors import AutosegError, ConfigError
 from autoseg.fingerprint import Fingerprint
-from autoseg.planning.plan import (apply_plan_overrides, load_plan, load_plan_file, plan_dataset,
-                                   plan_differences, save_plan)
+from autoseg.planning.plan import apply_plan_overrides, plan_dataset
+from autoseg.planning.store import load_plan, load_plan_file, plan_differences, save_plan
 from tests.planning.conftest import make_fingerprint
 
 

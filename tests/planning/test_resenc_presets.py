@@ -15,8 +15,10 @@ import pytest
 from autoseg.common.errors import AutosegError, ConfigError
 from autoseg.common.paths import Paths
 from autoseg.fingerprint import Fingerprint, load_or_extract_fingerprint
-from autoseg.planning.plan import PlanRequest, load_plan, plan_and_save, plan_dataset, resolve_plans
+from autoseg.planning.plan import plan_dataset
+from autoseg.planning.planner import PlanRequest, plan_and_save
 from autoseg.planning.presets import PRESETS, RESENC_BLOCKS_PER_STAGE
+from autoseg.planning.store import load_plan, resolve_plans
 from tests.planning.conftest import make_fingerprint
 
 NNUNET_PLANNER = {"resenc-m": "nnUNetPlannerResEncM", "resenc-l": "nnUNetPlannerResEncL",

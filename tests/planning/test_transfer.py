@@ -9,8 +9,9 @@ import pytest
 
 from autoseg.common.errors import AutosegError
 from autoseg.common.jsonio import load_record
-from autoseg.planning.plan import plan_dataset, plan_differences, save_plan
+from autoseg.planning.plan import plan_dataset
 from autoseg.planning.plans import Plan
+from autoseg.planning.store import plan_differences, save_plan
 from autoseg.planning.transfer import load_source_plan, transfer_plan
 from tests.planning.conftest import make_fingerprint
 

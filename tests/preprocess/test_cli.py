@@ -12,7 +12,7 @@ from autoseg.common.jsonio import save_record
 from autoseg.common.paths import Paths
 from autoseg.dataset.io import read_image
 from autoseg.dataset.spec import load_dataset
-from autoseg.planning.plan import PlanRequest, plan_and_save
+from autoseg.planning.planner import PlanRequest, plan_and_save
 from autoseg.preprocess import (
     list_preprocessed_cases,
     load_dataset_plan,

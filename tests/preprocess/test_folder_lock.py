@@ -11,7 +11,7 @@ import pytest
 
 from autoseg.common.errors import AutosegError
 from autoseg.common.paths import Paths
-from autoseg.planning.plan import PlanRequest, plan_and_save
+from autoseg.planning.planner import PlanRequest, plan_and_save
 from autoseg.preprocess import list_preprocessed_cases, preprocess_dataset
 from tests.preprocess.conftest import own_roots
 
@@ -45,7 +45,7 @@ def test_a_rerun_removes_the_temp_files_of_a_killed_run(planned: Paths) -> None:
 HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from autoseg.preprocess import _folder_lock
+    from autoseg.preprocess.dataset import _folder_lock
 
     with _folder_lock(Path(sys.argv[1])):
         print("locked", flush=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from autoseg.dataset.phantom import PhantomRecipe, make_phantom_dataset
-from autoseg.planning.plan import PlanRequest, plan_and_save
+from autoseg.planning.planner import PlanRequest, plan_and_save
 from autoseg.preprocess import preprocess_dataset
 from autoseg.schedule.jobs import JobKind
 from autoseg.schedule.graph import TrainAllRequest, build_train_all_jobs

@@ -9,7 +9,7 @@ import pytest
 
 from autoseg.common.paths import Paths
 from autoseg.dataset.phantom import PhantomRecipe, make_phantom_dataset
-from autoseg.planning.plan import PlanRequest, plan_and_save
+from autoseg.planning.planner import PlanRequest, plan_and_save
 from autoseg.schedule.graph import TrainAllRequest, build_train_all_jobs
 from autoseg.schedule.jobs import JobKind
 from autoseg.train.checkpoint import load_checkpoint

@@ -10,7 +10,7 @@ from autoseg.common.errors import ConfigError
 from autoseg.common.jsonio import load_record
 from autoseg.common.paths import Paths
 from autoseg.dataset.phantom import PhantomRecipe, make_phantom_dataset
-from autoseg.planning.plan import PlanRequest, plan_and_save
+from autoseg.planning.planner import PlanRequest, plan_and_save
 from autoseg.planning.plans import Plan
 from autoseg.schedule.jobs import JobKind
 from autoseg.schedule.sweep import load_sweep

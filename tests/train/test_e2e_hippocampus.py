@@ -20,7 +20,8 @@ from click.testing import CliRunner
 from autoseg.cli import cli
 from autoseg.common.jsonio import save_record
 from autoseg.common.paths import Paths, TrainingId
-from autoseg.planning.plan import PlanRequest, apply_plan_overrides, plan_and_save
+from autoseg.planning.plan import apply_plan_overrides
+from autoseg.planning.planner import PlanRequest, plan_and_save
 from autoseg.preprocess import preprocess_dataset
 from autoseg.train.checkpoint import load_checkpoint
 from autoseg.train.config import TrainerConfig, apply_overrides
@@ -51,7 +52,7 @@ def _cli_args(paths: Paths) -> list[str]:
 
 
 def test_training_loss_falls_and_the_fold_is_complete(hippo) -> None:
-    from autoseg.planning.plan import load_plan_file
+    from autoseg.planning.store import load_plan_file
 
     paths, plan_file = hippo
     cfg = apply_overrides(TrainerConfig(), ["epochs=3", *TINY, "lr=0.01"])
@@ -75,7 +76,7 @@ def test_fresh_run_starts_the_heads_at_the_label_prior(hippo) -> None:
     import numpy as np
 
     from autoseg.data.sampling import class_voxel_counts
-    from autoseg.planning.plan import load_plan_file
+    from autoseg.planning.store import load_plan_file
     from autoseg.splits import fold_cases, load_splits
 
     paths, plan_file = hippo

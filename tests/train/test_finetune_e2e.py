@@ -19,7 +19,8 @@ from autoseg.common.jsonio import save_record
 from autoseg.common.paths import Paths
 from autoseg.dataset.phantom import PhantomRecipe, make_phantom_dataset
 from autoseg.nets.unet import build_unet
-from autoseg.planning.plan import apply_plan_overrides, load_plan
+from autoseg.planning.plan import apply_plan_overrides
+from autoseg.planning.store import load_plan
 from autoseg.train.checkpoint import FINAL, LATEST, load_checkpoint, save_checkpoint
 from tests.helpers import HIPPOCAMPUS_MISSING, hippocampus_available, hippocampus_case_ids, link_hippocampus_subset
 from tests.helpers import run_cli_ok

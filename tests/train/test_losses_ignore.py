@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from autoseg.data.augment import downsample_seg_for_ds
+from autoseg.data.augment_cpu import downsample_seg_for_ds
 from autoseg.train.losses import DICE_SMOOTH, CrossEntropyLoss, SoftDiceLoss, build_loss
 
 K = 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autoseg.data.augment import downsample_seg_for_ds
+from autoseg.data.augment_cpu import downsample_seg_for_ds
 from autoseg.dataset.spec import LabelScheme
 from autoseg.train.loop import region_tp_fp_fn
 from autoseg.train.losses import DeepSupervisionLoss, RegionDiceBCELoss, build_loss
