@@ -11,6 +11,7 @@ from autoseg.common.errors import AutosegError
 from autoseg.evaluate.best import predict_with_best
 from autoseg.infer.exchange import select_from_model_folder
 from autoseg.infer.onnx_export import export_onnx
+from autoseg.infer.lean import parse_memory
 from autoseg.infer.predict import PredictOptions, PredictRequest, run_prediction
 
 CHECKPOINT_CHOICES = ("final", "best", "latest")
@@ -79,6 +80,10 @@ def parse_fold(text: str) -> int | str:
 @click.option("-j", "--num-workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Threads preparing upcoming cases while the network runs.")
 @click.option("--force", is_flag=True, help="Predict cases that already have an output.")
+@click.option("--memory-limit", default=None, metavar="SIZE",
+              help="Most memory one case may take (e.g. 8GB, 500MiB): picks the slab size; a limit that cannot "
+                   "be met stops before the network runs. --save-probabilities and ensembles of configurations "
+                   "keep whole volumes and may need more (they say so).")
 @click.option("--prev-stage-predictions", "prev_stage_dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="3d_cascade_fullres: existing 3d_lowres predictions (CASE<ending>) instead of "
                                  "predicting them first.")
@@ -87,10 +92,12 @@ def predict_cmd(ctx: click.Context, dataset: str | None, model_dir: Path | None,
                 folds: tuple[str, ...], input_dir: Path, output_dir: Path, best_file: Path | None, variant: str,
                 plans: str, checkpoint: str,
                 step: float, no_tta: bool, save_probabilities: bool, device: str, batch_size: int,
-                num_workers: int, force: bool, prev_stage_dir: Path | None) -> None:
+                num_workers: int, force: bool, memory_limit: str | None, prev_stage_dir: Path | None) -> None:
     """Segment every case of a folder with trained folds (written in each input's own geometry)."""
     paths = paths_from(ctx)
-    options = PredictOptions(step=step, tta=not no_tta, batch_size=batch_size)
+
+    options = PredictOptions(step=step, tta=not no_tta, batch_size=batch_size,
+                             memory_limit=parse_memory(memory_limit))
     if model_dir is not None:
         unset = click.core.ParameterSource.DEFAULT  # then the model's manifest decides
         chosen = select_from_model_folder(
