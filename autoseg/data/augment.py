@@ -59,6 +59,9 @@ class AugmentConfig:
     """Where augmentation runs, one of `AUGMENT_DEVICES` (auto, cpu, device)."""
     mirror: bool = True
     """Flip each spatial axis with probability 0.5 (and use the same axes for test-time mirroring)."""
+    mirror_axes: tuple[int, ...] | None = None
+    """The spatial axes ``mirror`` flips (network axis order); None = every axis. Set for models whose
+    training mirrored fewer axes (an imported nnU-Net trainer's ``inference_allowed_mirroring_axes``)."""
     rotation: bool = True
     """Random rotation."""
     p_rotation: float = 0.2
@@ -123,8 +126,13 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         if self.device not in AUGMENT_DEVICES:
             raise ConfigError(f"must be one of {list(AUGMENT_DEVICES)}, got {self.device!r}", where="augment.device")
+        axes = self.mirror_axes
+        if axes is not None and (len(set(axes)) != len(axes) or any(not 0 <= int(a) <= 2 for a in axes)):
+            raise ConfigError(f"must be distinct spatial axes 0..2 or none, got {axes}", where="augment.mirror_axes")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name == "mirror_axes":
+                continue
             if f.name.startswith("p_") and not 0.0 <= value <= 1.0:
                 raise ConfigError(f"probability must be in [0, 1], got {value}", where=f"augment.{f.name}")
             if isinstance(value, tuple) and (len(value) != 2 or value[0] > value[1] or value[0] < 0):
@@ -188,13 +196,18 @@ def is_dummy_2d(patch_size: tuple[int, ...], augment: AugmentConfig) -> bool:
 
 
 def training_mirror_axes(config: Configuration, augment: AugmentConfig) -> tuple[int, ...]:
-    """Spatial axes mirrored during training (all of them, as nnU-Net; none if mirroring is off).
+    """Spatial axes mirrored during training (all of them, as nnU-Net; none if mirroring is off;
+    ``augment.mirror_axes`` when given).
 
     Inference mirrors along the same axes for test-time augmentation. Anisotropic patches are
     still mirrored along every axis: a flip, unlike a rotation, does not mix the coarse axis
     with the fine ones.
     """
-    return tuple(range(config.ndim)) if augment.mirror else ()
+    if not augment.mirror:
+        return ()
+    if augment.mirror_axes is None:
+        return tuple(range(config.ndim))
+    return tuple(sorted(int(a) for a in augment.mirror_axes if int(a) < config.ndim))
 
 
 def _rotated_extent(a: float, b: float, max_angle: float) -> tuple[float, float]:

@@ -65,10 +65,10 @@ def preprocessed_shape(props: CaseProperties, plan: Plan, config: Configuration)
 
 def export_for_next_stage(probabilities: np.ndarray, props: CaseProperties, plan: Plan,
                           next_config: Configuration) -> np.ndarray:
-    """Softmax (K, *this grid) -> int8 (1, *next stage's grid) label map (resample, then argmax).
+    """Logits or probabilities (K, *this grid) -> int8 (1, *next stage's grid) label map (resample, then argmax).
 
-    Like nnU-Net, the probabilities are resampled from this configuration's preprocessed grid
-    straight to the next stage's (same crop and transposition, another spacing), never
+    Like nnU-Net (which passes logits), they are resampled from this configuration's preprocessed
+    grid straight to the next stage's (same crop and transposition, another spacing), never
     through the original image grid.
     """
     shape = preprocessed_shape(props, plan, next_config)

@@ -1,16 +1,16 @@
 """Prediction whose memory is bounded by the patch and a slab, not by classes x voxels.
 
-The whole-volume path (`autoseg.infer.predict.model_probabilities` + `revert_preprocessing`)
+The whole-volume path (`autoseg.infer.model.model_logits` + `revert_preprocessing`)
 holds the logits of every class at network resolution, then their softmax, then the
 probabilities resampled to the original grid: three K x voxels float32 arrays (6 GiB each
 for 15 classes on 400 x 512 x 512). Here the windows run in order of their start on the first
 (transposed) axis; a row of that axis is final once no later window touches it, so the
 accumulator holds one patch depth of rows per fold. Final rows are divided by their weights,
-turned into probabilities, averaged over the folds, and handed to `SlabResampler`, which
-resamples them to the cropped original grid in slabs of output rows (linear per axis, nearest
-along the separate anisotropic axis, exactly the rule of `autoseg.preprocess.resample_data` at
-order 1; resampling is separable, so a slab needs only its one- or two-row input halo) and
-writes their argmax into the uint8 label map. Only the label map and the preprocessed input
+averaged over the folds (logits, as the whole-volume path and nnU-Net), and handed to
+`SlabResampler`, which resamples them to the cropped original grid in slabs of output rows
+(linear per axis, nearest along the separate anisotropic axis, exactly the rule of
+`autoseg.preprocess.resample_data` at order 1; resampling is separable, so a slab needs only its
+one- or two-row input halo), takes their softmax (or sigmoid) and writes the label map (uint8). Only the label map and the preprocessed input
 grow with the volume.
 
 `plan_lean` estimates the peak of these buffers (`LeanBudget`) and picks the largest output
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from autoseg.common.errors import AutosegError
-from autoseg.infer.model import LoadedModel, PredictOptions
+from autoseg.infer.model import LoadedModel, PredictOptions, activate
 from autoseg.infer.sliding_window import _forward, compute_tiles, gaussian_importance_map, pad_to_patch
 from autoseg.infer.sliding_window import predict_sliding_window
 
@@ -183,7 +183,7 @@ def _crop_shape_t(props, model: LoadedModel) -> tuple[int, int, int]:
 
 
 class SlabResampler:
-    """Takes final probability rows (K, n, *plane) of the network grid in order; writes label rows.
+    """Takes final logit rows (K, n, *plane) of the network grid in order; writes label rows.
 
     ``out`` is the (transposed) cropped view of the label map; each output row is written once
     its source rows have arrived, ``slab_rows`` rows per resampling call.
@@ -238,8 +238,8 @@ class SlabResampler:
 # --------------------------------------------------------------------------- network rows
 
 
-def _probabilities(accs: Sequence[torch.Tensor], weights: torch.Tensor | None, regions: bool) -> torch.Tensor:
-    """Mean over folds of softmax (or sigmoid) of the logits (K, n, *plane) float32.
+def _mean_logits(accs: Sequence[torch.Tensor], weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean over folds of the logits (K, n, *plane) float32.
 
     ``accs`` hold weighted logit sums divided here by ``weights``, or (``weights`` None)
     running weighted means already.
@@ -247,8 +247,7 @@ def _probabilities(accs: Sequence[torch.Tensor], weights: torch.Tensor | None, r
     total = None
     for acc in accs:
         logits = acc.float() / weights if weights is not None else acc.float()
-        p = torch.sigmoid(logits) if regions else torch.softmax(logits, dim=0)
-        total = p if total is None else total.add_(p)
+        total = logits if total is None else total.add_(logits)
     return total.div_(len(accs))
 
 
@@ -279,7 +278,7 @@ def _shift(buf: torch.Tensor, d: int, axis: int) -> None:
 @torch.inference_mode()
 def stream_rows_3d(model: LoadedModel, data: torch.Tensor, options: PredictOptions,
                    accumulator_dtype: torch.dtype = torch.float32) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first row, final probabilities (K, n, y, x)) along the first axis of a preprocessed (C, z, y, x) case.
+    """(first row, final fold-averaged logits (K, n, y, x)) along the first axis of a preprocessed (C, z, y, x) case.
 
     The same windows, Gaussian weights and mirroring as `predict_sliding_window`, one
     patch depth of accumulator rows per fold.
@@ -294,7 +293,6 @@ def stream_rows_3d(model: LoadedModel, data: torch.Tensor, options: PredictOptio
     weights = torch.zeros((p0, *spatial[1:]), dtype=torch.float32)
     mirror = model.mirror_axes if options.tta else ()
     amp = model.device.type == "cuda" if options.amp is None else options.amp
-    regions = model.plan.label_scheme.has_regions
     base = 0
     groups: dict[int, list[tuple[slice, ...]]] = {}
     for t in tiles:
@@ -305,7 +303,7 @@ def stream_rows_3d(model: LoadedModel, data: torch.Tensor, options: PredictOptio
         lo, hi = max(base, keep[0].start), min(upto, keep[0].stop)
         if hi > lo:
             w = weights[lo - base:hi - base] if accumulator_dtype == torch.float32 else None
-            rows = _probabilities([a[:, lo - base:hi - base] for a in accs], w, regions)
+            rows = _mean_logits([a[:, lo - base:hi - base] for a in accs], w)
             yield lo - keep[0].start, rows[(slice(None), slice(None), keep[1], keep[2])].contiguous()
         for a in accs:
             _shift(a, d, 1)
@@ -331,14 +329,13 @@ def stream_rows_2d(model: LoadedModel, data: torch.Tensor,
                    options: PredictOptions) -> Iterator[tuple[int, torch.Tensor]]:
     """A 2d configuration: every slice of the first axis is final on its own."""
     mirror = model.mirror_axes if options.tta else ()
-    regions = model.plan.label_scheme.has_regions
     for z in range(data.shape[1]):
         logits = [predict_sliding_window(net, data[:, z], model.config.patch_size, model.num_classes,
                                          step=options.step, mirror_axes=mirror, batch_size=options.batch_size,
                                          device=model.device, amp=options.amp, results_device="cpu")
                   for net in model.nets]
         ones = torch.ones(logits[0].shape[1:], dtype=torch.float32)
-        yield z, _probabilities(logits, ones, regions).unsqueeze(1)
+        yield z, _mean_logits(logits, ones).unsqueeze(1)
 
 
 def predict_labels_lean(model: LoadedModel, data_pp: np.ndarray, props, options: PredictOptions,
@@ -353,8 +350,9 @@ def predict_labels_lean(model: LoadedModel, data_pp: np.ndarray, props, options:
     out_t = labels[box].transpose(tuple(model.plan.transpose_forward))
     if tuple(data_pp.shape[1:]) != tuple(props.shape_after_resampling):
         raise ValueError(f"expected (C, *{props.shape_after_resampling}), got {data_pp.shape}")
+    regions = scheme.has_regions
     resampler = SlabResampler(data_pp.shape[1:], out_t, props.separate_z_axis, budget.slab_rows,
-                              scheme.label_map)
+                              lambda logits: scheme.label_map(activate(logits, regions)))
     x = torch.from_numpy(np.ascontiguousarray(data_pp, dtype=np.float32))
     rows = (stream_rows_3d(model, x, options, budget.accumulator_dtype) if model.config.ndim == 3
             else stream_rows_2d(model, x, options))

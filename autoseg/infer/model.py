@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -213,3 +214,25 @@ def _logits_3d(net: nn.Module, data: torch.Tensor, model: LoadedModel, options: 
         log.warning("GPU memory too small for a volume of shape %s; accumulating on the CPU", tuple(data.shape))
         torch.cuda.empty_cache()
         return run(torch.device("cpu"))
+
+
+@torch.inference_mode()
+def model_logits(model: LoadedModel, data_pp: np.ndarray, options: PredictOptions = PredictOptions()) -> torch.Tensor:
+    """Logits (K, *preprocessed spatial) float32 of one model on the CPU: the mean over its folds.
+
+    nnU-Net averages the folds' logits, not their probabilities; the nonlinearity (`activate`)
+    comes only after the logits are back on the original grid.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(data_pp, dtype=np.float32))
+    total = None
+    for net in model.nets:
+        logits = _logits_3d(net, x, model, options).float().cpu()
+        total = logits if total is None else total.add_(logits)
+    return total.div_(len(model.nets))
+
+
+def activate(logits: np.ndarray, regions: bool) -> np.ndarray:
+    """Probabilities of (K, ...) logits: softmax over axis 0, or a sigmoid per region (float32)."""
+    t = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+    return (torch.sigmoid(t) if regions else torch.softmax(t, dim=0)).numpy()
+

@@ -2,9 +2,10 @@
 
 A case goes through exactly the training preprocessing (`autoseg.preprocess.preprocess_case`),
 each fold's network predicts it with Gaussian-weighted sliding windows and mirroring TTA,
-the softmax probabilities are averaged over folds, resampled back with
-`autoseg.preprocess.revert_preprocessing`, averaged over configurations (an ensemble), and
-the argmax is written with the input's shape, spacing, origin, direction and file format.
+the logits are averaged over folds, resampled back with `autoseg.preprocess.revert_preprocessing`
+and only then turned into softmax probabilities (nnU-Net's order: nnUNetv2_predict gives the same
+masks), averaged over configurations (an ensemble), and the argmax is written with the input's
+shape, spacing, origin, direction and file format.
 One configuration without saved probabilities goes slab by slab instead (`autoseg.infer.lean`:
 the same masks, memory bounded by the patch and ``PredictOptions.memory_limit``).
 Region-based models (`autoseg.dataset.spec.LabelScheme` with regions) give sigmoid
@@ -52,10 +53,12 @@ from autoseg.infer.model import (  # noqa: F401 (re-exported: the public names o
     PredictOptions,
     PreviousStage,
     _logits_3d,
+    activate,
     checkpoint_file,
     fold_dirs_for,
     load_configuration,
     load_model,
+    model_logits,
     prepare_network,
     resolve_device,
 )
@@ -184,34 +187,32 @@ def model_input(model: LoadedModel, case: PreparedCase, index: int,
     return _with_previous_stage(model, data_pp, seg_to_preprocessed_grid(seg, props, model.plan, model.config))
 
 
-def model_probabilities(model: LoadedModel, data_pp: np.ndarray,
-                        options: PredictOptions = PredictOptions()) -> np.ndarray:
-    """Softmax (or per-region sigmoid) (K, *preprocessed spatial) float32 of one model, averaged over its folds."""
-    x = torch.from_numpy(np.ascontiguousarray(data_pp, dtype=np.float32))
-    probs = None
+def reverted_probabilities(model: LoadedModel, logits: torch.Tensor | np.ndarray, props: Any) -> np.ndarray:
+    """Probabilities (K, z, y, x) float32 in the input's grid of one model's fold-averaged logits:
+    the logits are resampled, then activated (softmax, or a sigmoid per region)."""
     regions = model.plan.label_scheme.has_regions
-    for net in model.nets:
-        logits = _logits_3d(net, x, model, options)
-        p = torch.sigmoid(logits) if regions else torch.softmax(logits, dim=0)
-        probs = p if probs is None else probs + p
-    return (probs / len(model.nets)).cpu().numpy()
+    array = logits.numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits)
+    return revert_preprocessing(array, props, model.plan, model.config,
+                                activation=lambda x: activate(x, regions)).astype(np.float32, copy=False)
 
 
 def predict_prepared(models: Sequence[LoadedModel], case: PreparedCase,
                      options: PredictOptions = PredictOptions()) -> np.ndarray:
-    """Class probabilities (K, z, y, x) float32 in the input's grid, averaged over folds and models."""
+    """Class probabilities (K, z, y, x) float32 in the input's grid: logits averaged over each
+    model's folds, probabilities averaged over the models (an ensemble, as nnUNetv2_ensemble)."""
 
     total: np.ndarray | None = None
     for i, (model, (_, props)) in enumerate(zip(models, case.inputs)):
-        probs = model_probabilities(model, model_input(model, case, i, options), options)
-        reverted = revert_preprocessing(probs, props, model.plan, model.config).astype(np.float32, copy=False)
+        logits = model_logits(model, model_input(model, case, i, options), options)
+        reverted = reverted_probabilities(model, logits, props)
+        del logits
         total = reverted if total is None else total + reverted
     return np.asarray(total) / len(models)
 
 
 def full_path_bytes(models: Sequence[LoadedModel], case: PreparedCase) -> int:
-    """Rough peak of `predict_prepared`: logits, softmax and the fold sum at network resolution,
-    then the resampled, pasted and averaged probabilities in the input's grid (float32 each)."""
+    """Rough peak of `predict_prepared`: one fold's logits and the fold sum at network resolution,
+    then the resampled logits, their probabilities pasted and averaged in the input's grid (float32 each)."""
     K = models[0].num_classes
     net = max(int(np.prod(data.shape[1:])) for data, _ in case.inputs)
     return 4 * K * (3 * net + 3 * int(np.prod(case.geometry.shape)))

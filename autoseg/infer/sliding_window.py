@@ -3,7 +3,8 @@
 Follows nnU-Net's rules so that predictions are comparable: windows of the training patch
 size overlap by ``1 - step`` (default half a patch), evenly spread so that the first and
 last window touch the image borders; each window's logits are weighted by a Gaussian
-(sigma = patch / 8) so window centres, where the network saw the most context, dominate;
+(nnU-Net's: peak at voxel patch // 2, sigma = patch / 8) so window centres, where the network
+saw the most context, dominate;
 images smaller than the patch are zero-padded (zero is the normalized mean intensity) and
 cropped back. Axis order is the preprocessed (transposed) order, channels first.
 """
@@ -26,9 +27,9 @@ DEFAULT_STEP = 0.5
 GAUSSIAN_SIGMA_SCALE = 1.0 / 8
 """Gaussian sigma per axis as a fraction of the patch size (nnU-Net)."""
 
-GAUSSIAN_FLOOR = 1e-6
-"""Smallest weight: patch corners (exp(-24) for sigma = patch/8) would underflow in low precision
-and leave voxels with zero total weight; a floor keeps every voxel weighted and the division safe."""
+GAUSSIAN_TRUNCATE_SIGMAS = 4.0
+"""The Gaussian is cut beyond this many sigmas (scipy's gaussian_filter default, which nnU-Net's map
+uses); with sigma = patch / 8 the cut lies outside the patch, so it only matters for narrower sigmas."""
 
 DEFAULT_BATCH_SIZE = 2
 """Windows per forward pass; small keeps CPU memory low, the GPU path raises it."""
@@ -84,17 +85,28 @@ def unpad(data: torch.Tensor, keep: tuple[slice, ...]) -> torch.Tensor:
 def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = GAUSSIAN_SIGMA_SCALE,
                             dtype: torch.dtype = torch.float32,
                             device: torch.device | str = "cpu") -> torch.Tensor:
-    """Separable Gaussian over the patch, max 1, at least `GAUSSIAN_FLOOR` (so every voxel gets weight)."""
+    """nnU-Net's window weights: a separable Gaussian peaked at voxel ``p // 2`` of each axis, max 1.
+
+    sigma = ``p * sigma_scale`` per axis, cut beyond `GAUSSIAN_TRUNCATE_SIGMAS`. Weights that are
+    zero in ``dtype`` (the cut, or underflow at the patch corners in low precision) become the
+    smallest non-zero weight, as in nnU-Net, so every voxel of a window counts and no voxel's
+    total weight is zero.
+    """
     axes = []
     for p in patch_size:
-        sigma = max(p * sigma_scale, 1e-6)
-        x = np.arange(p, dtype=np.float64) - (p - 1) / 2.0
-        axes.append(np.exp(-0.5 * (x / sigma) ** 2))
+        sigma = p * sigma_scale
+        x = np.arange(p, dtype=np.float64) - p // 2
+        w = np.exp(-0.5 * (x / sigma) ** 2) if sigma > 0 else (x == 0).astype(np.float64)
+        w[np.abs(x) > int(GAUSSIAN_TRUNCATE_SIGMAS * sigma + 0.5)] = 0.0
+        axes.append(w)
     g = axes[0]
     for a in axes[1:]:
         g = np.multiply.outer(g, a)
-    g = np.maximum(g / g.max(), GAUSSIAN_FLOOR)
-    return torch.from_numpy(g).to(device=device, dtype=dtype)
+    out = torch.from_numpy(g / g.max()).to(device=device, dtype=dtype)
+    zero = out == 0
+    if bool(zero.any()):
+        out[zero] = out[~zero].min()
+    return out
 
 
 def mirror_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:

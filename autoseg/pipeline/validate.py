@@ -51,15 +51,15 @@ from autoseg.infer.predict import (
     labels_from_probabilities,
     load_model,
     model_input,
-    model_probabilities,
+    model_logits,
     prepare_case,
     resolve_device,
+    reverted_probabilities,
     write_probabilities,
 )
 from autoseg.pipeline.folds import PLANS_COPY, VALIDATION_DIR, TrainResult
 from autoseg.planning.store import load_plan_file
 from autoseg.planning.plans import Configuration, Plan
-from autoseg.preprocess import revert_preprocessing
 from autoseg.splits import fold_cases, load_splits
 from autoseg.train import checkpoint as ckpt_files
 from autoseg.train.checkpoint import load_checkpoint
@@ -100,15 +100,15 @@ def run_validation(net: nn.Module, plan: Plan, config: Configuration, mirror_axe
     _write_progress(out_dir, 0, len(cases), started)
     try:
         for case in progress(cases, total=len(cases), desc="validation", enabled=show_progress, unit="case"):
-            # predict_case's steps, keeping the probabilities on the preprocessed grid for the exports
+            # predict_case's steps, keeping the logits on the preprocessed grid for the exports
             prepared = prepare_case([model], case.images, case_id=case.case_id)
             props, geometry = prepared.inputs[0][1], prepared.geometry
-            grid_probs = model_probabilities(model, model_input(model, prepared, 0, options), options)
-            probs = revert_preprocessing(grid_probs, props, plan, config).astype("float32", copy=False)
+            grid_logits = model_logits(model, model_input(model, prepared, 0, options), options).numpy()
+            probs = reverted_probabilities(model, grid_logits, props)
             seg = labels_from_probabilities(probs, plan.label_scheme)
-            for nxt in exports:
+            for nxt in exports:  # nnU-Net resamples the logits to the next stage's grid, then takes the argmax
                 write_next_stage(next_stage_file(out_dir, nxt.name, case.case_id),
-                                 export_for_next_stage(grid_probs, props, plan, nxt))
+                                 export_for_next_stage(grid_logits, props, plan, nxt))
             out = out_dir / f"{case.case_id}{spec.file_ending}"
             if save_probabilities:
                 write_probabilities(out_dir, case.case_id, probs, geometry, spec.labels, spec.file_ending,

@@ -7,7 +7,7 @@ probabilities back on the original grid. `CaseProperties` records what was done 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -139,19 +139,22 @@ def preprocess_case(data: np.ndarray, geometry: Geometry, seg: np.ndarray | None
 
 
 def revert_preprocessing(array: np.ndarray, props: CaseProperties, plan: Plan, config: Configuration,
-                         order: int = 1) -> np.ndarray:
+                         order: int = 1, activation: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """Put (K, *preprocessed spatial) probabilities or logits back on the original (z, y, x) grid.
 
     Resamples to the cropped shape (same separate-axis rule as preprocessing, ``order``
-    in-plane), pastes into the full original extent (outside the crop: channel 0 = 1, the
-    others 0, i.e. background) and transposes back. ``argmax(0)`` of the result can be
-    written with ``write_image(path, seg, props.original_geometry)``.
+    in-plane), applies ``activation`` (logits -> probabilities: nnU-Net resamples the logits and
+    takes their softmax or sigmoid only then), pastes into the full original extent (outside
+    the crop: channel 0 = 1, the others 0, i.e. background) and transposes back. ``argmax(0)``
+    of the result can be written with ``write_image(path, seg, props.original_geometry)``.
     """
     if array.ndim != 4 or tuple(array.shape[1:]) != tuple(props.shape_after_resampling):
         raise ValueError(f"expected (K, *{props.shape_after_resampling}), got {array.shape}")
     tf, tb = tuple(plan.transpose_forward), tuple(plan.transpose_backward)
     crop_shape_t = tuple(props.shape_after_crop[a] for a in tf)
     resampled = resample_data(array, crop_shape_t, order, props.separate_z_axis)
+    if activation is not None:
+        resampled = activation(resampled)
     resampled = resampled.transpose(0, *[a + 1 for a in tb])
     full = np.zeros((array.shape[0], *props.shape_before_crop), np.float32)
     if not plan.label_scheme.has_regions:  # region outputs are all 0 outside the crop: no region there

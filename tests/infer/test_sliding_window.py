@@ -58,16 +58,28 @@ def test_step_rule_matches_nnunet():
         window_starts(10, 32)
 
 
-def test_gaussian_properties():
-    g = gaussian_importance_map((9, 16, 12))
-    assert tuple(g.shape) == (9, 16, 12)
-    assert float(g.max()) == pytest.approx(1.0, abs=1e-6)
+def test_gaussian_is_nnunets_definition():
+    """Peak 1 at voxel p // 2 (nnU-Net's centre, not (p - 1) / 2), sigma = p / 8, every weight > 0."""
+    patch = (9, 16, 12)
+    g = gaussian_importance_map(patch)
+    assert tuple(g.shape) == patch
+    centre = tuple(p // 2 for p in patch)
+    assert float(g[centre]) == 1.0 and int(torch.argmax(g)) == int(np.ravel_multi_index(centre, patch))
+    x = [np.arange(p) - p // 2 for p in patch]
+    expect = np.exp(-0.5 * sum((xi * 8 / p) ** 2 for xi, p in zip(np.meshgrid(*x, indexing="ij"), patch)))
+    np.testing.assert_allclose(g.numpy(), expect, rtol=1e-6)
+    # symmetric about the peak where both sides exist; an even axis has one extra voxel before it
+    assert torch.allclose(g[:, 1:], torch.flip(g[:, 1:], [1]))
     assert float(g.min()) > 0
-    # symmetric about the centre and peaked there
-    assert torch.allclose(g, torch.flip(g, [0, 1, 2]))
-    assert float(g[4, 7, 5]) > float(g[0, 0, 0])
+
+
+def test_gaussian_zeros_become_the_smallest_weight():
+    """A narrow sigma cuts the tails (at 4 sigma) and float16 underflows the corners: both get the minimum."""
     tiny = gaussian_importance_map((64, 64), sigma_scale=1 / 64)
-    assert float(tiny.min()) > 0
+    positive = tiny[tiny > tiny.min()]
+    assert float(tiny.min()) > 0 and float(tiny[0, 0]) == float(tiny.min()) < float(positive.min())
+    half = gaussian_importance_map((40, 56, 40), dtype=torch.float16)
+    assert float(half.min()) > 0 and float(half[0, 0, 0]) == float(half.min())
 
 
 def test_mirror_combinations():
