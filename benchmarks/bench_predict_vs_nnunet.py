@@ -3,7 +3,7 @@
 One randomly initialised 3d_fullres network of the planned topology (full width; speed and
 memory do not depend on the weights) is written twice: as an nnU-Net model folder
 (plans.json, dataset.json, fold_0/checkpoint_final.pth with PlainConvUNet keys) and as
-autoseg's state dict (keys mapped by `tests.parity.test_against_nnunet._our_key`). Each
+autoseg's state dict (keys mapped by `autoseg.infer.nnunet_keys.autoseg_key`). Each
 predictor then segments the same input folder in its own child process, so its CPU time
 (user + system, the child and its own children) and peak RSS (ru_maxrss of the child and,
 separately, of its children: nnU-Net's preprocessing and export workers) are its own.
@@ -89,7 +89,7 @@ def write_models(work: Path, plan, dataset_json: dict, seed: int = 0) -> None:
     from torch import nn
 
     from autoseg.common.jsonio import save_record
-    from tests.parity.test_against_nnunet import _our_key
+    from autoseg.infer.nnunet_keys import autoseg_key
 
     config = plan.configuration("3d_fullres")
     plans = nnunet_plans(plan, config, dataset_json)
@@ -109,7 +109,7 @@ def write_models(work: Path, plan, dataset_json: dict, seed: int = 0) -> None:
                 "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0,
                               "dataset_json": dataset_json, "device": "cpu"}},
                model_dir / "fold_0" / "checkpoint_final.pth")
-    ours = {_our_key(k): v.detach().clone() for k, v in ref.named_parameters()}
+    ours = {autoseg_key(k, residual=False): v.detach().clone() for k, v in ref.named_parameters()}
     torch.save(ours, work / "autoseg_state.pt")
     save_record(work / "autoseg_plan.json", plan)
 

@@ -189,7 +189,7 @@ def configuration_from_nnunet(name: str, cfg: Mapping[str, Any], where: object) 
         features_per_stage=features, n_conv_per_stage=decoder_convs, encoder=encoder,
         encoder_blocks_per_stage=blocks, resample_order_data=order_data, resample_order_seg=order_seg,
         batch_dice=bool(cfg.get("batch_dice", True)), previous_stage=cfg.get("previous_stage"),
-        next_stage=next_stage, reasons={"imported": f"nnU-Net plans {where}"})
+        next_stage=next_stage, reasons={"imported": "from an nnU-Net plans.json"})
 
 
 def _normalization(cfg: Mapping[str, Any], plans: Mapping[str, Any], n_channels: int,

@@ -52,7 +52,6 @@ from autoseg.infer.model import (  # noqa: F401 (re-exported: the public names o
     LoadedModel,
     PredictOptions,
     PreviousStage,
-    _logits_3d,
     activate,
     checkpoint_file,
     fold_dirs_for,

@@ -43,7 +43,7 @@ def main() -> None:
 
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from test_against_nnunet import _our_key
+    from autoseg.infer.nnunet_keys import autoseg_key
 
     from autoseg.common.paths import Paths
     from autoseg.data.sampling import class_voxel_counts
@@ -77,7 +77,7 @@ def main() -> None:
                 ours = autoseg_init()
                 with torch.no_grad():
                     for key, p in self.network.named_parameters():
-                        p.copy_(ours[_our_key(key)])
+                        p.copy_(ours[autoseg_key(key, residual=False)])
 
     nn_pre = Path(os.environ["nnUNet_preprocessed"]) / a.dataset
     plans = load_json(str(nn_pre / "nnUNetPlans.json"))

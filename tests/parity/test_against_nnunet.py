@@ -8,7 +8,6 @@ same tensors (weights mapped state dict to state dict) and requires the same num
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss  # noqa: E40
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler  # noqa: E402
 
 from autoseg.data.sampling import is_forced_foreground, patch_lower_bounds  # noqa: E402
+from autoseg.infer.nnunet_keys import autoseg_key  # noqa: E402
 from autoseg.nets.unet import DynamicUNet, deep_supervision_scales  # noqa: E402
 from autoseg.planning.plans import Configuration  # noqa: E402
 from autoseg.train.config import TrainerConfig  # noqa: E402
@@ -52,22 +52,8 @@ def _pair(ndim: int, num_classes: int = 3) -> tuple[DynamicUNet, nn.Module]:
 
 
 def _our_key(key: str) -> str:
-    """nnU-Net PlainConvUNet parameter name -> autoseg DynamicUNet parameter name."""
-    rules = [
-        (r"encoder\.stages\.(\d+)\.0\.convs\.(\d+)\.(conv|norm)\.(weight|bias)", "encoder"),
-        (r"decoder\.stages\.(\d+)\.convs\.(\d+)\.(conv|norm)\.(weight|bias)", "decoder"),
-    ]
-    for pattern, prefix in rules:
-        m = re.fullmatch(pattern, key)
-        if m:  # our stage is Sequential(conv, norm, act) x n_conv
-            return f"{prefix}.{m[1]}.{3 * int(m[2]) + (m[3] == 'norm')}.{m[4]}"
-    m = re.fullmatch(r"decoder\.transpconvs\.(\d+)\.(weight|bias)", key)
-    if m:
-        return f"upsample.{m[1]}.{m[2]}"
-    m = re.fullmatch(r"decoder\.seg_layers\.(\d+)\.(weight|bias)", key)
-    if m:
-        return f"heads.{m[1]}.{m[2]}"
-    raise KeyError(key)
+    """nnU-Net PlainConvUNet parameter name -> autoseg DynamicUNet parameter name (the importer's mapping)."""
+    return autoseg_key(key, residual=False)
 
 
 @pytest.mark.parametrize("ndim", [3, 2])

@@ -15,6 +15,7 @@ from torch import nn
 pytest.importorskip("nnunetv2", reason="nnunetv2 (the parity reference) is not installed; see README")
 from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet  # noqa: E402
 
+from autoseg.infer.nnunet_keys import autoseg_key  # noqa: E402
 from autoseg.nets.unet import build_unet  # noqa: E402
 from autoseg.planning import memory  # noqa: E402
 from autoseg.planning.plans import Configuration  # noqa: E402
@@ -88,6 +89,7 @@ def test_residual_unet_equals_nnunet_resenc(name: str) -> None:
             if p.ndim == 1:
                 p.copy_(torch.randn_like(p) * 0.5 + (1.0 if p.shape else 0.0))
     pairs = _paired_parameters(ours, ref)
+    assert all(autoseg_key(b, residual=True) == a for a, b in pairs)  # the importer's key mapping agrees
     ref_params = dict(ref.named_parameters())
     ours.load_state_dict({a: ref_params[b].detach().clone() for a, b in pairs}, strict=True)
     x = torch.randn((2, 1, *cfg.patch_size), generator=torch.Generator().manual_seed(1))
