@@ -12,9 +12,9 @@ half-precision rounding. autoseg accumulates in float32. So each case is compare
 
 - with nnU-Net's own code run with float32 accumulators and Gaussian (`float32_reference`, the
   only change): the same algorithm must give the same masks (>= 99.9 % of voxels; measured
-  100 %) and probabilities within 1e-3 (measured < 1e-6);
+  100 %) and probabilities within 1e-3 (measured < 2e-6);
 - with stock nnU-Net (float16): the masks must still agree on >= 99 % of voxels (measured
-  99.6-99.99 % on these tiny random networks, whose near-ties are everywhere).
+  99.86-99.99 % on these tiny random networks, whose near-ties are everywhere).
 
 Every comparison prints its figures (``pytest -s``). Skipped without nnunetv2 (the parity extra).
 """
@@ -92,26 +92,27 @@ def _predictor(folder: Path, folds: tuple[int, ...]) -> "nnunet_predict.nnUNetPr
 
 
 def _compare(name: str, model, predictor, images: list[Path], stock: bool = True) -> dict[str, float]:
-    """autoseg (whole volume and slab-wise) against nnUNetPredictor on one case; figures printed."""
+    """autoseg (whole volume and slab-wise) against nnUNetPredictor on one case; figures printed.
+
+    ``stock=False`` skips the stock-nnU-Net and the slab-wise predictions (a second case of a test).
+    """
     seg, probs, _ = predict_case([model], images, PredictOptions(), return_probabilities=True)
-    lean, _, _ = predict_case([model], images, PredictOptions())
     image, props = SimpleITKIO().read_images([str(f) for f in images])
     with float32_reference():
         ref_seg, ref_probs = predictor.predict_single_npy_array(image, props, None, None, True)
-    assert ref_seg.shape == seg.shape == lean.shape and ref_probs.shape == probs.shape
-    out = {"masks": float((seg == ref_seg).mean()), "lean_masks": float((lean == ref_seg).mean()),
-           "max_prob_diff": float(np.abs(probs - ref_probs).max())}
+    assert ref_seg.shape == seg.shape and ref_probs.shape == probs.shape
+    out = {"masks": float((seg == ref_seg).mean()), "max_prob_diff": float(np.abs(probs - ref_probs).max())}
     if stock:
+        out["lean_masks"] = float((predict_case([model], images, PredictOptions())[0] == ref_seg).mean())
         stock_seg, stock_probs = predictor.predict_single_npy_array(image, props, None, None, True)
         out["stock_masks"] = float((seg == stock_seg).mean())
         out["stock_max_prob_diff"] = float(np.abs(probs - stock_probs).max())
         out["stock_p999_prob_diff"] = float(np.quantile(np.abs(probs - stock_probs), 0.999))
     print(f"\nparity {name}: " + ", ".join(f"{k} {v:.6g}" for k, v in out.items()))
     assert len(np.unique(ref_seg)) > 1  # the random networks predict more than one label
-    assert out["masks"] >= MASK_AGREEMENT and out["lean_masks"] >= MASK_AGREEMENT
-    assert out["max_prob_diff"] <= PROBABILITY_TOLERANCE
+    assert out["masks"] >= MASK_AGREEMENT and out["max_prob_diff"] <= PROBABILITY_TOLERANCE
     if stock:
-        assert out["stock_masks"] >= STOCK_MASK_AGREEMENT
+        assert out["lean_masks"] >= MASK_AGREEMENT and out["stock_masks"] >= STOCK_MASK_AGREEMENT
     return out
 
 
