@@ -1,8 +1,8 @@
 """Prediction whose memory is bounded by the patch and a slab, not by classes x voxels.
 
 The whole-volume path (`autoseg.infer.model.model_logits` + `revert_preprocessing`)
-holds the logits of every class at network resolution, then their softmax, then the
-probabilities resampled to the original grid: three K x voxels float32 arrays (6 GiB each
+holds the fold-mean logits of every class at network resolution, then the logits resampled to
+the original grid, then their softmax: three K x voxels float32 arrays (6 GiB each
 for 15 classes on 400 x 512 x 512). Here the windows run in order of their start on the first
 (transposed) axis; a row of that axis is final once no later window touches it, so the
 accumulator holds one patch depth of rows per fold. Final rows are divided by their weights,

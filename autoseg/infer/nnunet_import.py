@@ -237,7 +237,7 @@ def _float(value: Any) -> float | None:
 
 def _existing_manifest(target: Path, folds: tuple[int | str, ...], checkpoint: str) -> ModelManifest | None:
     """The model folder's manifest, or None when there is no folder yet; refuses training results."""
-    if not target.exists():
+    if not target.exists() or not any(target.iterdir()):  # none yet, or what a failed first import left
         return None
     if not (target / MANIFEST_FILE).is_file():
         raise AutosegError("holds training results, not a model folder; import into another --results root", target)
@@ -288,6 +288,7 @@ def import_nnunet(paths: Paths, folder: Path, folds: Sequence[int | str] | None 
     if config_dir.exists() and not force:
         raise AutosegError("this configuration was imported before; use --force to replace it", config_dir)
     pp_file, notes = find_postprocessing(src.folder, src.folds)
+    fresh = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".import-{tid.config_dirname}-", dir=target))
     try:
@@ -304,6 +305,8 @@ def import_nnunet(paths: Paths, folder: Path, folds: Sequence[int | str] | None 
         os.replace(tmp, config_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if fresh:
+            shutil.rmtree(target, ignore_errors=True)
         raise
     atomic_write_json(target / "dataset.json", src.dataset_json)
     save_record(target / paths.plans_file(dataset, plan.preset).name, plan)

@@ -300,3 +300,38 @@ def test_cascade_imports_with_its_previous_stage(phantom_small, tmp_path):
     case = load_dataset(phantom_small.raw_dataset(PHANTOM)).cases[0]
     seg, _, geometry = predict_case([model], case.images, FAST)
     assert seg.shape == geometry.shape
+
+
+def test_imported_validation_masks_feed_evaluate_and_find_best(phantom_small, tmp_path):
+    """nnU-Net's fold_<k>/validation masks come along: `evaluate` scores them, `find-best` picks from them."""
+    folder = _folder(tmp_path, phantom_small, folds=(0, 1))
+    cases = load_dataset(phantom_small.raw_dataset(PHANTOM)).cases
+    for fold, case in ((0, cases[0]), (1, cases[1])):  # one validation case per fold: its reference as prediction
+        (folder / f"fold_{fold}" / "validation").mkdir()
+        (folder / f"fold_{fold}" / "validation" / f"{case.case_id}.nii.gz").write_bytes(case.label.read_bytes())
+    paths = Paths(raw=phantom_small.raw, preprocessed=tmp_path / "pp", results=tmp_path / "results")
+    import_nnunet(paths, folder)
+    for fold in (0, 1):
+        vdir = paths.results / PHANTOM / "3d_fullres" / "default" / f"fold_{fold}" / "validation"
+        scored = _cli(paths, "evaluate", "--pred", str(vdir), "--ref", str(phantom_small.raw_dataset(PHANTOM) /
+                                                                             "labelsTr"), "-d", PHANTOM,
+                      "--allow-missing")
+        assert scored.exit_code == 0, scored.output
+    best = _cli(paths, "find-best", PHANTOM)
+    assert best.exit_code == 0, best.output
+    assert load_best(paths.results / PHANTOM / "best.json").cv_dice == pytest.approx(1.0)
+
+
+def test_folds_and_checkpoint_choice(phantom_small, tmp_path):
+    plans, dj = _phantom_plans(), _dataset_json(phantom_small)
+    folder = write_trainer_folder(tmp_path / "nnunet", plans, dj, "3d_fullres", _states(plans, dj, "3d_fullres", (0, 1)),
+                                  (0, 1, 2), checkpoint="best")
+    paths = Paths(raw=phantom_small.raw, preprocessed=tmp_path / "pp", results=tmp_path / "results")
+    missing = _cli(paths, "import-nnunet", str(folder))
+    assert missing.exit_code == 2 and "--checkpoint best" in missing.stderr
+    ok = _cli(paths, "import-nnunet", str(folder), "--checkpoint", "best", "-f", "1")
+    assert ok.exit_code == 0, ok.output
+    manifest = json.loads((paths.results / PHANTOM / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["folds"] == [1] and manifest["checkpoint"] == "best"
+    assert (paths.results / PHANTOM / "3d_fullres" / "default" / "fold_1" / "checkpoint_best.pt").is_file()
+    assert not (paths.results / PHANTOM / "3d_fullres" / "default" / "fold_0").exists()
