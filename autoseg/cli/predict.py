@@ -89,8 +89,8 @@ def parse_fold(text: str) -> int | str:
               default=None, help="3d_cascade_fullres: existing 3d_lowres predictions (CASE<ending>) instead of "
                                  "predicting them first.")
 @click.option("--compile", "compile_mode", type=click.Choice(COMPILE_MODES), default="auto", show_default=True,
-              help="torch.compile the networks: auto = on the CPU once a network has run ~20 s (long runs get "
-                   "~25 % faster forwards after a ~10 s compilation); on; off.")
+              help="torch.compile the networks: auto = on the CPU once a network has run 60 s (long runs get "
+                   "~25 % faster forwards after a 15-50 CPU-s compilation); on; off.")
 @click.pass_context
 def predict_cmd(ctx: click.Context, dataset: str | None, model_dir: Path | None, configs: tuple[str, ...],
                 folds: tuple[str, ...], input_dir: Path, output_dir: Path, best_file: Path | None, variant: str,

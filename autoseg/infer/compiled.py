@@ -5,9 +5,11 @@ On the CPU, eager PyTorch runs a U-Net's batch-1 3D convolutions partly on its s
 separate passes over memory. ``torch.compile`` with inductor's *freezing* (weights become
 constants, prepacked for oneDNN, and the elementwise ops fused) removes both: one full-width
 Hippocampus 3d_fullres forward on one core went from 766 to 559 CPU-ms (benchmarks/RESULTS.md).
-Compiling costs ~5-11 CPU-seconds per network, so it only pays on long runs: ``auto`` runs eager
-until a network has spent `AUTO_COMPILE_AFTER_S` in forward passes, then compiles it. A
-compilation that fails (no C++ compiler, no UTF-8 text encoding) warns once and stays eager.
+Compiling costs 45-49 CPU-seconds for that network with a cold inductor cache (its C++ kernels
+are built with the system compiler), ~16 with a warm one, so it only pays on long runs (large
+volumes, many cases): ``auto`` runs eager until a network has spent `AUTO_COMPILE_AFTER_S` in
+forward passes, then compiles it. A compilation that fails (no C++ compiler, no UTF-8 text
+encoding) warns once and stays eager.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ log = logging.getLogger(__name__)
 COMPILE_MODES = ("auto", "on", "off")
 """``--compile``: compile after `AUTO_COMPILE_AFTER_S` of forwards (CPU only), at once, or never."""
 
-AUTO_COMPILE_AFTER_S = 20.0
-"""Seconds of eager forward passes per network before ``auto`` compiles it: about twice what a
-compilation costs, so a run that gets this far is long enough to win it back."""
+AUTO_COMPILE_AFTER_S = 60.0
+"""Seconds of eager forward passes per network before ``auto`` compiles it: more than a cold
+compilation costs, so a run that gets this far is likely long enough to win it back."""
 
 
 def check_compile_mode(mode: str) -> str:

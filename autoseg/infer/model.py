@@ -84,7 +84,7 @@ class PredictOptions:
     """Bytes the lean path may use (it picks its slab from them); None = a default slab."""
     compile: str = "auto"
     """``torch.compile`` the networks (`autoseg.infer.compiled`): auto = on the CPU once a network has
-    run long enough to win the compilation back; on; off."""
+    run long enough (60 s) to win the compilation back; on; off."""
 
 
 
