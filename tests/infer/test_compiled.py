@@ -66,7 +66,9 @@ def test_an_unknown_mode_is_one_line() -> None:
         InferenceNet(_tiny_net(), mode="fast")
 
 
-def test_predict_compile_on_gives_the_masks_of_compile_off(hippo_trained, tmp_path) -> None:
+def test_predict_compile_reaches_every_fold_network(hippo_trained, tmp_path, monkeypatch) -> None:
+    """The wiring: ``predict --compile on`` compiles each fold's net once (a spy stands in for inductor,
+    whose equality with eager is the first test's), ``off`` never; the masks are the same."""
     import numpy as np
     import SimpleITK as sitk
     from click.testing import CliRunner
@@ -75,15 +77,23 @@ def test_predict_compile_on_gives_the_masks_of_compile_off(hippo_trained, tmp_pa
     from autoseg.dataset.spec import load_dataset
     from tests.infer.conftest import link_inputs
 
+    compiled: list[nn.Module] = []
+
+    def spy(net: nn.Module, **kwargs: object) -> nn.Module:
+        compiled.append(net)
+        return net
+
+    monkeypatch.setattr(torch, "compile", spy)
     paths, plan = hippo_trained
     case = load_dataset(paths.raw_dataset("Dataset004_Hippocampus")).cases[2]
     inp = link_inputs(list(case.images), tmp_path / "in")
     base = ["--raw", str(paths.raw), "--results", str(paths.results), "--preprocessed", str(paths.preprocessed),
-            "predict", "-d", "4", "-c", "3d_fullres", "-f", "0", "-i", str(inp), "--device", "cpu"]
+            "predict", "-d", "4", "-c", "3d_fullres", "-f", "0", "1", "-i", str(inp), "--device", "cpu",
+            "--no-tta"]
     masks = {}
     for mode in ("off", "on"):
         result = CliRunner().invoke(autoseg.cli.cli, [*base, "-o", str(tmp_path / mode), "--compile", mode])
         assert result.exit_code == 0, result.output
+        assert len(compiled) == (0 if mode == "off" else 2) and len({id(n) for n in compiled}) == len(compiled)
         masks[mode] = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / mode / f"{case.case_id}.nii.gz")))
-    assert len(np.unique(masks["off"])) > 1
-    assert np.mean(masks["on"] == masks["off"]) >= 0.999
+    assert len(np.unique(masks["off"])) > 1 and np.array_equal(masks["on"], masks["off"])
