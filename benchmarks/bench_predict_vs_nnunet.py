@@ -9,7 +9,8 @@ predictor then segments the same input folder in its own child process, so its C
 separately, of its children: nnU-Net's preprocessing and export workers) are its own.
 Agreement is the fraction of equal voxels per case.
 
-    python benchmarks/bench_predict_vs_nnunet.py [--cases 5] [--tta on|off|both] [--threads 1]
+    python benchmarks/bench_predict_vs_nnunet.py [--cases 52] [--tta on|off|both] [--threads 1]
+                                                 [--compile off,auto] [--whole]
     python benchmarks/bench_predict_vs_nnunet.py --large [--large-shape 400 512 512] [--estimate-only]
 
 Hippocampus: the first ``--cases`` fold-0 validation cases (autoseg's 5-fold split, nnU-Net's
@@ -128,7 +129,7 @@ def _usage() -> dict:
     return {"cpu_total_s": _cpu_s(), "rss_self_mib": me.ru_maxrss / 1024, "rss_children_mib": kids.ru_maxrss / 1024}
 
 
-def child_autoseg(work: Path, inp: Path, out: Path, tta: bool, lean: bool) -> dict:
+def child_autoseg(work: Path, inp: Path, out: Path, tta: bool, lean: bool, compile_mode: str = "auto") -> dict:
     import torch
 
     from autoseg.common.jsonio import load_record
@@ -142,7 +143,8 @@ def child_autoseg(work: Path, inp: Path, out: Path, tta: bool, lean: bool) -> di
     net.load_state_dict(torch.load(work / "autoseg_state.pt", weights_only=True), strict=True)
     model = LoadedModel([prepare_network(net)], plan, config, (0, 1, 2), torch.device("cpu"))
     t0, c0 = time.perf_counter(), _cpu_s()
-    predict_folder([model], inp, out, force=True, options=PredictOptions(tta=tta, lean=lean), show_progress=False)
+    predict_folder([model], inp, out, force=True, options=PredictOptions(tta=tta, lean=lean, compile=compile_mode),
+                   show_progress=False)
     return {"wall_s": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0}
 
 
@@ -160,12 +162,12 @@ def child_nnunet(work: Path, inp: Path, out: Path, tta: bool) -> dict:
     return {"wall_s": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0}
 
 
-def run_child(side: str, work: Path, inp: Path, out: Path, tta: bool, threads: int) -> dict:
+def run_child(side: str, work: Path, inp: Path, out: Path, tta: bool, threads: int, compile_mode: str = "auto") -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONPATH": str(REPO), "nnUNet_raw": str(work), "nnUNet_preprocessed": str(work),
            "nnUNet_results": str(work)}
     cmd = [sys.executable, __file__, "--child", side, "--work", str(work), "--inp", str(inp), "--out", str(out),
-           "--tta", "on" if tta else "off", "--threads", str(threads)]
+           "--tta", "on" if tta else "off", "--threads", str(threads), "--compile", compile_mode]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8")
     if proc.returncode != 0:
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
@@ -285,18 +287,20 @@ def estimates(work: Path, inp: Path, plan) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def compare(work: Path, inp: Path, ids: list[str], tta: bool, threads: int) -> list[str]:
+def compare(work: Path, inp: Path, ids: list[str], tta: bool, threads: int, compile_modes: tuple[str, ...],
+            whole: bool) -> list[str]:
     rows = []
     outs = {}
-    for side in ("nnunet", "autoseg", "autoseg-whole"):
-        out = work / f"out_{side}_{'tta' if tta else 'notta'}"
-        res = run_child(side, work, inp, out, tta, threads)
+    sides = [("nnunet", "-"), *(("autoseg", m) for m in compile_modes), *([("autoseg-whole", "off")] if whole else [])]
+    for side, mode in sides:
+        out = work / f"out_{side}_{mode}_{'tta' if tta else 'notta'}"
+        res = run_child(side, work, inp, out, tta, threads, mode)
         outs[side] = out
         if "error" in res:
-            rows.append(f"| {side} | {'on' if tta else 'off'} | failed: {res['error']} | | | | | |")
+            rows.append(f"| {side} | {mode} | {'on' if tta else 'off'} | failed: {res['error']} | | | | | |")
             continue
         agree = agreement(outs["nnunet"], out, ids) if side != "nnunet" and "nnunet" in outs else (1.0, 1.0)
-        rows.append(f"| {side} | {'on' if tta else 'off'} | {res['cpu_s'] / len(ids):.2f} | "
+        rows.append(f"| {side} | {mode} | {'on' if tta else 'off'} | {res['cpu_s'] / len(ids):.2f} | "
                     f"{res['cpu_total_s']:.1f} | "
                     f"{res['wall_s'] / len(ids):.2f} | {res['rss_self_mib']:.0f} | {res['rss_children_mib']:.0f} | "
                     f"{agree[0] * 100:.3f} / {agree[1] * 100:.3f} |")
@@ -305,7 +309,7 @@ def compare(work: Path, inp: Path, ids: list[str], tta: bool, threads: int) -> l
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", type=int, default=5, help="fold-0 validation cases of Hippocampus")
+    ap.add_argument("--cases", type=int, default=52, help="fold-0 validation cases of Hippocampus")
     ap.add_argument("--tta", choices=("on", "off", "both"), default="both")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads of each predictor")
     ap.add_argument("--large", action="store_true", help="the generated CT-like case instead of Hippocampus")
@@ -313,6 +317,9 @@ def main() -> None:
     ap.add_argument("--estimate-only", action="store_true", help="--large: memory estimates, no prediction")
     ap.add_argument("--max-features", type=int, default=None,
                     help="--large: cap the network width (a memory run on a small CPU; say so with the figures)")
+    ap.add_argument("--compile", default="off,auto",
+                    help="autoseg --compile modes to run, comma-separated (the child takes one)")
+    ap.add_argument("--whole", action="store_true", help="also run autoseg's whole-volume path")
     ap.add_argument("--child", choices=("autoseg", "autoseg-whole", "nnunet"), help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--inp", type=Path, help=argparse.SUPPRESS)
@@ -324,7 +331,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         tta = args.tta == "on"
         res = (child_nnunet(args.work, args.inp, args.out, tta) if args.child == "nnunet"
-               else child_autoseg(args.work, args.inp, args.out, tta, lean=args.child == "autoseg"))
+               else child_autoseg(args.work, args.inp, args.out, tta, lean=args.child == "autoseg",
+                                  compile_mode=args.compile))
         print(json.dumps({**res, **_usage()}))
         return
     from benchmarks.common import git_commit
@@ -342,11 +350,11 @@ def main() -> None:
         print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {git_commit()}, "
               f"{os.cpu_count()} CPUs, {args.threads} thread(s) per predictor, {len(ids)} case(s), "
               f"load average {os.getloadavg()[0]:.1f}")
-        print("| predictor | mirroring | CPU-s/case | CPU-s whole process | wall s/case | peak RSS MiB (process) | "
+        print("| predictor | compile | mirroring | CPU-s/case | CPU-s whole process | wall s/case | peak RSS MiB (process) | "
               "peak RSS MiB (children) | voxels equal to nnU-Net % (mean / min) |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
         for tta in {"on": (True,), "off": (False,), "both": (True, False)}[args.tta]:
-            for row in compare(work, inp, ids, tta, args.threads):
+            for row in compare(work, inp, ids, tta, args.threads, tuple(args.compile.split(",")), args.whole):
                 print(row, flush=True)
 
 

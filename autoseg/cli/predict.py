@@ -12,6 +12,7 @@ from autoseg.evaluate.best import predict_with_best
 from autoseg.infer.exchange import select_from_model_folder
 from autoseg.infer.onnx_export import export_onnx
 from autoseg.infer.lean import parse_memory
+from autoseg.infer.compiled import COMPILE_MODES
 from autoseg.infer.predict import PredictOptions, PredictRequest, run_prediction
 
 CHECKPOINT_CHOICES = ("final", "best", "latest")
@@ -87,17 +88,21 @@ def parse_fold(text: str) -> int | str:
 @click.option("--prev-stage-predictions", "prev_stage_dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="3d_cascade_fullres: existing 3d_lowres predictions (CASE<ending>) instead of "
                                  "predicting them first.")
+@click.option("--compile", "compile_mode", type=click.Choice(COMPILE_MODES), default="auto", show_default=True,
+              help="torch.compile the networks: auto = on the CPU once a network has run 60 s (long runs get "
+                   "~25 % faster forwards after a 15-50 CPU-s compilation); on; off.")
 @click.pass_context
 def predict_cmd(ctx: click.Context, dataset: str | None, model_dir: Path | None, configs: tuple[str, ...],
                 folds: tuple[str, ...], input_dir: Path, output_dir: Path, best_file: Path | None, variant: str,
                 plans: str, checkpoint: str,
                 step: float, no_tta: bool, save_probabilities: bool, device: str, batch_size: int,
-                num_workers: int, force: bool, memory_limit: str | None, prev_stage_dir: Path | None) -> None:
+                num_workers: int, force: bool, memory_limit: str | None, prev_stage_dir: Path | None,
+                compile_mode: str) -> None:
     """Segment every case of a folder with trained folds (written in each input's own geometry)."""
     paths = paths_from(ctx)
 
     options = PredictOptions(step=step, tta=not no_tta, batch_size=batch_size,
-                             memory_limit=parse_memory(memory_limit))
+                             memory_limit=parse_memory(memory_limit), compile=compile_mode)
     if model_dir is not None:
         unset = click.core.ParameterSource.DEFAULT  # then the model's manifest decides
         chosen = select_from_model_folder(

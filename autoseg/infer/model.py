@@ -1,12 +1,13 @@
 """Trained folds as networks: find and load checkpoints, and run one network over a preprocessed volume.
 
 `LoadedModel` is one configuration's folds; `PredictOptions` says how to run them (window
-step, mirroring, batch, autocast, memory limit). Used by `autoseg.infer.predict` (whole
+step, mirroring, batch, autocast, memory limit, compilation). Used by `autoseg.infer.predict` (whole
 volumes) and `autoseg.infer.lean` (slabs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from autoseg.common.paths import DEFAULT_PLANS, Paths, TrainingId
 from autoseg.data.augment import training_mirror_axes
 from autoseg.nets.unet import build_unet
 from autoseg.train.checkpoint import load_checkpoint, load_model_state
+from autoseg.infer.compiled import InferenceNet, check_compile_mode
 from autoseg.infer.sliding_window import DEFAULT_BATCH_SIZE, DEFAULT_STEP, predict_sliding_window
 from autoseg.planning.plans import Configuration, Plan
 
@@ -81,6 +83,9 @@ class PredictOptions:
     """Label maps slab by slab (`autoseg.infer.lean`) when no probabilities are kept; False = whole volume."""
     memory_limit: int | None = None
     """Bytes the lean path may use (it picks its slab from them); None = a default slab."""
+    compile: str = "auto"
+    """``torch.compile`` the networks (`autoseg.infer.compiled`): auto = on the CPU once a network has
+    run long enough (60 s) to win the compilation back; on; off."""
 
 
 
@@ -216,6 +221,18 @@ def _logits_3d(net: nn.Module, data: torch.Tensor, model: LoadedModel, options: 
         return run(torch.device("cpu"))
 
 
+def with_inference_nets(model: LoadedModel, compile_mode: str) -> LoadedModel:
+    """``model`` (and its previous stage's model) with every net in an `InferenceNet` for ``compile_mode``."""
+    check_compile_mode(compile_mode)
+    if compile_mode == "off":
+        return model
+    prev = model.previous_stage
+    if prev is not None and prev.model is not None:
+        prev = dataclasses.replace(prev, model=with_inference_nets(prev.model, compile_mode))
+    nets = [n if isinstance(n, InferenceNet) else InferenceNet(n, compile_mode) for n in model.nets]
+    return dataclasses.replace(model, nets=nets, previous_stage=prev)
+
+
 @torch.inference_mode()
 def model_logits(model: LoadedModel, data_pp: np.ndarray, options: PredictOptions = PredictOptions()) -> torch.Tensor:
     """Logits (K, *preprocessed spatial) float32 of one model on the CPU: the mean over its folds.
@@ -235,4 +252,3 @@ def activate(logits: np.ndarray, regions: bool) -> np.ndarray:
     """Probabilities of (K, ...) logits: softmax over axis 0, or a sigmoid per region (float32)."""
     t = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
     return (torch.sigmoid(t) if regions else torch.softmax(t, dim=0)).numpy()
-

@@ -60,6 +60,7 @@ from autoseg.infer.model import (  # noqa: F401 (re-exported: the public names o
     model_logits,
     prepare_network,
     resolve_device,
+    with_inference_nets,
 )
 from autoseg.infer.probabilities import (  # noqa: F401 (re-exported)
     PROBABILITY_KEY,
@@ -336,6 +337,7 @@ def predict_folder(models: Sequence[LoadedModel], input_dir: Path, output_dir: P
     """
     if not models:
         raise AutosegError("no model to predict with")
+    models = [with_inference_nets(m, options.compile) for m in models]  # one per run: compiled nets are reused
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if input_dir.resolve() == output_dir.resolve():
         raise AutosegError("output folder must differ from the input folder", output_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import tempfile
 import threading
@@ -52,14 +53,26 @@ def compile_cache(fold_dir: Path, enabled: bool) -> contextlib.AbstractContextMa
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[threading.Event]:
-    """SIGINT/SIGTERM set a stop flag (the loop saves and exits after its current step); a second one aborts."""
+    """SIGINT/SIGTERM set a stop flag (the loop saves and exits after its current step); a second one aborts.
+
+    Except once our parent has died: the scheduler's children get SIGINT as their parent-death
+    signal, and Linux sends it again each time the orphan is handed from one of the dead
+    scheduler's threads to the next (seen: a second SIGINT 0.34 s after the first, from its
+    jemalloc thread), and a new scheduler's clean-up sends one more. None of those is a person
+    pressing Ctrl-C twice, so an orphan ignores them and finishes its checkpoint.
+    """
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
+    parent = os.getppid()
 
     def handler(signum: int, frame: FrameType | None) -> None:
         if stop.is_set():
+            if os.getppid() != parent:
+                log.info("%s again after our parent died: still stopping after the current iteration",
+                         signal.Signals(signum).name)
+                return
             raise KeyboardInterrupt
         log.warning("%s received: stopping after the current iteration (send again to abort)",
                     signal.Signals(signum).name)
