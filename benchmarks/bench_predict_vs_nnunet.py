@@ -1,9 +1,9 @@
 """autoseg's predictor against nnU-Net's nnUNetPredictor on the same weights: CPU-seconds, wall, peak RSS, masks.
 
 One randomly initialised 3d_fullres network of the planned topology (full width; speed and
-memory do not depend on the weights) is written twice: as an nnU-Net model folder
-(plans.json, dataset.json, fold_0/checkpoint_final.pth with PlainConvUNet keys) and as
-autoseg's state dict (keys mapped by `autoseg.infer.nnunet_keys.autoseg_key`). Each
+memory do not depend on the weights) is written as an nnU-Net model folder (plans.json,
+dataset.json, fold_0/checkpoint_final.pth of nnU-Net's PlainConvUNet) and imported with
+`autoseg.infer.nnunet_import.import_nnunet`, as a user would with ``autoseg import-nnunet``. Each
 predictor then segments the same input folder in its own child process, so its CPU time
 (user + system, the child and its own children) and peak RSS (ru_maxrss of the child and,
 separately, of its children: nnU-Net's preprocessing and export workers) are its own.
@@ -84,13 +84,14 @@ def nnunet_plans(plan, config, dataset_json: dict) -> dict:
 
 
 def write_models(work: Path, plan, dataset_json: dict, seed: int = 0) -> None:
-    """work/nnunet_model/ (nnU-Net's layout) and work/autoseg_plan.json + autoseg_state.pt: the same weights."""
+    """work/nnunet_model/ (nnU-Net's layout), imported by `autoseg.infer.nnunet_import` into work/imported/."""
     import torch
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
     from torch import nn
 
     from autoseg.common.jsonio import save_record
-    from autoseg.infer.nnunet_keys import autoseg_key
+    from autoseg.common.paths import Paths
+    from autoseg.infer.nnunet_import import import_nnunet
 
     config = plan.configuration("3d_fullres")
     plans = nnunet_plans(plan, config, dataset_json)
@@ -110,9 +111,8 @@ def write_models(work: Path, plan, dataset_json: dict, seed: int = 0) -> None:
                 "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0,
                               "dataset_json": dataset_json, "device": "cpu"}},
                model_dir / "fold_0" / "checkpoint_final.pth")
-    ours = {autoseg_key(k, residual=False): v.detach().clone() for k, v in ref.named_parameters()}
-    torch.save(ours, work / "autoseg_state.pt")
     save_record(work / "autoseg_plan.json", plan)
+    import_nnunet(Paths.under(work / "imported"), model_dir)  # autoseg predicts with the imported copy
 
 
 # --------------------------------------------------------------------------- children
@@ -130,18 +130,14 @@ def _usage() -> dict:
 
 
 def child_autoseg(work: Path, inp: Path, out: Path, tta: bool, lean: bool, compile_mode: str = "auto") -> dict:
-    import torch
-
+    """autoseg's predictor on the model `import_models` made of nnU-Net's folder (what ``predict -m`` loads)."""
     from autoseg.common.jsonio import load_record
-    from autoseg.infer.predict import LoadedModel, PredictOptions, predict_folder, prepare_network
-    from autoseg.nets.unet import build_unet
+    from autoseg.common.paths import Paths
+    from autoseg.infer.predict import PredictOptions, fold_dirs_for, load_model, predict_folder
     from autoseg.planning.plans import Plan
 
-    plan = load_record(work / "autoseg_plan.json", Plan)
-    config = plan.configuration("3d_fullres")
-    net = build_unet(config, plan.num_channels, plan.num_classes, deep_supervision=True)
-    net.load_state_dict(torch.load(work / "autoseg_state.pt", weights_only=True), strict=True)
-    model = LoadedModel([prepare_network(net)], plan, config, (0, 1, 2), torch.device("cpu"))
+    dataset = load_record(work / "autoseg_plan.json", Plan).dataset
+    model = load_model(fold_dirs_for(Paths.under(work / "imported"), dataset, "3d_fullres", [0]), "cpu")
     t0, c0 = time.perf_counter(), _cpu_s()
     predict_folder([model], inp, out, force=True, options=PredictOptions(tta=tta, lean=lean, compile=compile_mode),
                    show_progress=False)
