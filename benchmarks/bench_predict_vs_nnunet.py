@@ -129,17 +129,20 @@ def _usage() -> dict:
     return {"cpu_total_s": _cpu_s(), "rss_self_mib": me.ru_maxrss / 1024, "rss_children_mib": kids.ru_maxrss / 1024}
 
 
-def child_autoseg(work: Path, inp: Path, out: Path, tta: bool, lean: bool, compile_mode: str = "auto") -> dict:
+def child_autoseg(work: Path, inp: Path, out: Path, tta: bool, lean: bool, compile_mode: str = "auto",
+                  memory_limit: str | None = None) -> dict:
     """autoseg's predictor on the model `import_models` made of nnU-Net's folder (what ``predict -m`` loads)."""
     from autoseg.common.jsonio import load_record
     from autoseg.common.paths import Paths
+    from autoseg.infer.lean import parse_memory
     from autoseg.infer.predict import PredictOptions, fold_dirs_for, load_model, predict_folder
     from autoseg.planning.plans import Plan
 
     dataset = load_record(work / "autoseg_plan.json", Plan).dataset
     model = load_model(fold_dirs_for(Paths.under(work / "imported"), dataset, "3d_fullres", [0]), "cpu")
     t0, c0 = time.perf_counter(), _cpu_s()
-    predict_folder([model], inp, out, force=True, options=PredictOptions(tta=tta, lean=lean, compile=compile_mode),
+    predict_folder([model], inp, out, force=True, options=PredictOptions(tta=tta, lean=lean, compile=compile_mode,
+                                                                    memory_limit=parse_memory(memory_limit)),
                    show_progress=False)
     return {"wall_s": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0}
 
@@ -158,12 +161,14 @@ def child_nnunet(work: Path, inp: Path, out: Path, tta: bool) -> dict:
     return {"wall_s": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0}
 
 
-def run_child(side: str, work: Path, inp: Path, out: Path, tta: bool, threads: int, compile_mode: str = "auto") -> dict:
+def run_child(side: str, work: Path, inp: Path, out: Path, tta: bool, threads: int, compile_mode: str = "auto",
+              memory_limit: str | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONPATH": str(REPO), "nnUNet_raw": str(work), "nnUNet_preprocessed": str(work),
            "nnUNet_results": str(work)}
     cmd = [sys.executable, __file__, "--child", side, "--work", str(work), "--inp", str(inp), "--out", str(out),
-           "--tta", "on" if tta else "off", "--threads", str(threads), "--compile", compile_mode]
+           "--tta", "on" if tta else "off", "--threads", str(threads), "--compile", compile_mode,
+           *(["--memory-limit", memory_limit] if memory_limit else [])]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8")
     if proc.returncode != 0:
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
@@ -284,13 +289,13 @@ def estimates(work: Path, inp: Path, plan) -> str:
 
 
 def compare(work: Path, inp: Path, ids: list[str], tta: bool, threads: int, compile_modes: tuple[str, ...],
-            whole: bool) -> list[str]:
+            whole: bool, memory_limit: str | None = None) -> list[str]:
     rows = []
     outs = {}
     sides = [("nnunet", "-"), *(("autoseg", m) for m in compile_modes), *([("autoseg-whole", "off")] if whole else [])]
     for side, mode in sides:
         out = work / f"out_{side}_{mode}_{'tta' if tta else 'notta'}"
-        res = run_child(side, work, inp, out, tta, threads, mode)
+        res = run_child(side, work, inp, out, tta, threads, mode, memory_limit if side == "autoseg" else None)
         outs[side] = out
         if "error" in res:
             rows.append(f"| {side} | {mode} | {'on' if tta else 'off'} | failed: {res['error']} | | | | | |")
@@ -315,6 +320,7 @@ def main() -> None:
                     help="--large: cap the network width (a memory run on a small CPU; say so with the figures)")
     ap.add_argument("--compile", default="off,auto",
                     help="autoseg --compile modes to run, comma-separated (the child takes one)")
+    ap.add_argument("--memory-limit", default=None, help="autoseg predict --memory-limit (lean path)")
     ap.add_argument("--whole", action="store_true", help="also run autoseg's whole-volume path")
     ap.add_argument("--child", choices=("autoseg", "autoseg-whole", "nnunet"), help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -328,7 +334,7 @@ def main() -> None:
         tta = args.tta == "on"
         res = (child_nnunet(args.work, args.inp, args.out, tta) if args.child == "nnunet"
                else child_autoseg(args.work, args.inp, args.out, tta, lean=args.child == "autoseg",
-                                  compile_mode=args.compile))
+                                  compile_mode=args.compile, memory_limit=args.memory_limit))
         print(json.dumps({**res, **_usage()}))
         return
     from benchmarks.common import git_commit
@@ -350,7 +356,8 @@ def main() -> None:
               "peak RSS MiB (children) | voxels equal to nnU-Net % (mean / min) |")
         print("|---|---|---|---|---|---|---|---|---|")
         for tta in {"on": (True,), "off": (False,), "both": (True, False)}[args.tta]:
-            for row in compare(work, inp, ids, tta, args.threads, tuple(args.compile.split(",")), args.whole):
+            for row in compare(work, inp, ids, tta, args.threads, tuple(args.compile.split(",")), args.whole,
+                               args.memory_limit):
                 print(row, flush=True)
 
 
