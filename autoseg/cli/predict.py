@@ -91,18 +91,21 @@ def parse_fold(text: str) -> int | str:
 @click.option("--compile", "compile_mode", type=click.Choice(COMPILE_MODES), default="auto", show_default=True,
               help="torch.compile the networks: auto = on the CPU once a network has run 60 s (long runs get "
                    "~25 % faster forwards after a 15-50 CPU-s compilation); on; off.")
+@click.option("--nnunet-fp16", is_flag=True,
+              help="Reproduce nnUNetv2_predict's float16 accumulation bit for bit where possible (to match masks "
+                   "made with nnU-Net); slower and less exact than the default float32.")
 @click.pass_context
 def predict_cmd(ctx: click.Context, dataset: str | None, model_dir: Path | None, configs: tuple[str, ...],
                 folds: tuple[str, ...], input_dir: Path, output_dir: Path, best_file: Path | None, variant: str,
                 plans: str, checkpoint: str,
                 step: float, no_tta: bool, save_probabilities: bool, device: str, batch_size: int,
                 num_workers: int, force: bool, memory_limit: str | None, prev_stage_dir: Path | None,
-                compile_mode: str) -> None:
+                compile_mode: str, nnunet_fp16: bool) -> None:
     """Segment every case of a folder with trained folds (written in each input's own geometry)."""
     paths = paths_from(ctx)
 
     options = PredictOptions(step=step, tta=not no_tta, batch_size=batch_size,
-                             memory_limit=parse_memory(memory_limit), compile=compile_mode)
+                             memory_limit=parse_memory(memory_limit), compile=compile_mode, nnunet_fp16=nnunet_fp16)
     if model_dir is not None:
         unset = click.core.ParameterSource.DEFAULT  # then the model's manifest decides
         chosen = select_from_model_folder(

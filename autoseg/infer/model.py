@@ -86,7 +86,21 @@ class PredictOptions:
     compile: str = "auto"
     """``torch.compile`` the networks (`autoseg.infer.compiled`): auto = on the CPU once a network has
     run long enough (60 s) to win the compilation back; on; off."""
+    nnunet_fp16: bool = False
+    """Reproduce stock nnUNetv2_predict's float16 arithmetic (window sums, fold mean, resampled logits)
+    bit for bit where possible, for users who must match their nnU-Net masks; slower and less exact
+    than the float32 default. Forces the whole-volume path (``lean`` is ignored), one window per
+    forward pass (``batch_size`` is ignored) and no compilation (``compile`` is ignored)."""
 
+    @property
+    def use_lean(self) -> bool:
+        """Whether label maps may go slab by slab: ``lean``, unless ``nnunet_fp16`` wants whole volumes."""
+        return self.lean and not self.nnunet_fp16
+
+    @property
+    def compile_mode(self) -> str:
+        """``compile``, or off for ``nnunet_fp16`` (inductor's fused kernels round differently)."""
+        return "off" if self.nnunet_fp16 else self.compile
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -201,7 +215,8 @@ def _logits_3d(net: nn.Module, data: torch.Tensor, model: LoadedModel, options: 
     """Logits (K, *spatial) of a preprocessed (C, *spatial) volume; 2D configs go slice by slice on axis 0."""
     mirror = model.mirror_axes if options.tta else ()
     kwargs = dict(num_classes=model.num_classes, step=options.step, mirror_axes=mirror,
-                  batch_size=options.batch_size, device=model.device, amp=options.amp)
+                  batch_size=options.batch_size, device=model.device, amp=options.amp,
+                  nnunet_fp16=options.nnunet_fp16)
     def run(results_device: torch.device) -> torch.Tensor:
         if model.config.ndim == 3:
             return predict_sliding_window(net, data, model.config.patch_size, results_device=results_device,
@@ -238,13 +253,18 @@ def model_logits(model: LoadedModel, data_pp: np.ndarray, options: PredictOption
     """Logits (K, *preprocessed spatial) float32 of one model on the CPU: the mean over its folds.
 
     nnU-Net averages the folds' logits, not their probabilities; the nonlinearity (`activate`)
-    comes only after the logits are back on the original grid.
+    comes only after the logits are back on the original grid. ``options.nnunet_fp16``: float16
+    logits, summed and divided in float16 as stock nnU-Net does (no division for one fold).
     """
     x = torch.from_numpy(np.ascontiguousarray(data_pp, dtype=np.float32))
     total = None
     for net in model.nets:
-        logits = _logits_3d(net, x, model, options).float().cpu()
+        logits = _logits_3d(net, x, model, options).cpu()
+        if not options.nnunet_fp16:
+            logits = logits.float()
         total = logits if total is None else total.add_(logits)
+    if options.nnunet_fp16 and len(model.nets) == 1:
+        return total
     return total.div_(len(model.nets))
 
 

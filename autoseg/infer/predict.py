@@ -7,7 +7,8 @@ and only then turned into softmax probabilities (nnU-Net's order: nnUNetv2_predi
 masks), averaged over configurations (an ensemble), and the argmax is written with the input's
 shape, spacing, origin, direction and file format.
 One configuration without saved probabilities goes slab by slab instead (`autoseg.infer.lean`:
-the same masks, memory bounded by the patch and ``PredictOptions.memory_limit``).
+the same masks, memory bounded by the patch and ``PredictOptions.memory_limit``), except with
+``PredictOptions.nnunet_fp16`` (stock nnU-Net's float16 arithmetic, on whole volumes).
 Region-based models (`autoseg.dataset.spec.LabelScheme` with regions) give sigmoid
 probabilities per region instead, averaged the same way, and the label map is built by
 ``regions_class_order`` (later regions overwrite earlier ones where their probability > 0.5).
@@ -189,11 +190,22 @@ def model_input(model: LoadedModel, case: PreparedCase, index: int,
 
 def reverted_probabilities(model: LoadedModel, logits: torch.Tensor | np.ndarray, props: Any) -> np.ndarray:
     """Probabilities (K, z, y, x) float32 in the input's grid of one model's fold-averaged logits:
-    the logits are resampled, then activated (softmax, or a sigmoid per region)."""
+    the logits are resampled, then activated (softmax, or a sigmoid per region).
+
+    Resampled logits keep the logits' dtype, as in nnU-Net (its resampling computes in float64 and
+    writes its input's dtype): float16 logits (``PredictOptions.nnunet_fp16``) are resampled in
+    float64 and rounded to float16 again before the nonlinearity.
+    """
     regions = model.plan.label_scheme.has_regions
     array = logits.numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits)
-    return revert_preprocessing(array, props, model.plan, model.config,
-                                activation=lambda x: activate(x, regions)).astype(np.float32, copy=False)
+    dtype = array.dtype
+
+    def activation(x: np.ndarray) -> np.ndarray:
+        return activate(x.astype(dtype, copy=False), regions)
+
+    compute = np.float64 if dtype == np.float16 else np.float32
+    return revert_preprocessing(array, props, model.plan, model.config, activation=activation,
+                                dtype=compute).astype(np.float32, copy=False)
 
 
 def predict_prepared(models: Sequence[LoadedModel], case: PreparedCase,
@@ -222,7 +234,7 @@ def predict_labels(models: Sequence[LoadedModel], case: PreparedCase,
                    options: PredictOptions = PredictOptions()) -> np.ndarray:
     """The label map (z, y, x) of a prepared case: slab by slab for one configuration (``options.lean``),
     else argmax of `predict_prepared` (an ensemble of configurations, or ``lean=False``)."""
-    if options.lean and len(models) == 1:
+    if options.use_lean and len(models) == 1:
         model, props = models[0], case.inputs[0][1]
         # the shape of the network input is known before the previous stage runs: check the limit first
         channels = model.plan.num_channels + (model.num_classes - 1 if model.config.previous_stage else 0)
@@ -337,7 +349,7 @@ def predict_folder(models: Sequence[LoadedModel], input_dir: Path, output_dir: P
     """
     if not models:
         raise AutosegError("no model to predict with")
-    models = [with_inference_nets(m, options.compile) for m in models]  # one per run: compiled nets are reused
+    models = [with_inference_nets(m, options.compile_mode) for m in models]  # one per run: compiled nets are reused
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if input_dir.resolve() == output_dir.resolve():
         raise AutosegError("output folder must differ from the input folder", output_dir)

@@ -7,6 +7,10 @@ last window touch the image borders; each window's logits are weighted by a Gaus
 saw the most context, dominate;
 images smaller than the patch are zero-padded (zero is the normalized mean intensity) and
 cropped back. Axis order is the preprocessed (transposed) order, channels first.
+
+``nnunet_fp16=True`` instead repeats nnUNetPredictor's float16 arithmetic operation for operation
+(`_accumulate_nnunet_fp16`), for users who must reproduce nnUNetv2_predict's masks; the default
+float32 accumulation is the more exact one.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from autoseg.common.errors import AutosegError
 from autoseg.common.progress import progress
 
 DEFAULT_STEP = 0.5
@@ -33,6 +38,10 @@ uses); with sigma = patch / 8 the cut lies outside the patch, so it only matters
 
 DEFAULT_BATCH_SIZE = 2
 """Windows per forward pass; small keeps CPU memory low, the GPU path raises it."""
+
+NNUNET_GAUSSIAN_SCALE = 10.0
+"""nnU-Net multiplies its window weights by this before casting them to float16 (its
+``value_scaling_factor``), which keeps most of them out of float16's subnormals."""
 
 
 def window_starts(size: int, patch: int, step: float = DEFAULT_STEP) -> list[int]:
@@ -83,9 +92,9 @@ def unpad(data: torch.Tensor, keep: tuple[slice, ...]) -> torch.Tensor:
 
 
 def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = GAUSSIAN_SIGMA_SCALE,
-                            dtype: torch.dtype = torch.float32,
-                            device: torch.device | str = "cpu") -> torch.Tensor:
-    """nnU-Net's window weights: a separable Gaussian peaked at voxel ``p // 2`` of each axis, max 1.
+                            dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                            value_scale: float = 1.0) -> torch.Tensor:
+    """nnU-Net's window weights: a separable Gaussian peaked at voxel ``p // 2`` of each axis, max ``value_scale``.
 
     sigma = ``p * sigma_scale`` per axis, cut beyond `GAUSSIAN_TRUNCATE_SIGMAS`. Weights that are
     zero in ``dtype`` (the cut, or underflow at the patch corners in low precision) become the
@@ -102,7 +111,7 @@ def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = GAUS
     g = axes[0]
     for a in axes[1:]:
         g = np.multiply.outer(g, a)
-    out = torch.from_numpy(g / g.max()).to(device=device, dtype=dtype)
+    out = torch.from_numpy(g / g.max() * value_scale).to(device=device, dtype=dtype)
     zero = out == 0
     if bool(zero.any()):
         out[zero] = out[~zero].min()
@@ -130,12 +139,65 @@ def _forward(net: nn.Module, x: torch.Tensor, mirror_axes: Sequence[int], amp: b
     return total / len(combos)
 
 
+def _forward_nnunet(net: nn.Module, x: torch.Tensor, mirror_axes: Sequence[int], amp: bool) -> torch.Tensor:
+    """nnU-Net's mirroring: the identity's logits, the flipped passes added in place, divided once,
+    all in the network's output dtype (float16 under CUDA autocast, which is float16 there too)."""
+    combos = mirror_combinations(mirror_axes)
+    with torch.autocast(device_type=x.device.type, dtype=torch.float16, enabled=amp):
+        total = None
+        for combo in combos:
+            dims = [a + 2 for a in combo]
+            yi = net(torch.flip(x, dims) if dims else x)
+            if isinstance(yi, (list, tuple)):
+                yi = yi[0]
+            if total is None:
+                total = yi
+            else:
+                total += torch.flip(yi, dims)
+        if len(combos) > 1:
+            total /= len(combos)
+    return total
+
+
+def _accumulate_nnunet_fp16(net: nn.Module, padded: torch.Tensor, tiles: Sequence[tuple[slice, ...]],
+                            patch_size: Sequence[int], num_classes: int, mirror_axes: Sequence[int],
+                            device: torch.device, acc_device: torch.device, amp: bool,
+                            show_progress: bool) -> torch.Tensor:
+    """Stock nnUNetPredictor's blending, operation for operation: float16 weights (the Gaussian
+    times `NNUNET_GAUSSIAN_SCALE`, zeros raised to its smallest value), float16 logit and weight
+    sums updated in place one window at a time, and a float16 division. Returns float16 logits.
+
+    The same torch operations on the same dtypes in the same order give the same bits, which
+    is the point: float16's rounding (and its subnormal weights at the patch corners) is what
+    makes nnU-Net's masks differ from the float32 ones on a few near-tied voxels.
+    """
+    gauss = gaussian_importance_map(patch_size, dtype=torch.float16, device=acc_device,
+                                    value_scale=NNUNET_GAUSSIAN_SCALE)
+    spatial = tuple(padded.shape[1:])
+    logits = torch.zeros((num_classes, *spatial), dtype=torch.float16, device=acc_device)
+    weights = torch.zeros(spatial, dtype=torch.float16, device=acc_device)
+    for t in progress(tiles, desc="windows", enabled=show_progress, unit="window"):
+        x = padded[(slice(None), *t)][None].contiguous().to(device)
+        y = _forward_nnunet(net, x, mirror_axes, amp)[0].to(acc_device)
+        if y.shape[0] != num_classes:
+            raise ValueError(f"network returned {y.shape[0]} channels, expected {num_classes}")
+        y *= gauss
+        logits[(slice(None), *t)] += y
+        weights[t] += gauss
+    torch.div(logits, weights, out=logits)
+    if bool(torch.isinf(logits).any()):
+        raise AutosegError("the float16 logits of --nnunet-fp16 overflowed (as nnUNetv2_predict's would); "
+                           "predict without --nnunet-fp16")
+    return logits
+
+
 @torch.inference_mode()
 def predict_sliding_window(net: nn.Module, data: torch.Tensor, patch_size: Sequence[int], num_classes: int,
                            step: float = DEFAULT_STEP, mirror_axes: Sequence[int] = (),
                            batch_size: int = DEFAULT_BATCH_SIZE, device: torch.device | str = "cpu",
                            amp: bool | None = None, show_progress: bool = False,
-                           results_device: torch.device | str | None = None) -> torch.Tensor:
+                           results_device: torch.device | str | None = None,
+                           nnunet_fp16: bool = False) -> torch.Tensor:
     """Logits (K, *spatial) for a (C, *spatial) image, on ``results_device`` (float32).
 
     Windows are batched and run on ``device``; Gaussian-weighted logits are summed into an
@@ -144,6 +206,8 @@ def predict_sliding_window(net: nn.Module, data: torch.Tensor, patch_size: Seque
     weights. Pass ``results_device="cpu"`` for volumes too large for GPU memory.
     ``mirror_axes`` are spatial axis indices (0 = first spatial axis); every combination is
     predicted and averaged. ``amp`` (default: on for CUDA) runs the network under bf16 autocast.
+    ``nnunet_fp16`` reproduces stock nnU-Net's float16 blending instead (`_accumulate_nnunet_fp16`:
+    one window per pass, ``batch_size`` ignored, fp16 autocast for ``amp``) and returns float16.
     """
     device = torch.device(device)
     acc_device = device if results_device is None else torch.device(results_device)
@@ -154,6 +218,10 @@ def predict_sliding_window(net: nn.Module, data: torch.Tensor, patch_size: Seque
     padded, keep = pad_to_patch(data.float(), patch_size)
     spatial = tuple(padded.shape[1:])
     tiles = compute_tiles(spatial, patch_size, step)
+    if nnunet_fp16:
+        out16 = _accumulate_nnunet_fp16(net, padded.to(acc_device), tiles, patch_size, num_classes, mirror_axes,
+                                        device, acc_device, amp, show_progress)
+        return unpad(out16, keep)
     gauss = gaussian_importance_map(patch_size, dtype=torch.float32, device=acc_device)
     logits = torch.zeros((num_classes, *spatial), dtype=acc_dtype, device=acc_device)
     weights = torch.zeros(spatial, dtype=torch.float32, device=acc_device)

@@ -139,20 +139,22 @@ def preprocess_case(data: np.ndarray, geometry: Geometry, seg: np.ndarray | None
 
 
 def revert_preprocessing(array: np.ndarray, props: CaseProperties, plan: Plan, config: Configuration,
-                         order: int = 1, activation: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+                         order: int = 1, activation: Callable[[np.ndarray], np.ndarray] | None = None,
+                         dtype: type = np.float32) -> np.ndarray:
     """Put (K, *preprocessed spatial) probabilities or logits back on the original (z, y, x) grid.
 
     Resamples to the cropped shape (same separate-axis rule as preprocessing, ``order``
     in-plane), applies ``activation`` (logits -> probabilities: nnU-Net resamples the logits and
     takes their softmax or sigmoid only then), pastes into the full original extent (outside
-    the crop: channel 0 = 1, the others 0, i.e. background) and transposes back. ``argmax(0)``
+    the crop: channel 0 = 1, the others 0, i.e. background) and transposes back. The resampling
+    computes in ``dtype``. ``argmax(0)``
     of the result can be written with ``write_image(path, seg, props.original_geometry)``.
     """
     if array.ndim != 4 or tuple(array.shape[1:]) != tuple(props.shape_after_resampling):
         raise ValueError(f"expected (K, *{props.shape_after_resampling}), got {array.shape}")
     tf, tb = tuple(plan.transpose_forward), tuple(plan.transpose_backward)
     crop_shape_t = tuple(props.shape_after_crop[a] for a in tf)
-    resampled = resample_data(array, crop_shape_t, order, props.separate_z_axis)
+    resampled = resample_data(array, crop_shape_t, order, props.separate_z_axis, dtype)
     if activation is not None:
         resampled = activation(resampled)
     resampled = resampled.transpose(0, *[a + 1 for a in tb])

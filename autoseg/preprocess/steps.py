@@ -104,12 +104,14 @@ def _resize_nearest_along(array: np.ndarray, axis: int, new_len: int) -> np.ndar
     return np.take(array, idx, axis=axis)
 
 
-def _resize(volume: np.ndarray, new_shape: tuple[int, ...], order: int, axis: int | None) -> np.ndarray:
-    """Resize a 3D float volume; with ``axis``, in-plane at ``order`` then that axis by nearest."""
+def _resize(volume: np.ndarray, new_shape: tuple[int, ...], order: int, axis: int | None,
+            dtype: type = np.float32) -> np.ndarray:
+    """Resize a 3D float volume (computed in ``dtype``); with ``axis``, in-plane at ``order`` then that axis
+    by nearest."""
     if volume.shape == tuple(new_shape):
         return volume
     if axis is None:
-        return resize(volume, new_shape, order=order, mode="edge", anti_aliasing=False).astype(np.float32)
+        return resize(volume, new_shape, order=order, mode="edge", anti_aliasing=False).astype(dtype)
     in_plane = list(new_shape)
     in_plane[axis] = volume.shape[axis]
     out = volume
@@ -118,7 +120,7 @@ def _resize(volume: np.ndarray, new_shape: tuple[int, ...], order: int, axis: in
         # not a Python loop); each slice is then clipped to its own input range, as a
         # per-slice resize would do
         out = resize(volume, tuple(in_plane), order=order, mode="edge", anti_aliasing=False,
-                     clip=False).astype(np.float32)
+                     clip=False).astype(dtype)
         other = tuple(a for a in range(volume.ndim) if a != axis)
         lo = np.expand_dims(volume.min(axis=other), other)
         hi = np.expand_dims(volume.max(axis=other), other)
@@ -127,10 +129,12 @@ def _resize(volume: np.ndarray, new_shape: tuple[int, ...], order: int, axis: in
     return _resize_nearest_along(out, axis, new_shape[axis])
 
 
-def resample_data(data: np.ndarray, new_shape: tuple[int, ...], order: int, axis: int | None) -> np.ndarray:
-    """Resample float (C, *spatial) data channel by channel; returns float32."""
-    return np.stack([_resize(data[c].astype(np.float32, copy=False), new_shape, order, axis)
-                     for c in range(data.shape[0])]).astype(np.float32, copy=False)
+def resample_data(data: np.ndarray, new_shape: tuple[int, ...], order: int, axis: int | None,
+                  dtype: type = np.float32) -> np.ndarray:
+    """Resample float (C, *spatial) data channel by channel, computed in and returned as ``dtype``
+    (float64 where float16 logits must round as nnU-Net's float64 resampling does)."""
+    return np.stack([_resize(data[c].astype(dtype, copy=False), new_shape, order, axis, dtype)
+                     for c in range(data.shape[0])]).astype(dtype, copy=False)
 
 
 def resample_seg(seg: np.ndarray, new_shape: tuple[int, ...], labels: Sequence[int], order: int,

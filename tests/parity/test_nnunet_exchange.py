@@ -25,6 +25,7 @@ import contextlib
 import functools
 import json
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ from autoseg.dataset.phantom import PhantomRecipe, make_phantom_dataset, make_re
 from autoseg.dataset.spec import load_dataset  # noqa: E402
 from autoseg.infer.nnunet_export import export_nnunet  # noqa: E402
 from autoseg.infer.nnunet_import import import_nnunet  # noqa: E402
-from autoseg.infer.predict import PredictOptions, load_configuration, predict_case  # noqa: E402
+from autoseg.infer.predict import LoadedModel, PredictOptions, load_configuration, predict_case  # noqa: E402
 from autoseg.nets.unet import build_unet  # noqa: E402
 from autoseg.train.checkpoint import Checkpoint, RngState, save_checkpoint  # noqa: E402
 from autoseg.train.config import TrainerConfig  # noqa: E402
@@ -57,6 +58,8 @@ MASK_AGREEMENT = 0.999
 PROBABILITY_TOLERANCE = 1e-3
 STOCK_MASK_AGREEMENT = 0.99
 """Against nnU-Net's float16 accumulators (see the module doc)."""
+STOCK_FP16_MASK_AGREEMENT = 0.9999
+"""autoseg's ``nnunet_fp16`` mode (the same float16 arithmetic) against stock nnU-Net."""
 
 
 @contextlib.contextmanager
@@ -91,7 +94,26 @@ def _predictor(folder: Path, folds: tuple[int, ...]) -> "nnunet_predict.nnUNetPr
     return p
 
 
-def _compare(name: str, model, predictor, images: list[Path], stock: bool = True) -> dict[str, float]:
+@dataclass
+class Imported:
+    """An nnU-Net results folder imported into autoseg, its nnUNetPredictor, and the case(s) to predict."""
+
+    model: LoadedModel
+    predictor: "nnunet_predict.nnUNetPredictor"
+    cases: list[list[Path]]
+    _stock: dict = field(default_factory=dict)
+
+    def stock(self, images: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+        """Stock nnUNetPredictor's (mask, probabilities) of one case, computed once per module."""
+        key = tuple(images)
+        if key not in self._stock:
+            image, props = SimpleITKIO().read_images([str(f) for f in images])
+            self._stock[key] = self.predictor.predict_single_npy_array(image, props, None, None, True)
+        return self._stock[key]
+
+
+def _compare(name: str, model, predictor, images: list[Path], stock: bool = True,
+             imported: Imported | None = None) -> dict[str, float]:
     """autoseg (whole volume and slab-wise) against nnUNetPredictor on one case; figures printed.
 
     ``stock=False`` skips the stock-nnU-Net and the slab-wise predictions (a second case of a test).
@@ -104,7 +126,10 @@ def _compare(name: str, model, predictor, images: list[Path], stock: bool = True
     out = {"masks": float((seg == ref_seg).mean()), "max_prob_diff": float(np.abs(probs - ref_probs).max())}
     if stock:
         out["lean_masks"] = float((predict_case([model], images, PredictOptions())[0] == ref_seg).mean())
-        stock_seg, stock_probs = predictor.predict_single_npy_array(image, props, None, None, True)
+        if imported is not None:
+            stock_seg, stock_probs = imported.stock(images)
+        else:
+            stock_seg, stock_probs = predictor.predict_single_npy_array(image, props, None, None, True)
         out["stock_masks"] = float((seg == stock_seg).mean())
         out["stock_max_prob_diff"] = float(np.abs(probs - stock_probs).max())
         out["stock_p999_prob_diff"] = float(np.quantile(np.abs(probs - stock_probs), 0.999))
@@ -122,9 +147,12 @@ def _pad_with_zeros(folder: Path, pattern: str) -> None:
         sitk.WriteImage(sitk.ConstantPad(sitk.ReadImage(str(f)), [3, 0, 1], [2, 2, 0], 0), str(f))
 
 
-@pytest.mark.skipif(not hippocampus_available(), reason="real MSD Hippocampus not found")
-def test_hippocampus_two_folds_match_nnunet(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def hippocampus(tmp_path_factory: pytest.TempPathFactory) -> Imported:
     """Real cases, plain U-Net, 2 folds (logits averaged), CT normalization, resampled target spacing."""
+    if not hippocampus_available():
+        pytest.skip("real MSD Hippocampus not found")
+    tmp_path = tmp_path_factory.mktemp("hippocampus")
     cfg = nnunet_config((32, 32, 32), (1.2, 1.1, 1.0), [[1, 1, 1], [2, 2, 2], [2, 2, 2]], [4, 8, 16],
                         ["CTNormalization"], [False])
     plans = nnunet_plans("Dataset004_Hippocampus", {"3d_fullres": cfg}, median_shape=(36, 50, 35))
@@ -135,15 +163,15 @@ def test_hippocampus_two_folds_match_nnunet(tmp_path: Path) -> None:
     paths = Paths.under(tmp_path / "autoseg")
     result = import_nnunet(paths, folder)
     model = load_configuration(paths, result.dataset, result.config_dirname, [0, 1])
-    predictor = _predictor(folder, (0, 1))
-    for i, case in enumerate(("hippocampus_001", "hippocampus_003")):
-        _compare(f"hippocampus {case}", model, predictor, [HIPPOCAMPUS_MSD / "imagesTr" / f"{case}.nii.gz"],
-                 stock=i == 0)
+    return Imported(model, _predictor(folder, (0, 1)),
+                    [[HIPPOCAMPUS_MSD / "imagesTr" / f"{case}.nii.gz"] for case in ("hippocampus_001", "hippocampus_003")])
 
 
-def test_anisotropic_transposed_residual_multiclass_matches_nnunet(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def anisotropic(tmp_path_factory: pytest.TempPathFactory) -> Imported:
     """Generated 3-label case, coarse axis 1 (transposed first), zero frame cropped, masked z-score,
     ResEnc network, in-plane resampling with the separate axis, mirroring of two axes only."""
+    tmp_path = tmp_path_factory.mktemp("anisotropic")
     raw = make_phantom_dataset(tmp_path / "raw", PhantomRecipe(num_training=1, num_test=0, shape=(36, 10, 36),
                                                                spacing=(0.9, 3.2, 0.9), shape_jitter=2),
                                dataset_name="Dataset990_ParityAniso")
@@ -159,9 +187,41 @@ def test_anisotropic_transposed_residual_multiclass_matches_nnunet(tmp_path: Pat
     paths = Paths.under(tmp_path / "autoseg")
     result = import_nnunet(paths, folder)
     model = load_configuration(paths, result.dataset, result.config_dirname, [0])
+    return Imported(model, _predictor(folder, (0,)), [list(load_dataset(raw).cases[0].images)])
+
+
+def test_hippocampus_two_folds_match_nnunet(hippocampus: Imported) -> None:
+    """Real cases, plain U-Net, 2 folds (logits averaged), CT normalization, resampled target spacing."""
+    for i, images in enumerate(hippocampus.cases):
+        _compare(f"hippocampus {images[0].name.split('.')[0]}", hippocampus.model, hippocampus.predictor, images,
+                 stock=i == 0, imported=hippocampus)
+
+
+def test_anisotropic_transposed_residual_multiclass_matches_nnunet(anisotropic: Imported) -> None:
+    """Generated 3-label case, coarse axis 1 (transposed first), zero frame cropped, masked z-score,
+    ResEnc network, in-plane resampling with the separate axis, mirroring of two axes only."""
+    model = anisotropic.model
     assert model.mirror_axes == (1, 2) and model.plan.transpose_forward == (1, 0, 2)
-    case = load_dataset(raw).cases[0]
-    _compare("anisotropic residual", model, _predictor(folder, (0,)), list(case.images))
+    _compare("anisotropic residual", model, anisotropic.predictor, anisotropic.cases[0], imported=anisotropic)
+
+
+def test_nnunet_fp16_reproduces_stock_nnunet_masks(hippocampus: Imported, anisotropic: Imported) -> None:
+    """``PredictOptions(nnunet_fp16=True)`` repeats stock nnU-Net's float16 arithmetic: its masks agree with
+    stock nnUNetPredictor's on >= 99.99 % of voxels, where the float32 default agrees on fewer."""
+    for name, imported in (("hippocampus", hippocampus), ("anisotropic", anisotropic)):
+        images = imported.cases[0]
+        stock_seg, stock_probs = imported.stock(images)
+        seg, probs, _ = predict_case([imported.model], images, PredictOptions(nnunet_fp16=True),
+                                     return_probabilities=True)
+        labels_only = predict_case([imported.model], images, PredictOptions(nnunet_fp16=True))[0]
+        default = predict_case([imported.model], images, PredictOptions())[0]
+        fp16, fp32 = float((seg == stock_seg).mean()), float((default == stock_seg).mean())
+        print(f"\nnnunet-fp16 {name}: masks vs stock nnU-Net {fp16:.6f} (float32 default {fp32:.6f}), "
+              f"probabilities bit-equal {float((probs == stock_probs).mean()):.6f}, "
+              f"max diff {float(np.abs(probs - stock_probs).max()):.3g}")
+        assert np.array_equal(labels_only, seg)  # no probabilities kept: the same whole-volume path
+        assert fp16 >= STOCK_FP16_MASK_AGREEMENT and fp16 >= fp32
+        assert float(np.abs(probs - stock_probs).max()) <= 1e-6  # measured 6e-8: one float32 ulp at most
 
 
 def test_2d_regions_match_nnunet(tmp_path: Path) -> None:
