@@ -131,7 +131,10 @@ def _usage() -> dict:
 
 def child_autoseg(work: Path, inp: Path, out: Path, tta: bool, lean: bool, compile_mode: str = "auto",
                   memory_limit: str | None = None) -> dict:
-    """autoseg's predictor on the model `import_models` made of nnU-Net's folder (what ``predict -m`` loads)."""
+    """autoseg's predictor on the model `import_nnunet` made of nnU-Net's folder (what ``predict -m`` loads).
+
+    ``compile_mode`` ``fp16`` means ``--nnunet-fp16`` (nnU-Net's float16 arithmetic, eager).
+    """
     from autoseg.common.jsonio import load_record
     from autoseg.common.paths import Paths
     from autoseg.infer.lean import parse_memory
@@ -139,11 +142,12 @@ def child_autoseg(work: Path, inp: Path, out: Path, tta: bool, lean: bool, compi
     from autoseg.planning.plans import Plan
 
     dataset = load_record(work / "autoseg_plan.json", Plan).dataset
+    fp16 = compile_mode == "fp16"
     model = load_model(fold_dirs_for(Paths.under(work / "imported"), dataset, "3d_fullres", [0]), "cpu")
     t0, c0 = time.perf_counter(), _cpu_s()
-    predict_folder([model], inp, out, force=True, options=PredictOptions(tta=tta, lean=lean, compile=compile_mode,
-                                                                    memory_limit=parse_memory(memory_limit)),
-                   show_progress=False)
+    options = PredictOptions(tta=tta, lean=lean, compile="off" if fp16 else compile_mode, nnunet_fp16=fp16,
+                             memory_limit=parse_memory(memory_limit))
+    predict_folder([model], inp, out, force=True, options=options, show_progress=False)
     return {"wall_s": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0}
 
 
@@ -319,7 +323,7 @@ def main() -> None:
     ap.add_argument("--max-features", type=int, default=None,
                     help="--large: cap the network width (a memory run on a small CPU; say so with the figures)")
     ap.add_argument("--compile", default="off,auto",
-                    help="autoseg --compile modes to run, comma-separated (the child takes one)")
+                    help="autoseg --compile modes to run, comma-separated (the child takes one); fp16 = --nnunet-fp16")
     ap.add_argument("--memory-limit", default=None, help="autoseg predict --memory-limit (lean path)")
     ap.add_argument("--whole", action="store_true", help="also run autoseg's whole-volume path")
     ap.add_argument("--child", choices=("autoseg", "autoseg-whole", "nnunet"), help=argparse.SUPPRESS)
