@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from autoseg.cli.app import cli, paths_from
+from autoseg.cli.app import cli, paths_from, tracking_from
 from autoseg.common.errors import AutosegError
 from autoseg.common.jsonio import load_record
 from autoseg.common.paths import DEFAULT_PLANS, TrainingId
@@ -16,8 +16,6 @@ from autoseg.evaluate.summary import SUMMARY_FILE, Summary
 from autoseg.pipeline.folds import parse_fold
 from autoseg.pipeline.run import train_fold
 from autoseg.planning.store import resolve_plans
-from autoseg.track.base import require_backend
-from autoseg.track.spec import TrackRequest, track_request_from_env
 from autoseg.train.config import TrainerConfig, apply_overrides, default_num_workers
 from autoseg.train.ddp import DistContext
 from autoseg.train.loop import EXIT_INTERRUPTED, TrainingInterrupted
@@ -102,17 +100,6 @@ def train_cmd(ctx: click.Context, dataset: str, config: str, fold: str, resume: 
         click.echo(f"{tid}: {word}, {r.epochs_completed} epochs, best EMA pseudo-Dice {best}; files in {r.fold_dir}")
         if r.validation_dir is not None and r.status != "already_finished":
             _echo_validation(r.validation_dir)
-
-
-def tracking_from(option: str | None, checkpoints: bool = False, file_value: str | None = None) -> TrackRequest | None:
-    """``--track`` (or a sweep file's ``track:``, or $AUTOSEG_TRACK) resolved here, its package checked now."""
-    request = track_request_from_env(os.environ, option, Path.cwd(), file_value)
-    if request is None:
-        return None
-    require_backend(request.spec)
-    if checkpoints:
-        request = dataclasses.replace(request, spec=dataclasses.replace(request.spec, checkpoints=True))
-    return request
 
 
 def _echo_validation(validation_dir: Path) -> None:

@@ -42,6 +42,13 @@ MAX_PENDING = 100_000
 END_TIMEOUT_S = 30.0
 """How long a finished run waits for the tracker to take its last events before dropping them."""
 
+WARN_AFTER_FAILING_S = 2.0
+"""Failures shorter than this (a sqlite database locked by a concurrent writer) are retried quietly."""
+
+STALL_WARN_S = 30.0
+"""A call the tracker has not answered for this long is reported (once) by the next logging call: a
+client may retry a dead server for minutes on its own (MLflow: ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``)."""
+
 START_TIMEOUT_S = 60.0
 """How long a caller that needs the run id (a sweep's parent, for its children) waits for it."""
 
@@ -78,6 +85,7 @@ class RunLogger:
         self._ending = False
         self._warned = False
         self._failing_since: float | None = None
+        self._call_started: float | None = None
         self.sent = 0
         self.dropped = 0
         self._thread = threading.Thread(target=self._work, name=f"track-{backend.name}", daemon=True)
@@ -129,6 +137,11 @@ class RunLogger:
         return EndReport(self.run_id, self.dropped, self.sent)
 
     def _put(self, event: _Event) -> None:
+        started = self._call_started
+        if started is not None and not self._warned and time.monotonic() - started > STALL_WARN_S:
+            self._warned = True
+            log.warning("tracking (%s): the tracker has not answered for %.0f s; buffering, training goes on",
+                        self.backend.name, time.monotonic() - started)
         with self._cond:
             if self._abandon:
                 self.dropped += 1
@@ -202,6 +215,7 @@ class RunLogger:
         """Run ``fn`` until it succeeds (True), is refused for good (False) or the logger is abandoned (None)."""
         pause = RETRY_PAUSE_S
         while True:
+            self._call_started = time.monotonic()
             try:
                 fn()
             except Exception as e:  # any backend failure: tracking must never reach training
@@ -210,11 +224,13 @@ class RunLogger:
                     log.warning("tracking (%s): %s refused it: %s; dropped", self.backend.name,
                                 self.run_id or self.request.name, line)
                     return False
-                if not self._warned:
+                self._failing_since = self._failing_since or time.monotonic()
+                if not self._warned and time.monotonic() - self._failing_since >= WARN_AFTER_FAILING_S:
                     self._warned = True
                     log.warning("tracking (%s): cannot reach the tracker (%s); buffering, training goes on",
                                 self.backend.name, line)
-                self._failing_since = self._failing_since or time.monotonic()
+                else:
+                    log.debug("tracking (%s): %s; retrying in %.1f s", self.backend.name, line, pause)
                 with self._cond:
                     if self._abandon:
                         return None
@@ -223,9 +239,12 @@ class RunLogger:
                         return None
                 pause = min(pause * 2, MAX_RETRY_PAUSE_S)
                 continue
+            finally:
+                self._call_started = None
             if self._failing_since is not None:
-                log.warning("tracking (%s): the tracker answers again after %.0f s; replaying %d buffered event(s)",
-                            self.backend.name, time.monotonic() - self._failing_since, len(self._queue))
+                (log.warning if self._warned else log.debug)(
+                    "tracking (%s): the tracker answers again after %.0f s; replaying %d buffered event(s)",
+                    self.backend.name, time.monotonic() - self._failing_since, len(self._queue))
                 self._failing_since = None
             return True
 

@@ -179,8 +179,14 @@ def track_request_from_env(env: Mapping[str, str], option: str | None, cwd: Path
                                            context.params, environment))
 
 
-def child_env(spec: TrackSpec, context: TrackContext | None = None) -> dict[str, str]:
-    """The variables a scheduled child needs to log into the same tracker (and under its parent run)."""
+def child_env(spec: TrackSpec | None, context: TrackContext | None = None) -> dict[str, str]:
+    """The variables a scheduled child needs to log into the same tracker (and under its parent run).
+
+    ``spec=None`` switches tracking off in the child: an inherited ``$AUTOSEG_TRACK`` would make it
+    track, relative to its own working directory (the CLI resolved the parent's into ``spec`` already).
+    """
+    if spec is None:
+        return {TRACK_ENV: "none", CONTEXT_ENV: ""}
     env = {TRACK_ENV: spec.text()}
     if spec.checkpoints:
         env[CHECKPOINTS_ENV] = "1"
