@@ -109,13 +109,16 @@ class RunLogger:
         if Path(path).is_file():
             self._put(_Event("artifact", (Path(path), folder)))
 
-    def wait_started(self, timeout_s: float = START_TIMEOUT_S) -> str | None:
-        """The run id once the tracker has created the run; None if it did not within ``timeout_s``."""
-        self._started.wait(timeout_s)
+    def wait_started(self, timeout_s: float | None = None) -> str | None:
+        """The run id once the tracker has created the run; None if it did not within ``timeout_s``
+        (default `START_TIMEOUT_S`)."""
+        self._started.wait(START_TIMEOUT_S if timeout_s is None else timeout_s)
         return self.run_id
 
-    def end(self, status: RunStatus, error: str | None = None, timeout_s: float = END_TIMEOUT_S) -> EndReport:
-        """Queue the end (with the ``error`` line as a tag), wait for the queue to drain, report losses."""
+    def end(self, status: RunStatus, error: str | None = None, timeout_s: float | None = None) -> EndReport:
+        """Queue the end (with the ``error`` line as a tag), wait for the queue to drain (at most ``timeout_s``,
+        default `END_TIMEOUT_S`), report losses."""
+        timeout_s = END_TIMEOUT_S if timeout_s is None else timeout_s
         if error:
             self.set_tags({"error": error[:1000]})
         self._put(_Event("end", status))

@@ -24,6 +24,9 @@ from autoseg.common.procs import fork_private
 from autoseg.track.base import RunRequest, RunStatus
 from autoseg.track.spec import TrackSpec
 
+DATABASE_SCHEMES = ("sqlite:", "postgresql", "mysql", "mssql")
+"""Tracking URIs MLflow serves from a database in this process (the others go through its REST client)."""
+
 PARENT_TAG = "mlflow.parentRunId"
 """The tag MLflow's UI nests runs by."""
 
@@ -57,6 +60,10 @@ class MlflowBackend:
         from mlflow.entities import Metric, Param, RunTag
         from mlflow.exceptions import MlflowException
 
+        if spec.target.startswith(DATABASE_SCHEMES):  # seconds of imports and ORM set-up: here, not in the worker
+            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+        else:
+            import mlflow.store.tracking.rest_store  # noqa: F401
         self.spec = spec
         self._client_class, self._exception = MlflowClient, MlflowException
         self._entities = (Metric, Param, RunTag)
