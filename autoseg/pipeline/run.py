@@ -44,7 +44,7 @@ from autoseg.pipeline.folds import (
     record_inputs,
 )
 from autoseg.pipeline.isolation import compile_cache, isolated_dirs, stop_on_signals
-from autoseg.pipeline.tracking import FoldTracker, cpu_share, start_fold_tracking, tracked
+from autoseg.pipeline.tracking import FoldTracker, cpu_share, start_fold_tracking, tracked, tracked_validation
 from autoseg.pipeline.validate import FoldValidation, validate_finished, validate_fold, validation_complete
 from autoseg.planning.store import load_plan
 from autoseg.planning.plans import Plan
@@ -88,8 +88,8 @@ def train_fold(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan | N
     ``tid.seed`` (sweeps) overrides ``cfg.seed``. ``num_workers`` is the caller's CPU share
     for data workers, used when ``cfg.num_workers`` is None. ``dist`` places this process in
     a torchrun group (rank 0 alone writes files). ``track`` logs the run to a tracker
-    (`autoseg.pipeline.tracking`; rank 0 only, never stopping training); a ``validation_only`` or
-    already finished run is not tracked again.
+    (`autoseg.pipeline.tracking`; rank 0 only, never stopping training); a fold whose validation
+    ``resume`` completes gets its final metrics into its run; ``validation_only`` is not tracked.
     """
     dist = dist or DistContext()
     check_training_id(tid)
@@ -231,7 +231,8 @@ def _finished(req: _Request, ckpt: Checkpoint, fold_dir: Path) -> TrainResult:
     wanted = req.save_probabilities or finished_cfg.final_validation != "off"
     if dist.is_main and wanted and not validation_complete(req.paths, tid, fold_dir, req.save_probabilities):
         log.info("%s is trained but its validation is incomplete; validating", tid)
-        return validate_finished(_validation_of(req, req.rt), finished_cfg.final_validation != "no_mirroring")
+        return tracked_validation(req.track, ckpt, fold_dir, tid, lambda: validate_finished(
+            _validation_of(req, req.rt), finished_cfg.final_validation != "no_mirroring"))
     log.info("%s is finished (%s exists); nothing to do", tid, ckpt_files.FINAL)
     return TrainResult(tid, fold_dir, "already_finished", ckpt.epoch, ckpt.best_ema_pseudo_dice,
                        ckpt.history[-1]["ema_pseudo_dice"] if ckpt.history else None,

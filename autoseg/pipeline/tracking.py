@@ -13,15 +13,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from autoseg.common.errors import AutosegError
 from autoseg.common.jsonio import load_record, save_record
+from autoseg.common.paths import TrainingId
 from autoseg.evaluate.summary import SUMMARY_FILE, Summary
-from autoseg.pipeline.folds import PLANS_COPY, TRAINER_CONFIG_FILE, VALIDATION_DIR
+from autoseg.pipeline.folds import PLANS_COPY, TRAINER_CONFIG_FILE, VALIDATION_DIR, TrainResult
 from autoseg.track.base import RunRequest, RunStatus
 from autoseg.track.fold import (TRACKING_FILE, FoldFacts, TrackingRecord, class_names, epoch_metrics, final_metrics,
                                 fold_params, run_name, run_tags)
@@ -29,6 +30,7 @@ from autoseg.track.logger import RunLogger, error_line
 from autoseg.track.registry import open_run
 from autoseg.track.spec import TrackRequest
 from autoseg.train import checkpoint as ckpt_files
+from autoseg.train.checkpoint import Checkpoint
 from autoseg.train.loop import LOG_FILE, PROGRESS_PNG, FitResult, TrainingInterrupted
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,12 @@ class FoldTracker:
 
     def on_epoch(self, record: dict[str, Any]) -> None:
         """`autoseg.train.loop.FitSetup.on_epoch`: one epoch's line of training_log.jsonl as metrics."""
-        self.logger.log_metrics(epoch_metrics(record, self.classes, self.batch_size), step=int(record["epoch"]))
+        try:
+            metrics = epoch_metrics(record, self.classes, self.batch_size)
+        except Exception as e:  # a malformed record must not reach the training loop
+            log.warning("tracking: epoch %s not logged: %s", record.get("epoch"), error_line(e))
+            return
+        self.logger.log_metrics(metrics, step=int(record.get("epoch", 0)))
 
     def finish(self, result: FitResult, validation_dir: Path | None) -> None:
         """Queue the final validation's metrics (summary.json) and the artifacts."""
@@ -59,7 +66,10 @@ class FoldTracker:
                                             "best_ema_pseudo_dice": result.best_ema_pseudo_dice}
         summary_file = validation_dir / SUMMARY_FILE if validation_dir is not None else None
         if summary_file is not None and summary_file.is_file():
-            metrics.update(final_metrics(load_record(summary_file, Summary)))
+            try:
+                metrics.update(final_metrics(load_record(summary_file, Summary)))
+            except AutosegError as e:  # the fold's result stands; only its tracker copy is missing
+                log.warning("tracking: final metrics not logged: %s", e)
             self.logger.log_artifact(summary_file, VALIDATION_DIR)
         self.logger.log_metrics(metrics)
         for name in ARTIFACTS:
@@ -78,6 +88,34 @@ class FoldTracker:
 def start_fold_tracking(request: TrackRequest, facts: FoldFacts, fold_dir: Path, resumed: bool,
                         batch_size: int) -> FoldTracker | None:
     """Open the fold's run and queue its params; None when the tracker cannot be loaded (one warning)."""
+    try:
+        return _start(request, facts, fold_dir, resumed, batch_size)
+    except Exception as e:  # whatever goes wrong here, the fold trains untracked
+        log.warning("tracking (%s) is off for this fold: %s", request.spec.backend, error_line(e))
+        return None
+
+
+def tracked_validation(request: TrackRequest | None, ckpt: Checkpoint, fold_dir: Path, tid: TrainingId,
+                       validate: Callable[[], TrainResult]) -> TrainResult:
+    """Run ``validate`` for a fold whose training finished but whose validation did not (killed while
+    validating): its tracker run, when it has one, is reopened for the final metrics and ended with them."""
+    previous = _previous_run(fold_dir, request) if request is not None else None
+    logger = None
+    if request is not None and previous is not None:
+        logger = open_run(request.spec, RunRequest(name=run_name(tid), experiment=request.context.experiment or "",
+                                                   folder=fold_dir, resume_id=previous))
+    tracker = None if logger is None or request is None else FoldTracker(logger, request, fold_dir,
+                                                                          class_names(ckpt.plan), 1)
+    with tracked(tracker):
+        result = validate()
+        if tracker is not None:
+            last = ckpt.history[-1]["ema_pseudo_dice"] if ckpt.history else None
+            tracker.finish(FitResult(ckpt.epoch, ckpt.best_ema_pseudo_dice, last, list(ckpt.history),
+                                     fold_dir / ckpt_files.FINAL), result.validation_dir)
+    return result
+
+
+def _start(request: TrackRequest, facts: FoldFacts, fold_dir: Path, resumed: bool, batch_size: int) -> FoldTracker | None:
     spec, context, tid = request.spec, request.context, facts.tid
     previous = _previous_run(fold_dir, request) if resumed else None
     experiment = context.experiment or tid.dataset
@@ -94,10 +132,10 @@ def start_fold_tracking(request: TrackRequest, facts: FoldFacts, fold_dir: Path,
     return FoldTracker(logger, request, fold_dir, class_names(facts.plan), batch_size)
 
 
-def _previous_run(fold_dir: Path, request: TrackRequest) -> str | None:
+def _previous_run(fold_dir: Path, request: TrackRequest | None) -> str | None:
     """The run id in ``tracking.json`` when it belongs to the same tracker (else a new run starts)."""
     file = fold_dir / TRACKING_FILE
-    if not file.is_file():
+    if request is None or not file.is_file():
         return None
     try:
         record = load_record(file, TrackingRecord)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
 import math
 import re
 import time
@@ -60,10 +61,9 @@ class MlflowBackend:
         from mlflow.entities import Metric, Param, RunTag
         from mlflow.exceptions import MlflowException
 
-        if spec.target.startswith(DATABASE_SCHEMES):  # seconds of imports and ORM set-up: here, not in the worker
-            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-        else:
-            import mlflow.store.tracking.rest_store  # noqa: F401
+        # the store's module is seconds of imports (and ORM set-up): here, not later in the worker thread
+        importlib.import_module("mlflow.store.tracking." + (
+            "sqlalchemy_store" if spec.target.startswith(DATABASE_SCHEMES) else "rest_store"))
         self.spec = spec
         self._client_class, self._exception = MlflowClient, MlflowException
         self._entities = (Metric, Param, RunTag)

@@ -43,8 +43,9 @@ class TensorBoardBackend:
         self._resumed: set[str] = set()
 
     def log_dir(self, request: RunRequest) -> Path:
-        if self.spec.target:
-            return Path(self.spec.target) / re.sub(r"[^A-Za-z0-9._=-]+", "_", request.name).strip("._")
+        if self.spec.target:  # the run's name as sub-folders: TensorBoard lists runs by their relative path
+            parts = [re.sub(r"[^A-Za-z0-9._=-]+", "_", p).strip("._") or "_" for p in request.name.split("/")]
+            return Path(self.spec.target, *parts)
         return request.folder / LOG_DIR
 
     def start(self, request: RunRequest) -> str:

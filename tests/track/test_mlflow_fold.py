@@ -117,6 +117,13 @@ def test_interrupted_run_ends_killed_and_continue_resumes_the_same_run(phantom, 
     assert [s for s, _ in reader.history(run.run_id, "train_loss")] == [0, 1, 2]
     assert len([r for r in reader.runs(DATASET) if r.name == run.name]) == 1
 
+    (folder / "validation" / "summary.json").unlink()  # as if killed while validating: --continue validates
+    third = CliRunner().invoke(autoseg.cli.cli, [*args, "--continue"], catch_exceptions=False)
+    assert third.exit_code == 0 and "validated" in third.output, third.output
+    _, run = _run_of(reader, folder)
+    assert run.status == "FINISHED" and "final/dice_mean" in run.metrics
+    assert len([r for r in reader.runs(DATASET) if r.name == run.name]) == 1
+
 
 def test_a_failing_fold_ends_failed_with_the_error_line(phantom, mlflow_folder, monkeypatch) -> None:
     def broken_validation(*args, **kwargs):  # type: ignore[no-untyped-def]

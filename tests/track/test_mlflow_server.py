@@ -14,7 +14,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -37,7 +36,7 @@ from tests.track.conftest import DATASET, fold_dir, log_records, train_tracked
 pytestmark = pytest.mark.slow
 
 WRITERS = 8
-EPOCHS = 12
+EPOCHS = 6
 SERVER_START_TIMEOUT_S = 240.0
 
 
@@ -107,7 +106,8 @@ def _writer(target: str, index: int, folder: str) -> None:
 
 
 def _run_writers(target: str, folder: Path) -> None:
-    context = multiprocessing.get_context("fork")  # mlflow is imported already: no re-import per child
+    MlflowBackend(TrackSpec("mlflow", target))  # imports MLflow's store here, once, before forking (as a
+    context = multiprocessing.get_context("fork")  # scheduler would have): the children do not import it again
     procs = [context.Process(target=_writer, args=(target, i, str(folder))) for i in range(WRITERS)]
     for p in procs:
         p.start()
