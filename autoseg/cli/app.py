@@ -7,6 +7,7 @@ parse options, build `Paths` via `paths_from(ctx)`, call one API function and re
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -21,6 +22,8 @@ import click
 from autoseg.common.errors import AutosegError, ConfigErrors, DatasetErrors
 from autoseg.common.jsonio import disk_full_cause
 from autoseg.common.paths import Paths
+from autoseg.track.base import require_backend
+from autoseg.track.spec import TrackRequest, track_request_from_env
 
 EXIT_USER_ERROR = 2
 """Exit status for problems the user can fix (bad files, options); click uses 2 for usage too."""
@@ -84,6 +87,21 @@ def cli(ctx: click.Context, raw: Path | None, preprocessed: Path | None, results
 def paths_from(ctx: click.Context) -> Paths:
     """The `Paths` built by the group callback."""
     return ctx.find_object(CliContext).paths
+
+
+def tracking_from(option: str | None, checkpoints: bool = False, file_value: str | None = None) -> TrackRequest | None:
+    """``--track`` (or a sweep file's ``track:``, or $AUTOSEG_TRACK) resolved here, its package checked now."""
+    request = track_request_from_env(os.environ, option, Path.cwd(), file_value)
+    if request is None:
+        return None
+    require_backend(request.spec)
+    if checkpoints:
+        request = dataclasses.replace(request, spec=dataclasses.replace(request.spec, checkpoints=True))
+    return request
+
+
+TRACK_HELP = ("Log every training to mlflow, tensorboard or wandb (default: $AUTOSEG_TRACK; none: off), e.g. "
+              "mlflow:http://127.0.0.1:5000; docs/tracking.md.")
 
 
 def print_error(err: AutosegError) -> None:

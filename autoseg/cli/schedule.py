@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from autoseg.cli.app import cli, paths_from
+from autoseg.cli.app import TRACK_HELP, cli, paths_from, tracking_from
 from autoseg.cli.planning import DEFAULT_GPU_MEMORY_GB, GreedyMultiOption
 from autoseg.common.values import TRUE_WORDS
 from autoseg.report.tables import format_duration, render_status, render_table
@@ -96,20 +96,24 @@ def render_dry_run(jobs: list[JobSpec], placed: list[Assignment] | None) -> str:
               help="Print the job graph: each job's GPU, CPU cores, data workers and augmentation device.")
 @click.option("-j", "--cpu-slots", type=click.IntRange(min=1), default=1, show_default=True,
               help="Concurrent CPU-only jobs (plan, preprocess, find-best).")
+@click.option("--track", default=None, metavar="BACKEND[:TARGET]",
+              help="An experiment (MLflow) / group (W&B) per dataset. " + TRACK_HELP)
 @click.option("--quiet", is_flag=True, help="No live table.")
 @click.pass_context
 def train_all_cmd(ctx: click.Context, datasets: tuple[str, ...], configs: tuple[str, ...], folds: str,
                   gpus: str | None, jobs_per_gpu: int | None, gpu_memory: float | None, overrides: tuple[str, ...],
                   variant: str, plans: str, retries: int, executor: str, slurm_partition: str | None, slurm_time: int,
-                  slurm_mem: float | None, slurm_cpus: int, dry_run: bool, cpu_slots: int, quiet: bool) -> None:
+                  slurm_mem: float | None, slurm_cpus: int, dry_run: bool, cpu_slots: int, track: str | None,
+                  quiet: bool) -> None:
     """Plan, preprocess and train every DATASET x config x fold in parallel, one job per GPU; resumable."""
     paths = paths_from(ctx)
+    tracking = tracking_from(track)
     request = TrainAllRequest(datasets=datasets, configs=configs, folds=parse_folds(folds),
                               trainer_overrides=overrides, gpu_memory_gb=gpu_memory, variant=variant, plans=plans)
     options = TrainAllOptions(request=request, gpus=parse_gpus(gpus) if gpus is not None else None,
                               jobs_per_gpu=jobs_per_gpu, cpu_slots=cpu_slots, retries=retries, executor=executor,
                               slurm=SlurmOptions(slurm_partition, slurm_time, slurm_mem), slurm_cpus_per_job=slurm_cpus,
-                              fake_gpus=fake_gpus_from_env())
+                              fake_gpus=fake_gpus_from_env(), track=tracking.spec if tracking else None)
     if dry_run:
         click.echo(render_dry_run(*preview(paths, options)))
         return

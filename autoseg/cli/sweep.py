@@ -6,9 +6,10 @@ from pathlib import Path
 
 import click
 
-from autoseg.cli.app import cli, paths_from
+from autoseg.cli.app import TRACK_HELP, cli, paths_from, tracking_from
 from autoseg.cli.schedule import EXIT_INTERRUPTED, EXIT_JOBS_FAILED, LiveTable, fake_gpus_from_env
 from autoseg.report.sweep_report import build_sweep_report, format_markdown, write_sweep_report
+from autoseg.report.sweep_tracking import build_sweep_report_from_tracker, finish_sweep_tracking
 from autoseg.schedule.resources import PoolConfig, parse_gpus
 from autoseg.schedule.order import simulate_schedule
 from autoseg.schedule.runner import RunOptions
@@ -54,23 +55,27 @@ def _hours(seconds: float) -> str:
 @click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True,
               help="Retries per failed job.")
 @click.option("--dry-run", is_flag=True, help="Validate and print the jobs and their GPU slots; run nothing.")
+@click.option("--track", default=None, metavar="BACKEND[:TARGET]",
+              help="The sweep as one parent run with a child per variant (beats the file's track:). " + TRACK_HELP)
 @click.pass_context
 def sweep_command(ctx: click.Context, file: Path, gpus: str | None, jobs_per_gpu: int | None,
-                  executor_name: str, retries: int, dry_run: bool) -> None:
+                  executor_name: str, retries: int, dry_run: bool, track: str | None) -> None:
     """Run an ablation sweep FILE (YAML): variants x seeds x folds through the scheduler."""
     paths = paths_from(ctx)
     opts = _run_options(gpus, jobs_per_gpu, executor_name, retries)  # bad --gpus: refused before the file is read
     spec = load_sweep(file, paths)
+    tracking = tracking_from(track, file_value=spec.track or None)
     if dry_run:
         _render_plan(spec, build_sweep_jobs(spec, paths, write_plans=False), opts)
         return
     run_options = RunOptions(retries=retries, pool=pool_config(opts) if executor_name == "local" else PoolConfig(),
                              cpus_per_job=opts.slurm_cpus_per_job, observer=LiveTable(paths, True))
-    run = run_sweep(spec, paths, make_executor(opts), run_options)
+    run = run_sweep(spec, paths, make_executor(opts), run_options, tracking.spec if tracking else None)
     for summary in run.summaries:
         click.echo(summary.one_line(), err=not summary.ok)
     report = build_sweep_report(run.spec, paths)
     files = write_sweep_report(report, sweep_dir(paths, spec.name))
+    finish_sweep_tracking(run, report, files)
     click.echo(format_markdown(report))
     click.echo(f"written: {files.markdown}, {files.csv}, {files.png}")
     if not run.ok:
@@ -79,12 +84,20 @@ def sweep_command(ctx: click.Context, file: Path, gpus: str | None, jobs_per_gpu
 
 @cli.command("sweep-report")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--from-tracker", is_flag=True,
+              help="Read the runs from the sweep's MLflow runs instead of the fold folders (same table).")
+@click.option("--track", default=None, metavar="mlflow[:URI]",
+              help="The tracker to read when the sweep's tracking.json is not here (default: $AUTOSEG_TRACK).")
 @click.pass_context
-def sweep_report_command(ctx: click.Context, file: Path) -> None:
+def sweep_report_command(ctx: click.Context, file: Path, from_tracker: bool, track: str | None) -> None:
     """Write report.md / report.csv / report.png of sweep FILE (finished runs; lists the missing)."""
     paths = paths_from(ctx)
     spec = load_sweep(file, paths)
-    report = build_sweep_report(spec, paths)
+    if from_tracker:
+        tracking = tracking_from(track, file_value=spec.track or None)
+        report = build_sweep_report_from_tracker(spec, paths, tracking.spec if tracking else None)
+    else:
+        report = build_sweep_report(spec, paths)
     files = write_sweep_report(report, sweep_dir(paths, spec.name))
     click.echo(format_markdown(report))
     click.echo(f"written: {files.markdown}, {files.csv}, {files.png}")

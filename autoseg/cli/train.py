@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from autoseg.cli.app import cli, paths_from
+from autoseg.cli.app import cli, paths_from, tracking_from
 from autoseg.common.errors import AutosegError
 from autoseg.common.jsonio import load_record
 from autoseg.common.paths import DEFAULT_PLANS, TrainingId
@@ -63,14 +63,19 @@ def dist_from_env() -> DistContext:
               help="Keep the final validation's softmax maps (CASE.npz), so find-best can score ensembles.")
 @click.option("--validation-only", "--val", "validation_only", is_flag=True,
               help="Only re-run the final validation of a trained fold (from checkpoint_final.pt).")
+@click.option("--track", "track", default=None, metavar="BACKEND[:TARGET]",
+              help="Log the run to mlflow, tensorboard or wandb (default: $AUTOSEG_TRACK; none: off), e.g. "
+                   "mlflow:http://127.0.0.1:5000; docs/tracking.md.")
+@click.option("--track-checkpoints", is_flag=True, help="Upload checkpoint_final.pt to the tracker too.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def train_cmd(ctx: click.Context, dataset: str, config: str, fold: str, resume: bool, force: bool,
               overrides: tuple[str, ...], variant: str, seed: int | None, plans: str | None,
               pretrained: Path | None, device: str, num_workers: int | None, save_probabilities: bool,
-              validation_only: bool, quiet: bool) -> None:
+              validation_only: bool, track: str | None, track_checkpoints: bool, quiet: bool) -> None:
     """Train DATASET's CONFIG on FOLD (0-4 or 'all'), then validate the fold."""
     paths = paths_from(ctx)
+    tracking = tracking_from(track, track_checkpoints)
     name = paths.resolve_dataset(dataset)
     plan = None if plans is None else resolve_plans(paths, name, plans)
     tid = TrainingId(name, config, parse_fold(fold), variant, seed, plans=plan.preset if plan else DEFAULT_PLANS)
@@ -85,7 +90,7 @@ def train_cmd(ctx: click.Context, dataset: str, config: str, fold: str, resume: 
         "AUTOSEG_NUM_WORKERS", default_num_workers(os.cpu_count() or 1, dist.world_size))
     try:
         r = train_fold(paths, tid, cfg, plan, device, resume, force, workers, quiet, dist,
-                       save_probabilities=save_probabilities, validation_only=validation_only)
+                       save_probabilities=save_probabilities, validation_only=validation_only, track=tracking)
     except TrainingInterrupted as e:
         click.echo(f"interrupted in epoch {e.epoch}; resume with --continue ({e.checkpoint})", err=True)
         ctx.exit(EXIT_INTERRUPTED)

@@ -20,6 +20,8 @@ from autoseg.common.jsonio import atomic_write_bytes, atomic_write_text, save_re
 from autoseg.common.locks import PidLock
 from autoseg.common.paths import Paths, TrainingId, is_folder_name
 from autoseg.planning.plans import Plan
+from autoseg.track.fold import TRACKING_FILE
+from autoseg.track.tensorboard_backend import LOG_DIR as TENSORBOARD_DIR
 from autoseg.train import checkpoint as ckpt_files
 from autoseg.train.checkpoint import Checkpoint, load_checkpoint, load_latest, remove_stale_temp_files
 from autoseg.train.config import TrainerConfig
@@ -33,8 +35,9 @@ PLANS_COPY = "plans.json"
 DATASET_JSON_COPY = "dataset.json"
 VALIDATION_DIR = "validation"
 RUN_OUTPUTS = (TRAINER_CONFIG_FILE, PLANS_COPY, DATASET_JSON_COPY, LOG_FILE, PROGRESS_PNG,
-               ckpt_files.LATEST, ckpt_files.BEST, ckpt_files.FINAL, ckpt_files.PREVIOUS)
-"""Files a run writes in its fold dir; ``force`` removes them (and validation/) before starting."""
+               ckpt_files.LATEST, ckpt_files.BEST, ckpt_files.FINAL, ckpt_files.PREVIOUS, TRACKING_FILE)
+"""Files a run writes in its fold dir; ``force`` removes them (and validation/, tensorboard/) before starting
+(a forced run is a new tracker run; W&B's offline runs in wandb/ stay until synced)."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,7 @@ def prepare_fold_dir(fold_dir: Path, resume: bool, force: bool, is_main: bool) -
         for name in RUN_OUTPUTS:
             (fold_dir / name).unlink(missing_ok=True)
         shutil.rmtree(fold_dir / VALIDATION_DIR, ignore_errors=True)
+        shutil.rmtree(fold_dir / TENSORBOARD_DIR, ignore_errors=True)
     atomic_write_text(fold_dir / LOG_FILE, "")  # a fresh run starts a fresh log
     return None
 

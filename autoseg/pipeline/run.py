@@ -44,10 +44,13 @@ from autoseg.pipeline.folds import (
     record_inputs,
 )
 from autoseg.pipeline.isolation import compile_cache, isolated_dirs, stop_on_signals
+from autoseg.pipeline.tracking import FoldTracker, cpu_share, start_fold_tracking, tracked, tracked_validation
 from autoseg.pipeline.validate import FoldValidation, validate_finished, validate_fold, validation_complete
 from autoseg.planning.store import load_plan
 from autoseg.planning.plans import Plan
 from autoseg.splits import fold_cases, load_splits
+from autoseg.track.fold import FoldFacts
+from autoseg.track.spec import TrackRequest
 from autoseg.train import checkpoint as ckpt_files
 from autoseg.train.checkpoint import Checkpoint, load_checkpoint
 from autoseg.train.config import TrainerConfig, changed_keys, default_num_workers, format_changes
@@ -73,7 +76,7 @@ def train_fold(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan | N
                device: str = "auto", resume: bool = False, force: bool = False,
                num_workers: int | None = None, quiet: bool = False,
                dist: DistContext | None = None, save_probabilities: bool = False,
-               validation_only: bool = False) -> TrainResult:
+               validation_only: bool = False, track: TrackRequest | None = None) -> TrainResult:
     """Train one fold; resume from ``checkpoint_latest.pt`` when asked; validate the fold at the end.
 
     ``save_probabilities`` keeps the validation softmax maps (``CASE.npz``, nnU-Net's ``--npz``)
@@ -84,7 +87,9 @@ def train_fold(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan | N
 
     ``tid.seed`` (sweeps) overrides ``cfg.seed``. ``num_workers`` is the caller's CPU share
     for data workers, used when ``cfg.num_workers`` is None. ``dist`` places this process in
-    a torchrun group (rank 0 alone writes files).
+    a torchrun group (rank 0 alone writes files). ``track`` logs the run to a tracker
+    (`autoseg.pipeline.tracking`; rank 0 only, never stopping training); a fold whose validation
+    ``resume`` completes gets its final metrics into its run; ``validation_only`` is not tracked.
     """
     dist = dist or DistContext()
     check_training_id(tid)
@@ -103,7 +108,7 @@ def train_fold(paths: Paths, tid: TrainingId, cfg: TrainerConfig, plan: Plan | N
         if validation_only:
             result = _validation_only(paths, tid, rt, save_probabilities, cfg.final_validation != "no_mirroring")
         else:
-            request = _Request(paths, tid, cfg, plan, rt, resume, force, num_workers, save_probabilities)
+            request = _Request(paths, tid, cfg, plan, rt, resume, force, num_workers, save_probabilities, track)
             result = _train_fold_locked(request)
         clean = True
         return result
@@ -124,6 +129,7 @@ class _Request:
     force: bool
     num_workers: int | None
     save_probabilities: bool
+    track: TrackRequest | None = None
 
 
 @dataclass(frozen=True)
@@ -225,7 +231,8 @@ def _finished(req: _Request, ckpt: Checkpoint, fold_dir: Path) -> TrainResult:
     wanted = req.save_probabilities or finished_cfg.final_validation != "off"
     if dist.is_main and wanted and not validation_complete(req.paths, tid, fold_dir, req.save_probabilities):
         log.info("%s is trained but its validation is incomplete; validating", tid)
-        return validate_finished(_validation_of(req, req.rt), finished_cfg.final_validation != "no_mirroring")
+        return tracked_validation(req.track, ckpt, fold_dir, tid, lambda: validate_finished(
+            _validation_of(req, req.rt), finished_cfg.final_validation != "no_mirroring"))
     log.info("%s is finished (%s exists); nothing to do", tid, ckpt_files.FINAL)
     return TrainResult(tid, fold_dir, "already_finished", ckpt.epoch, ckpt.best_ema_pseudo_dice,
                        ckpt.history[-1]["ema_pseudo_dice"] if ckpt.history else None,
@@ -268,26 +275,40 @@ def _train(run: _FoldRun) -> TrainResult:
     # generator, so it neither replays the batches already seen nor depends on wall-clock time
     base_seed = cfg.seed if run.ckpt is None else int(rng.integers(2**31 - 1 - VAL_LOADER_SEED_OFFSET))
     net, meta = _build_network(run, train_ids)
-    train_loader, val_loader, augment_where = _make_loaders(run, train_ids, val_ids, exports, base_seed)
-    num_ds = len(deep_supervision_scales(config)) if cfg.deep_supervision else 1
-    setup = FitSetup(net=net, loss_fn=build_loss(cfg.loss, config.batch_dice, num_ds, rt.dist.enabled,
-                                                 plan.label_scheme),
-                     train_batches=train_loader, val_batches=val_loader, cfg=cfg, meta=meta,
-                     out_dir=run.fold_dir, rng=rng, augment_device=augment_where)
-    try:
-        with stop_on_signals() as stop, compile_cache(run.fold_dir, rt.compile):
-            result = fit(setup, rt, resume=run.ckpt, stop=stop)
-    finally:
-        train_loader.close()
-        val_loader.close()
-    validation_dir = None
-    if rt.dist.is_main and cfg.final_validation == "off":
-        log.info("%s: final validation skipped (final_validation=off); `--validation-only` runs it later", tid)
-    elif rt.dist.is_main:
-        validation_dir = validate_fold(_validation_of(req, rt), net, plan, cfg)
+    tracker = _start_tracking(run, req.track) if rt.dist.is_main and req.track is not None else None
+    with tracked(tracker):
+        train_loader, val_loader, augment_where = _make_loaders(run, train_ids, val_ids, exports, base_seed)
+        num_ds = len(deep_supervision_scales(config)) if cfg.deep_supervision else 1
+        setup = FitSetup(net=net, loss_fn=build_loss(cfg.loss, config.batch_dice, num_ds, rt.dist.enabled,
+                                                     plan.label_scheme),
+                         train_batches=train_loader, val_batches=val_loader, cfg=cfg, meta=meta,
+                         out_dir=run.fold_dir, rng=rng, augment_device=augment_where,
+                         on_epoch=tracker.on_epoch if tracker is not None else None)
+        try:
+            with stop_on_signals() as stop, compile_cache(run.fold_dir, rt.compile):
+                result = fit(setup, rt, resume=run.ckpt, stop=stop)
+        finally:
+            train_loader.close()
+            val_loader.close()
+        validation_dir = None
+        if rt.dist.is_main and cfg.final_validation == "off":
+            log.info("%s: final validation skipped (final_validation=off); `--validation-only` runs it later", tid)
+        elif rt.dist.is_main:
+            validation_dir = validate_fold(_validation_of(req, rt), net, plan, cfg)
+        if tracker is not None:
+            tracker.finish(result, validation_dir)
     barrier(rt.dist)
     return TrainResult(tid, run.fold_dir, "trained", result.epochs_completed, result.best_ema_pseudo_dice,
                        result.final_ema_pseudo_dice, validation_dir)
+
+
+def _start_tracking(run: _FoldRun, track: TrackRequest) -> FoldTracker | None:
+    """Open the fold's tracker run before the loaders fork their workers (the tracker is imported here)."""
+    cfg, plan, tid = run.cfg, run.plan, run.request.tid
+    facts = FoldFacts(tid=tid, cfg=cfg, plan=plan, device=str(run.rt.device), data_workers=run.workers,
+                      cpu_share=cpu_share(), environment=track.context.environment, sweep_params=track.context.params)
+    batch = cfg.batch_size or plan.configuration(tid.config).batch_size
+    return start_fold_tracking(track, facts, run.fold_dir, resumed=run.ckpt is not None, batch_size=batch)
 
 
 def _build_network(run: _FoldRun, train_ids: list[str]) -> tuple[nn.Module, RunMeta]:

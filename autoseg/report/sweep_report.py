@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -279,8 +279,9 @@ def read_run(fold_dir: Path, key: RunKey) -> RunResult:
         iterations_per_s=float(np.mean(speeds)) if speeds else None)
 
 
-def build_sweep_report(spec: SweepSpec, paths: Paths) -> SweepReport:
-    """Read every expected run of the sweep from the results root and compute the table."""
+def build_sweep_report(spec: SweepSpec, paths: Paths,
+                       read: Callable[[Path, RunKey], RunResult] = read_run) -> SweepReport:
+    """Read every expected run of the sweep (from its fold folder, or as ``read`` says) and compute the table."""
     runs, missing = [], []
     expected: dict[tuple[str, str, str], int] = {}
     for ds in spec.datasets:
@@ -292,7 +293,7 @@ def build_sweep_report(spec: SweepSpec, paths: Paths) -> SweepReport:
                         expected[(ds, cfg, v.name)] = expected.get((ds, cfg, v.name), 0) + 1
                         folder = paths.training_dir(TrainingId(ds, cfg, fold, v.run_name(spec.name), seed,
                                                                plans=spec.preset(v)))
-                        run = read_run(folder, key)
+                        run = read(folder, key)
                         runs.append(run)
                         if not run.finished:
                             missing.append(key)

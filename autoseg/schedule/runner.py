@@ -63,6 +63,9 @@ class RunOptions:
     observer: Callable[[list[JobRow]], None] | None = None
     """Called with the current rows every ``observe_every_s`` (the CLI's live table)."""
     observe_every_s: float = 2.0
+    job_env: Callable[[JobSpec], dict[str, str]] | None = None
+    """Extra variables per job on top of `job_environment`'s (the tracker spec and parent run of a
+    train job, `autoseg.schedule.sweep.tracking`); recorded in job.json with the others."""
     run_id: int | None = None
     """The run the jobs are recorded under (`StateStore.new_run_id`); None: a new one. A sweep
     passes one id to both of its `run_jobs` calls, so that `autoseg status` shows them as one run."""
@@ -230,6 +233,8 @@ class _Run:
         gpu = slot.gpu if slot is not None else None
         cores = slot.cpus if slot is not None else ()
         env = job_environment(self.paths, gpu, cpus, jp, job.job_id, workers, pin_gpu=self.pool is not None)
+        if self.options.job_env is not None:
+            env.update(self.options.job_env(job))
         command = tuple(job.command(self.paths, num_workers=workers))
         row = self.store.get(job.job_id)
         attempt = (row.attempt if row else 0) + 1

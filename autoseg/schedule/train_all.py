@@ -9,7 +9,7 @@ from autoseg.common.errors import AutosegError
 from autoseg.common.paths import Paths
 from autoseg.schedule.executors import Executor, LocalExecutor
 from autoseg.schedule.slurm import SlurmExecutor, SlurmOptions
-from autoseg.schedule.jobs import JobSpec
+from autoseg.schedule.jobs import JobKind, JobSpec
 from autoseg.schedule.resources import PoolConfig, check_gpus_exist, machine_cores, query_gpu_memory_gb
 from autoseg.schedule.lock import RunLock
 from autoseg.schedule.graph import TrainAllRequest, build_train_all_jobs, warn_changed_finished
@@ -17,6 +17,7 @@ from autoseg.schedule.order import Assignment, simulate_schedule
 from autoseg.schedule.runner import RunOptions, RunSummary, run_jobs
 from autoseg.schedule.status import job_status
 from autoseg.schedule.store import JobRow, StateStore
+from autoseg.track.spec import TrackContext, TrackSpec, child_env
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class TrainAllOptions:
     executor: str = "local"
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
     slurm_cpus_per_job: int = 8
+    track: TrackSpec | None = None
+    """Log every training to this tracker (an experiment per dataset); None: trainings are not tracked."""
     fake_gpus: bool = False
     """Take ``gpus`` as given without asking CUDA (tests, rehearsing a GPU schedule on a CPU
     machine: the children then run on the CPU with CUDA_VISIBLE_DEVICES set); the CLI sets it
@@ -106,9 +109,18 @@ def train_all(paths: Paths, options: TrainAllOptions, observer=None) -> RunSumma
     with RunLock(paths):
         jobs = train_all_jobs(paths, options)
         run_options = RunOptions(retries=options.retries, pool=pool_config(options) if options.executor == "local"
-                                 else PoolConfig(), cpus_per_job=options.slurm_cpus_per_job, observer=observer)
+                                 else PoolConfig(), cpus_per_job=options.slurm_cpus_per_job, observer=observer,
+                                 job_env=lambda job: train_all_job_env(job, options.track))
         with StateStore.open(paths) as store:
             return run_jobs(jobs, make_executor(options), paths, store, run_options)
+
+
+def train_all_job_env(job: JobSpec, track: TrackSpec | None) -> dict[str, str]:
+    """Train jobs log to ``track`` under their dataset's experiment; nothing else tracks (not even with an
+    inherited ``$AUTOSEG_TRACK``, which the CLI already resolved into ``track``)."""
+    if track is None or job.kind is not JobKind.TRAIN:
+        return child_env(None)
+    return child_env(track, TrackContext(experiment=job.dataset))
 
 
 def preview(paths: Paths, options: TrainAllOptions) -> tuple[list[JobSpec], list[Assignment] | None]:

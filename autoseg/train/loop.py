@@ -22,7 +22,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +129,9 @@ class FitSetup:
     """The run's numpy Generator (its state goes into checkpoints; the caller derives loader seeds from it)."""
     augment_device: str = "cpu"
     """Where the training batches were augmented (``cpu`` workers or the training ``device``), for the log."""
+    on_epoch: Callable[[dict[str, Any]], None] | None = None
+    """Called on rank 0 with each epoch's training_log.jsonl record, right after it is written (the fold
+    run's tracker hangs here: training knows nothing of trackers). It must return at once and not raise."""
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,8 @@ def fit(setup: FitSetup, rt: Runtime, resume: Checkpoint | None = None,
         if main:
             _append_log(out / LOG_FILE, record)
             plot_progress(history, out / PROGRESS_PNG)
+            if setup.on_epoch is not None:
+                setup.on_epoch(record)
             if improved:  # before latest: a kill in between must not leave latest promising a newer best
                 save(ckpt_files.BEST, epoch)
             if epoch % cfg.save_every == 0 or epoch == cfg.epochs or stopping:

@@ -32,6 +32,7 @@ from autoseg.schedule.sweep.spec import (BASELINE_NAME, DEFAULT_FOLDS, DEFAULT_S
                                          PLAN_PREFIX, PRESET_FIELD, REQUIRED_KEYS, TOP_LEVEL_KEYS, VARIANT_NAME_RE,
                                          SweepSpec, Variant, canonical_json, flatten, format_value, name_value,
                                          safe_name, split_preset)
+from autoseg.track.spec import parse_track_spec
 from autoseg.train.config import SWITCH_WORDS, TrainerConfig, apply_overrides
 
 log = logging.getLogger(__name__)
@@ -380,6 +381,10 @@ def parse_sweep(data: Any, source: str | Path, paths: Paths | None = None) -> Sw
         raise ConfigError("a sweep file is a YAML mapping (name:, datasets:, configs:, grid:, ...)", source)
     problems = _Problems()
     name, description, datasets, configs, folds, seeds = _parse_header(data, source, problems)
+    try:  # a typo in track: fails before anything runs, not in every child
+        parse_track_spec(str(data.get("track") or ""), f"{source}:track")
+    except AutosegError as e:
+        problems.found.append(ConfigError(e.message, e.where))
     resolved = _resolve_datasets(datasets, paths, source, problems)
     ctx = _Ctx(source=source, configs=tuple(configs), base_cfg=_default_trainer_config(), problems=problems)
     base = data.get("base") or {}
@@ -427,7 +432,7 @@ def parse_sweep(data: Any, source: str | Path, paths: Paths | None = None) -> Sw
     spec = SweepSpec(name=name, source=source, datasets=resolved, configs=tuple(configs),
                      folds=tuple(folds), seeds=tuple(seeds), base_trainer_overrides=base_trainer_strings,
                      base_plan_overrides=base_plan_strings, variants=tuple(variants),
-                     description=description)
+                     description=description, track=str(data.get("track") or ""))
     if paths is not None:
         _check_against_plans(spec, paths, dict(zip((v.name for v in variants), wheres)))
     return spec

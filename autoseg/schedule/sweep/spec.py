@@ -45,7 +45,7 @@ from autoseg.common.jsonio import to_jsonable
 from autoseg.planning.presets import DEFAULT_PRESET
 
 TOP_LEVEL_KEYS = ("name", "description", "datasets", "configs", "folds", "seeds", "base", "grid",
-                  "variants", "baseline")
+                  "variants", "baseline", "track")
 """Every key a sweep file may have; anything else is a typo and fails before a job starts."""
 
 REQUIRED_KEYS = ("name", "datasets", "configs")
@@ -128,6 +128,9 @@ class SweepSpec:
     description: str = ""
     started: str = ""
     """UTC time the sweep record was first written (empty until then)."""
+    track: str = ""
+    """The file's ``track:`` (``mlflow:http://...``; docs/tracking.md), empty when it has none; ``--track``
+    and ``$AUTOSEG_TRACK`` come second and third."""
 
     @property
     def baseline(self) -> Variant:
