@@ -98,7 +98,7 @@ def _moments() -> tuple[list[Moment], list[Moment], list[Moment]]:
     train = [Moment("start", delay_s=round(rng.uniform(0.5, 3.0), 2))  # a fast machine trains in ~5 s
              for _ in range(2)]
     train += [Moment("epoch", after_epochs=rng.randrange(EPOCHS), delay_s=round(rng.uniform(0.0, 0.8), 2))
-              for _ in range(6)]
+              for _ in range(3)]
     train += [Moment("checkpoint_write", after_epochs=rng.randrange(EPOCHS)), Moment("validation")]
     prep = [Moment("partial_case", after_cases=rng.randint(1, NUM_CASES - 2)),
             Moment("cases", after_cases=rng.randint(1, NUM_CASES - 2), delay_s=round(rng.uniform(0.0, 0.02), 3))]
