@@ -1,14 +1,17 @@
 """What ``--track mlflow`` costs a training: step time with and without tracking, side by side in one run.
 
-Trains the same tiny phantom fold again and again as separate ``autoseg train`` processes,
-alternating untracked and tracked (``--track mlflow:<tmp>``, a local sqlite store) so that a
-drift of the machine's load hits both alike, and compares the median training step time
-(1 / iterations_per_s of every epoch after the first, from training_log.jsonl) and the epoch
-time. It also times what tracking puts on the training thread itself: the per-epoch
-``log_metrics`` call into the `RunLogger` queue, and the one-off start (MLflow imported and the
-run opened before the loaders start).
+Trains the same tiny phantom fold again and again in this process (`train_fold`, as ``autoseg
+train`` does), alternating untracked and tracked (a local sqlite MLflow store) run by run, so that
+the drift of a shared machine's load hits both alike, and compares each tracked run with the
+untracked runs on either side of it: the training step time (1 / iterations_per_s of every epoch
+after the first, from training_log.jsonl) and the CPU seconds per step of the whole process
+(``train_cpu_s``: every thread, the tracker's worker included, so it counts tracking's own work).
+The first tracked run (MLflow imported, the store created) and the first untracked one are
+warm-ups and not counted. It also times what tracking puts on the training thread itself: the
+per-epoch ``log_metrics`` call into the `RunLogger` queue, and opening the run (importing MLflow,
+once per training process, before the loaders start).
 
-    python benchmarks/bench_track_overhead.py [--pairs 3] [--epochs 4] [--iterations 20] [--workdir DIR]
+    python benchmarks/bench_track_overhead.py [--pairs 6] [--epochs 3] [--iterations 15] [--workdir DIR]
 
 The phantom's steps are short (tenths of a second on a CPU), so the relative overhead is larger
 here than for a real training, whose epochs are 250 longer steps with the same per-epoch logging.
@@ -19,49 +22,44 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
+import logging
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from autoseg.common.paths import Paths  # noqa: E402
+from autoseg.common.paths import Paths, TrainingId  # noqa: E402
 from autoseg.dataset.phantom import PhantomRecipe, make_phantom_dataset  # noqa: E402
+from autoseg.pipeline.run import train_fold  # noqa: E402
+from autoseg.planning.planner import PlanRequest, plan_and_save  # noqa: E402
+from autoseg.preprocess import preprocess_dataset  # noqa: E402
 from autoseg.track.base import RunRequest, RunStatus  # noqa: E402
 from autoseg.track.logger import RunLogger  # noqa: E402
 from autoseg.track.mlflow_backend import MlflowBackend  # noqa: E402
-from autoseg.track.spec import TrackSpec  # noqa: E402
+from autoseg.track.spec import TrackRequest, TrackSpec, resolve_spec  # noqa: E402
+from autoseg.train.config import TrainerConfig, apply_overrides  # noqa: E402
 from benchmarks.common import git_commit  # noqa: E402
 
 DATASET = "Dataset999_Phantom"
 
 
-def _autoseg(paths: Paths, *args: str) -> float:
-    """Run ``python -m autoseg ARGS`` on ``paths``; its wall time in seconds."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": str(REPO)}
-    argv = [sys.executable, "-m", "autoseg", "--raw", str(paths.raw), "--preprocessed", str(paths.preprocessed),
-            "--results", str(paths.results), *args]
-    t0 = time.perf_counter()
-    subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t0
-
-
-def _train(paths: Paths, variant: str, args: argparse.Namespace, track: str | None) -> dict:
+def _train(paths: Paths, variant: str, args: argparse.Namespace, track: TrackRequest | None) -> dict:
+    """One tiny training in this process; per-step wall and CPU seconds of its epochs after the first."""
     sets = [f"epochs={args.epochs}", f"iterations_per_epoch={args.iterations}", "val_iterations=2",
             "batch_size=2", "final_validation=off", "num_workers=1"]
-    extra = ["--track", track] if track else ["--track", "none"]
-    wall = _autoseg(paths, "train", "999", "3d_fullres", "0", "--variant", variant, "--force", "--quiet",
-                    "--device", "cpu", *[a for kv in sets for a in ("--set", kv)], *extra)
-    log = paths.results / DATASET / "3d_fullres" / variant / "fold_0" / "training_log.jsonl"
+    tid = TrainingId(DATASET, "3d_fullres", 0, variant)
+    train_fold(paths, tid, apply_overrides(TrainerConfig(), sets), device="cpu", force=True, quiet=True, track=track)
+    log = paths.training_dir(tid) / "training_log.jsonl"
     records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()][1:]  # epoch 1 warms up
-    return {"step_s": [1.0 / r["iterations_per_s"] for r in records], "epoch_s": [r["epoch_time_s"] for r in records],
-            "wall_s": wall}
+    return {"step_s": statistics.median(1.0 / r["iterations_per_s"] for r in records),
+            "cpu_step_s": statistics.median(r["train_cpu_s"] / args.iterations for r in records)}
 
 
 def _hook_cost(store: Path, epochs: int = 200) -> tuple[float, float]:
@@ -84,43 +82,51 @@ def _hook_cost(store: Path, epochs: int = 200) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", type=int, default=3, help="untracked/tracked pairs of trainings")
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--iterations", type=int, default=20, help="iterations per epoch")
+    ap.add_argument("--pairs", type=int, default=6, help="tracked runs, each between two untracked ones")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--iterations", type=int, default=15, help="iterations per epoch")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_track_"))
     paths = Paths.under(workdir / "data")
     if not paths.plans_file(DATASET).is_file():
         make_phantom_dataset(paths.raw, PhantomRecipe(num_training=6, num_test=0, shape=(12, 32, 32), shape_jitter=0))
-        for step in ("plan", "preprocess"):
-            _autoseg(paths, step, "999", "--configs", "3d_fullres")
-    store = workdir / "tracking"
-    runs: dict[str, list[dict]] = {"off": [], "mlflow": []}
+        plan_and_save(paths, DATASET, PlanRequest(configs=("3d_fullres",), progress_bar=False))
+        preprocess_dataset(paths, DATASET, ["3d_fullres"], num_workers=1)
+    hook_s, start_s = _hook_cost(workdir)  # first: this is where MLflow is imported
+    track = TrackRequest(resolve_spec(TrackSpec("mlflow", str(workdir / "tracking")), Path.cwd()))
+    _train(paths, "bench_off", args, None)  # warm-ups: the store's creation, first-run caches
+    _train(paths, "bench_mlflow", args, track)
+    off = [_train(paths, "bench_off", args, None)]
+    tracked = []
     for i in range(args.pairs):
-        for mode in ("off", "mlflow") if i % 2 == 0 else ("mlflow", "off"):
-            runs[mode].append(_train(paths, f"bench_{mode}", args, f"mlflow:{store}" if mode == "mlflow" else None))
-            r = runs[mode][-1]
-            print(f"pair {i + 1} {mode:>6}: median step {statistics.median(r['step_s']):.4f} s, "
-                  f"epoch {statistics.median(r['epoch_s']):.2f} s, process {r['wall_s']:.1f} s", flush=True)
-    step = {m: statistics.median([s for r in rs for s in r["step_s"]]) for m, rs in runs.items()}
-    epoch = {m: statistics.median([s for r in rs for s in r["epoch_s"]]) for m, rs in runs.items()}
-    wall = {m: statistics.median([r["wall_s"] for r in rs]) for m, rs in runs.items()}
-    hook_s, start_s = _hook_cost(workdir)
-    overhead = 100 * (step["mlflow"] - step["off"]) / step["off"]
-    hook_pct = 100 * hook_s / (epoch["off"])
+        tracked.append(_train(paths, "bench_mlflow", args, track))
+        off.append(_train(paths, "bench_off", args, None))
+        print(f"{i + 1}: off {off[i]['step_s']:.4f} s ({off[i]['cpu_step_s']:.4f} CPU-s), mlflow "
+              f"{tracked[i]['step_s']:.4f} s ({tracked[i]['cpu_step_s']:.4f} CPU-s), off {off[i + 1]['step_s']:.4f} s "
+              f"({off[i + 1]['cpu_step_s']:.4f} CPU-s)", flush=True)
+
+    def ratio(key: str) -> float:  # each tracked run against the mean of its two untracked neighbours
+        return statistics.median(t[key] / ((off[i][key] + off[i + 1][key]) / 2) for i, t in enumerate(tracked))
+
+    wall_pct, cpu_pct = 100 * (ratio("step_s") - 1), 100 * (ratio("cpu_step_s") - 1)
+    med = {k: (statistics.median(r[k] for r in off), statistics.median(r[k] for r in tracked))
+           for k in ("step_s", "cpu_step_s")}
     print(f"\n## Tracking overhead (issue 23) — {datetime.date.today()} — 2-core CPU, shared/loaded\n")
     print(f"`OMP_NUM_THREADS=1 python benchmarks/bench_track_overhead.py --pairs {args.pairs} --epochs {args.epochs} "
           f"--iterations {args.iterations}` (commit {git_commit()}, Python {platform.python_version()}, "
-          f"phantom 3d_fullres, batch 2, {args.pairs} untracked and {args.pairs} tracked trainings alternating, "
-          f"{args.iterations * (args.epochs - 1)} timed steps each):\n")
-    print("| | median step | median epoch | process wall (median) |")
-    print("|---|---|---|---|")
-    for m, label in (("off", "`--track none`"), ("mlflow", "`--track mlflow` (local sqlite)")):
-        print(f"| {label} | {step[m]:.4f} s | {epoch[m]:.2f} s | {wall[m]:.1f} s |")
-    print(f"\nStep time with tracking: {overhead:+.2f} % (target < 1 %). On the training thread, one epoch's "
-          f"metrics cost {hook_s * 1e6:.0f} µs ({hook_pct:.4f} % of an epoch here); opening the run "
-          f"(MLflow's import, before the loaders start) {start_s:.2f} s once per training.")
+          f"torch {torch.__version__}; phantom 3d_fullres patch 12x32x32, batch 2, one data worker; "
+          f"{args.pairs} tracked trainings each between two untracked ones, in one process, "
+          f"{args.iterations * (args.epochs - 1)} timed steps per training):\n")
+    print("| | median step (wall) | median step (CPU-s of the process) |")
+    print("|---|---|---|")
+    print(f"| `--track none` | {med['step_s'][0]:.4f} s | {med['cpu_step_s'][0]:.4f} s |")
+    print(f"| `--track mlflow` (local sqlite) | {med['step_s'][1]:.4f} s | {med['cpu_step_s'][1]:.4f} s |")
+    print(f"\nTracked vs its untracked neighbours (median of the {args.pairs} ratios): step time {wall_pct:+.2f} % "
+          f"wall, {cpu_pct:+.2f} % CPU (target < 1 %). On the training thread one epoch's metrics cost "
+          f"{hook_s * 1e6:.0f} µs; opening the run (MLflow's import, once per training process, before the "
+          f"loaders start) {start_s:.2f} s.")
 
 
 if __name__ == "__main__":

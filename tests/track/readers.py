@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,8 +63,21 @@ def _items(items) -> dict:  # type: ignore[no-untyped-def]
     return {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in items}
 
 
-def read_wandb_offline_run(run_dir: Path) -> WandbOfflineRun:
-    """Everything a ``wandb/offline-run-*`` directory's transaction log says about its run."""
+def read_wandb_offline_run(run_dir: Path, timeout_s: float = 60.0) -> WandbOfflineRun:
+    """Everything a ``wandb/offline-run-*`` directory's transaction log says about its run.
+
+    ``run.finish()`` returns before W&B's service has written everything (it flushes by the time
+    the process exits), so the log is read again until its exit record is there.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        run = _read_wandb_log(run_dir)
+        if run.exit_code is not None or time.monotonic() > deadline:
+            return run
+        time.sleep(0.2)
+
+
+def _read_wandb_log(run_dir: Path) -> WandbOfflineRun:
     from wandb.proto import wandb_internal_pb2 as pb
 
     run = WandbOfflineRun()

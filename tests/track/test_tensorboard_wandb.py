@@ -4,6 +4,7 @@ read back with their own parsers (`tests.track.readers`)."""
 from __future__ import annotations
 
 import pytest
+import wandb
 
 from autoseg.common.jsonio import load_record
 from autoseg.evaluate.summary import Summary
@@ -39,6 +40,7 @@ def test_wandb_offline_fold_run(phantom, monkeypatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     train_tracked(phantom, "wandb_run", "wandb:autoseg-tests")
+    wandb.teardown()  # W&B's service writes the run's last records by the time it stops (at exit, or now)
     folder = fold_dir(phantom, "wandb_run")
     record = load_record(folder / TRACKING_FILE, TrackingRecord)
     (run_dir,) = (folder / "wandb").glob(f"offline-run-*-{record.run_id}")
