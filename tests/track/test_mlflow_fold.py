@@ -22,6 +22,8 @@ from autoseg.track.readback import MlflowReader
 from autoseg.track.spec import TrackSpec
 from tests.track.conftest import DATASET, fold_dir, log_records, tiny_sets, train_tracked
 
+pytest.importorskip("mlflow", reason='needs the track extra: pip install -e ".[track]"')
+
 EPOCH_SERIES = {"train_loss": "train_loss", "val_loss": "val_loss", "lr": "lr", "epoch_time_s": "epoch_time_s",
                 "pseudo_dice_mean": "mean_pseudo_dice", "ema_pseudo_dice": "ema_pseudo_dice"}
 

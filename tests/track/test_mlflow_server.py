@@ -33,6 +33,8 @@ from autoseg.track.spec import TrackSpec
 from autoseg.common.jsonio import load_record
 from tests.track.conftest import DATASET, fold_dir, log_records, train_tracked
 
+pytest.importorskip("mlflow", reason='needs the track extra: pip install -e ".[track]"')
+
 pytestmark = pytest.mark.slow
 
 WRITERS = 8

@@ -28,6 +28,8 @@ from autoseg.track.spec import TrackSpec, track_request_from_env
 from tests.sweep_fixtures import fake_fold, fake_summary
 from tests.track.conftest import DATASET, TINY
 
+pytest.importorskip("mlflow", reason='needs the track extra: pip install -e ".[track]"')
+
 pytestmark = pytest.mark.slow
 
 

@@ -4,13 +4,15 @@ read back with their own parsers (`tests.track.readers`)."""
 from __future__ import annotations
 
 import pytest
-import wandb
 
 from autoseg.common.jsonio import load_record
 from autoseg.evaluate.summary import Summary
 from autoseg.track.fold import TRACKING_FILE, TrackingRecord
 from tests.track.conftest import fold_dir, log_records, train_tracked
 from tests.track.readers import read_tensorboard_run, read_wandb_offline_run
+
+pytest.importorskip("tensorboard", reason='needs the track extra: pip install -e ".[track]"')
+wandb = pytest.importorskip("wandb", reason='needs the track extra: pip install -e ".[track]"')
 
 ARTIFACTS = {"plans.json", "progress.png", "trainer_config.json", "training_log.jsonl", "summary.json"}
 
