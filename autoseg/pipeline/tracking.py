@@ -28,7 +28,7 @@ from autoseg.track.fold import (TRACKING_FILE, FoldFacts, TrackingRecord, class_
                                 fold_params, run_name, run_tags)
 from autoseg.track.logger import RunLogger, error_line
 from autoseg.track.registry import open_run
-from autoseg.track.spec import TrackRequest
+from autoseg.track.spec import TrackRequest, load_same_tracker
 from autoseg.train import checkpoint as ckpt_files
 from autoseg.train.checkpoint import Checkpoint
 from autoseg.train.loop import LOG_FILE, PROGRESS_PNG, FitResult, TrainingInterrupted
@@ -134,18 +134,10 @@ def _start(request: TrackRequest, facts: FoldFacts, fold_dir: Path, resumed: boo
 
 def _previous_run(fold_dir: Path, request: TrackRequest | None) -> str | None:
     """The run id in ``tracking.json`` when it belongs to the same tracker (else a new run starts)."""
-    file = fold_dir / TRACKING_FILE
-    if request is None or not file.is_file():
+    if request is None:
         return None
-    try:
-        record = load_record(file, TrackingRecord)
-    except AutosegError as e:
-        log.warning("%s; this fold's tracking starts a new run", e)
-        return None
-    if (record.backend, record.target) != (request.spec.backend, request.spec.target):
-        log.info("%s names another tracker (%s %s); a new run starts", file, record.backend, record.target)
-        return None
-    return record.run_id
+    record = load_same_tracker(fold_dir / TRACKING_FILE, TrackingRecord, request.spec, "this fold's tracking")
+    return record.run_id if record is not None else None
 
 
 @contextlib.contextmanager

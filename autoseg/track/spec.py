@@ -20,12 +20,14 @@ each of them somewhere else. Nothing here reads the environment; the CLI hands i
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from autoseg.common.errors import AutosegError
+from autoseg.common.jsonio import load_record
 
 TRACK_ENV = "AUTOSEG_TRACK"
 """The spec for every run started from this environment (scheduler children inherit it)."""
@@ -204,3 +206,26 @@ def flat_params(prefix: str, values: Mapping[str, Any]) -> dict[str, str]:
         else:
             out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
     return out
+
+
+_Record = TypeVar("_Record")
+
+
+def load_same_tracker(file: Path, record_type: type[_Record], spec: TrackSpec, what: str) -> _Record | None:
+    """The ``tracking.json`` record in ``file`` when it was written for ``spec``'s tracker, else None.
+
+    A run resumes only in the tracker it started in: an unreadable record, or one naming another
+    backend or target, means ``what`` starts new runs (said in the log).
+    """
+    if not file.is_file():
+        return None
+    try:
+        record = load_record(file, record_type)
+    except AutosegError as e:
+        logging.getLogger(__name__).warning("%s; %s starts new runs", e, what)
+        return None
+    if (record.backend, record.target) != (spec.backend, spec.target):
+        logging.getLogger(__name__).info("%s names another tracker (%s %s); %s starts new runs", file,
+                                         record.backend, record.target, what)
+        return None
+    return record

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from autoseg.common.errors import AutosegError
 from autoseg.common.jsonio import load_record, save_record
 from autoseg.common.paths import Paths
 from autoseg.schedule.jobs import JobKind, JobSpec
@@ -28,7 +27,7 @@ from autoseg.schedule.sweep.spec import SweepSpec, Variant
 from autoseg.track.base import RunRequest, RunStatus
 from autoseg.track.logger import RunLogger
 from autoseg.track.registry import open_run
-from autoseg.track.spec import TrackContext, TrackSpec, child_env
+from autoseg.track.spec import TrackContext, TrackSpec, child_env, load_same_tracker
 
 log = logging.getLogger(__name__)
 
@@ -153,15 +152,7 @@ def read_sweep_tracking(paths: Paths, sweep: str) -> SweepTrackingRecord | None:
 
 
 def _previous(folder: Path, spec: TrackSpec) -> SweepTrackingRecord | None:
-    file = folder / TRACKING_FILE
-    if not file.is_file():
-        return None
-    try:
-        record = load_record(file, SweepTrackingRecord)
-    except AutosegError as e:
-        log.warning("%s; the sweep's tracking starts new runs", e)
-        return None
-    return record if (record.backend, record.target) == (spec.backend, spec.target) else None
+    return load_same_tracker(folder / TRACKING_FILE, SweepTrackingRecord, spec, "the sweep's tracking")
 
 
 def _variant_of(sweep: SweepSpec, job: JobSpec) -> Variant | None:
